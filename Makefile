@@ -1,0 +1,43 @@
+# Two commands on a fresh machine: `make quickstart` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+# Where CPU-only torch wheels come from when there is no GPU (empty: the default index).
+TORCH_CPU_INDEX ?=
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+PYTEST_ARGS ?=
+
+.PHONY: setup quickstart test test-fast lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		echo "GPU found: installing CUDA torch"; \
+		$(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)"; \
+	else \
+		echo "no GPU: installing CPU torch $(TORCH_VERSION)"; \
+		$(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)" $(if $(TORCH_CPU_INDEX),--index-url $(TORCH_CPU_INDEX)); \
+	fi
+	$(BIN)/python -m pip install -q -e ".[dev,lora]"
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+quickstart: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/distill run configs/quickstart.yaml --run-name quickstart
+	$(BIN)/distill status runs/quickstart
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check pipeline flows tests benchmarks
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/teacher_throughput.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

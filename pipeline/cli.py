@@ -1,0 +1,172 @@
+"""The `distill` command line: validate, run, stage, status, toy-teacher, build-student."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from pipeline.recipe import Recipe, RecipeError, load_recipe
+from pipeline.stages import STAGE_ORDER, fingerprint, parse_stages
+
+log = logging.getLogger("pipeline")
+
+EXIT_FAILED, EXIT_BAD_INPUT, EXIT_NOT_IMPLEMENTED = 1, 2, 3
+
+
+class CliError(click.ClickException):
+    def __init__(self, message: str, code: int = EXIT_FAILED):
+        super().__init__(message)
+        self.exit_code = code
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "httpcore", "openai", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _load(recipe_path: str, overrides: tuple[str, ...]) -> Recipe:
+    try:
+        return load_recipe(recipe_path, list(overrides))
+    except RecipeError as exc:
+        raise CliError(str(exc), EXIT_BAD_INPUT) from None
+
+
+set_option = click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
+                          help="Override a recipe key, e.g. --set dpo.args.beta=0.05 (repeatable).")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@click.version_option(package_name="zephyr-distill")
+def main(verbose: bool) -> None:
+    """Distill a teacher into a small chat model, Zephyr style: generate, sft, sample, feedback, dpo, evaluate."""
+    _setup_logging(verbose)
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@set_option
+def validate(recipe: str, overrides: tuple[str, ...]) -> None:
+    """Check a recipe file; print each stage's fingerprint. Writes nothing."""
+    rec = _load(recipe, overrides)
+    click.echo(f"{recipe}: valid recipe '{rec.name}'")
+    memo: dict[str, str] = {}
+    for name in STAGE_ORDER:
+        click.echo(f"  {name:<9} fingerprint {fingerprint(name, rec, memo)}")
+
+
+def _run(rec: Recipe, run_name: str | None, stages: list[str], force: bool) -> None:
+    from pipeline.runner import StageFailed, StageNotImplemented, run_pipeline
+    from pipeline.store import StoreError
+
+    try:
+        store, reports = run_pipeline(rec, run_name, stages, force=force)
+    except StageNotImplemented as exc:
+        raise CliError(str(exc), EXIT_NOT_IMPLEMENTED) from None
+    except (StageFailed, StoreError) as exc:
+        raise CliError(str(exc)) from None
+    except KeyboardInterrupt:
+        raise CliError("interrupted; run the same command again to resume where it stopped", 130) from None
+    for rep in reports:
+        click.echo(f"{rep.stage}: {rep.message or rep.status}", err=True)
+    _print_status(store)
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--run-name", default=None, help="Run directory name (default: the recipe's `name`); "
+              "reuse it to resume.")
+@click.option("--stages", default=None, help=f"Comma-separated subset of {','.join(STAGE_ORDER)} (default: all).")
+@click.option("--force", is_flag=True, help="Redo the chosen stages even if they completed.")
+@set_option
+def run(recipe: str, run_name: str | None, stages: str | None, force: bool, overrides: tuple[str, ...]) -> None:
+    """Run the pipeline (all stages, or --stages) in one run directory; finished stages are skipped."""
+    rec = _load(recipe, overrides)
+    try:
+        chosen = parse_stages(stages)
+    except ValueError as exc:
+        raise CliError(f"--stages: {exc}", EXIT_BAD_INPUT) from None
+    _run(rec, run_name, chosen, force)
+
+
+@main.command()
+@click.argument("name", type=click.Choice(STAGE_ORDER))
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--run-name", required=True, help="Run directory name under storage.root.")
+@click.option("--force", is_flag=True, help="Redo the stage even if it completed.")
+@set_option
+def stage(name: str, recipe: str, run_name: str, force: bool, overrides: tuple[str, ...]) -> None:
+    """Run one stage (no Prefect needed); it reads its inputs from the run directory."""
+    _run(_load(recipe, overrides), run_name, [name], force)
+
+
+def _print_status(store) -> None:  # noqa: ANN001
+    from pipeline.runner import status_rows
+
+    rows = status_rows(store)
+    click.echo(f"run {store.run_name}  ({store.url})")
+    header = f"{'stage':<9} {'status':<10} {'items':>7} {'failures':>8} {'cost $':>9} {'time s':>8}  fingerprint"
+    click.echo(header)
+    click.echo("-" * len(header))
+    for r in rows:
+        click.echo(f"{r['stage']:<9} {r['status']:<10} {r['items']:>7} {r['failures']:>8} "
+                   f"{r['cost_usd']:>9.4f} {r['seconds']:>8.1f}  {r['fingerprint']}")
+    for r in rows:
+        if r["status"] == "failed" and r["message"]:
+            click.echo(f"{r['stage']} failed: {r['message']}")
+
+
+@main.command()
+@click.argument("run", metavar="RUN_DIR_OR_NAME")
+@click.option("--root", default=None, help="storage.root to look in when RUN is a name (default: ./runs, "
+              "or the recipe's with --recipe).")
+@click.option("--recipe", "recipe_path", default=None, type=click.Path(dir_okay=False),
+              help="Take storage.root from this recipe.")
+def status(run: str, root: str | None, recipe_path: str | None) -> None:
+    """Show a table of a run's stages: status, items, failures, cost and time."""
+    from pipeline.store import RunStore, StoreError
+
+    try:
+        if root is None and recipe_path is None and ("/" in run or Path(run).exists()):
+            store = RunStore.open_existing(run)
+        else:
+            base = root or (_load(recipe_path, ()).storage.root if recipe_path else "runs")
+            store = RunStore.open_existing(f"{base.rstrip('/')}/{run}")
+    except StoreError as exc:
+        raise CliError(str(exc), EXIT_BAD_INPUT) from None
+    _print_status(store)
+
+
+@main.command("toy-teacher")
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--error-rate", default=0.3, show_default=True, type=float, help="Share of facts it gets wrong.")
+@click.option("--latency-ms", default=0.0, show_default=True, type=float)
+@click.option("--seed", default=0, show_default=True, type=int)
+def toy_teacher(port: int, host: str, error_rate: float, latency_ms: float, seed: int) -> None:
+    """Serve the built-in rule-based teacher over the OpenAI chat-completions protocol."""
+    from pipeline.toy.teacher_server import ToyTeacherConfig, serve
+
+    click.echo(f"toy teacher on http://{host}:{port}/v1 (Ctrl-C stops it)", err=True)
+    serve(ToyTeacherConfig(error_rate=error_rate, latency_ms=latency_ms, seed=seed), host=host, port=port)
+
+
+@main.command("build-student")
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--prompts", default=2000, show_default=True, help="Toy prompts to train the tokenizer on.")
+def build_student_cmd(out_dir: str, prompts: int) -> None:
+    """Build the tiny offline student (BPE tokenizer + small Llama) into OUT_DIR."""
+    from pipeline.toy.student import build_student
+    from pipeline.toy.task import corpus
+
+    path = build_student(out_dir, corpus(prompts, seed=0))
+    click.echo(f"tiny student saved to {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""Runs stages against a run store: skip what is done, resume what is partial, record state."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import importlib.util
+import logging
+import platform
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from pipeline.recipe import Recipe
+from pipeline.stages import STAGE_ORDER, STAGES, StageReport, fingerprint
+from pipeline.store import RunStore, StageState
+
+log = logging.getLogger("pipeline")
+
+
+class StageNotImplemented(RuntimeError):
+    """The stage exists in the design but not in this version of the package."""
+
+
+class StageFailed(RuntimeError):
+    """A stage stopped; the message says why and what to do."""
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for dist in ("zephyr-distill", "torch", "transformers", "trl", "datasets", "openai", "prefect"):
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            versions[dist] = "not installed"
+    return versions
+
+
+def open_run(recipe: Recipe, run_name: str | None = None) -> RunStore:
+    """Create or reopen the run directory and record the recipe snapshot and versions."""
+    store = RunStore(recipe.storage.root, run_name or recipe.name)
+    store.init_manifest(recipe.snapshot(), package_versions())
+    return store
+
+
+@contextmanager
+def teacher_endpoint(recipe: Recipe) -> Iterator[Recipe]:
+    """Yield the recipe with a reachable teacher: starts the built-in toy teacher when asked for."""
+    if not recipe.teacher.is_builtin:
+        yield recipe
+        return
+    from pipeline.toy.teacher_server import ToyTeacher, ToyTeacherConfig
+
+    with ToyTeacher(ToyTeacherConfig(**recipe.teacher.toy.model_dump())) as server:
+        log.info("built-in toy teacher listening at %s", server.base_url)
+        teacher = recipe.teacher.model_copy(update={"base_url": server.base_url})
+        yield recipe.model_copy(update={"teacher": teacher})
+
+
+def load_stage_module(name: str):  # noqa: ANN201 - a module
+    spec = STAGES[name]
+    try:
+        return importlib.import_module(spec.module)
+    except ModuleNotFoundError as exc:
+        if exc.name == spec.module:
+            raise StageNotImplemented(
+                f"stage '{name}' is not implemented in zephyr-distill {package_versions()['zephyr-distill']} "
+                f"(module {spec.module} is missing); stages available: {', '.join(available_stages())}"
+            ) from None
+        raise
+
+
+def available_stages() -> list[str]:
+    found = []
+    for name in STAGE_ORDER:
+        if importlib.util.find_spec(STAGES[name].module) is not None:
+            found.append(name)
+    return found
+
+
+def check_inputs(name: str, recipe: Recipe, store: RunStore) -> None:
+    for dep in STAGES[name].inputs(recipe):
+        state = store.stage_state(dep)
+        want = fingerprint(dep, recipe)
+        if state.status != "completed" or state.fingerprint != want:
+            raise StageFailed(
+                f"stage '{name}' reads the output of '{dep}', which is {state.status}"
+                + (" with other settings" if state.status == "completed" else "")
+                + f" in run {store.url}; run `distill stage {dep}` (or `distill run`) with this recipe first"
+            )
+
+
+def run_stage(name: str, recipe: Recipe, store: RunStore, force: bool = False) -> StageReport:
+    """Run one stage unless a completed run with the same fingerprint exists."""
+    if name not in STAGES:
+        raise StageFailed(f"unknown stage '{name}'; the stages are {', '.join(STAGE_ORDER)}")
+    module = load_stage_module(name)
+    fp = fingerprint(name, recipe)
+    state = store.stage_state(name)
+    if state.status == "completed" and state.fingerprint == fp and not force:
+        log.info("%s: completed earlier with the same fingerprint %s, skipped", name, fp)
+        return StageReport(name, "completed", state.counts, state.cost, state.outputs,
+                           "skipped: already completed", skipped=True)
+    check_inputs(name, recipe, store)
+    if force or (state.fingerprint and state.fingerprint != fp):
+        log.info("%s: settings or inputs changed (%s -> %s); starting the stage afresh", name, state.fingerprint, fp)
+        store.reset_stage(name)
+        state = StageState()
+    state = StageState(fingerprint=fp, status="running", started_at=time.time(),
+                       counts=state.counts, cost=state.cost)
+    store.set_stage_state(name, state)
+    t0 = time.perf_counter()
+    try:
+        report: StageReport = module.run(recipe, store)
+    except BaseException as exc:
+        state.status, state.message = "failed", f"{type(exc).__name__}: {exc}"
+        state.seconds = time.perf_counter() - t0
+        state.finished_at = time.time()
+        store.set_stage_state(name, state)
+        raise
+    state.status = report.status
+    state.counts, state.cost, state.outputs = report.counts, report.cost, report.outputs
+    state.message, state.seconds, state.finished_at = report.message, time.perf_counter() - t0, time.time()
+    store.set_stage_state(name, state)
+    if report.status != "completed":
+        raise StageFailed(f"stage '{name}' {report.status}: {report.message}")
+    return report
+
+
+def run_pipeline(recipe: Recipe, run_name: str | None = None, stages: list[str] | None = None,
+                 force: bool = False) -> tuple[RunStore, list[StageReport]]:
+    """Run the chosen stages in order (all by default) in one run directory."""
+    store = open_run(recipe, run_name)
+    reports = []
+    with teacher_endpoint(recipe) as live:
+        for name in stages or STAGE_ORDER:
+            reports.append(run_stage(name, live, store, force=force))
+    return store, reports
+
+
+def status_rows(store: RunStore) -> list[dict[str, object]]:
+    """One row per stage for `distill status`."""
+    stages = store.read_manifest().get("stages", {})
+    rows = []
+    for name in STAGE_ORDER:
+        st = StageState(**stages[name]) if name in stages else StageState()
+        rows.append({
+            "stage": name,
+            "status": st.status,
+            "items": st.counts.get("output", 0),
+            "failures": st.counts.get("failed", 0),
+            "cost_usd": st.cost.get("usd", 0.0),
+            "seconds": st.seconds,
+            "fingerprint": st.fingerprint or "",
+            "message": st.message,
+        })
+    return rows
+

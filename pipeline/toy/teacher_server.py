@@ -1,0 +1,503 @@
+"""A rule-based toy teacher served over the real OpenAI chat-completions protocol on loopback."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import hmac
+import itertools
+import json
+import os
+import random
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections import Counter
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from pipeline.toy.task import (
+    DISCLAIMER,
+    GENERIC_REPLY,
+    follow_up,
+    format_answer,
+    is_correct,
+    parse_problem,
+    prompt_pool,
+    teacher_answer,
+)
+
+API_KEY_ENV = "TOY_TEACHER_API_KEY"
+SAMPLING_KEYS = ("temperature", "top_p", "n", "max_tokens", "max_completion_tokens", "seed", "stop",
+                 "presence_penalty", "frequency_penalty")
+TRAIN_PROMPTS = prompt_pool("train")
+ASPECT_TYPES = {"truthfulness": ("None", "1"), "helpfulness": ("1, 2, 3", "1")}  # (correct, wrong)
+
+
+@dataclass(frozen=True)
+class ToyTeacherConfig:
+    """How the toy teacher behaves: its systematic error rate, noise, and injected faults."""
+
+    error_rate: float = 0.3
+    seed: int = 0
+    latency_ms: float = 0.0
+    disclaimer_rate: float = 0.0
+    drift_rate: float = 0.0
+    empty_rate: float = 0.0
+    rater_noise: float = 0.0
+    messy_rater: bool = False
+    fault_429: float = 0.0
+    fault_500: float = 0.0
+    fault_hang: float = 0.0
+    fault_bad_json: float = 0.0
+    fault_seed: int = 0
+    retry_after_s: float = 1.0
+    hang_s: float = 600.0
+    api_key: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> ToyTeacherConfig:
+        """Parse a JSON object of config fields; unknown keys are an error."""
+        data = json.loads(text)
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown toy teacher config keys {sorted(unknown)}; known: {[f.name for f in fields(cls)]}")
+        return cls(**data)
+
+
+def request_key(body: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON of model, messages and sampling params: the identity of a request."""
+    ident = {k: body[k] for k in ("model", "messages", *SAMPLING_KEYS) if k in body}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, list):  # content parts
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return content if isinstance(content, str) else ""
+
+
+def _section(text: str, title: str) -> str:
+    match = re.search(rf"##\s*{title}\s*\n(.*?)(?=\n\s*##|<text 1>|<answer|<draft>|\Z)", text, re.I | re.S)
+    return match.group(1).strip() if match else ""
+
+
+def _tagged(text: str, tag: str) -> str | None:
+    match = re.search(rf"<{tag}>\s*(.*?)\s*</{tag}>", text, re.I | re.S)
+    return match.group(1) if match else None
+
+
+def _verdict(question: str, answer: str) -> bool | None:
+    """True/False if the answer is right/wrong, None if the question is not a toy problem."""
+    return is_correct(question, answer) if parse_problem(question) else None
+
+
+def detect_role(messages: list[dict[str, Any]]) -> str:
+    """Which job a request asks for, from the marker strings in its messages."""
+    text = "\n".join(_text(m.get("content")) for m in messages).lower()
+    system = "\n".join(_text(m.get("content")) for m in messages if m.get("role") == "system").lower()
+    if "<text 1>" in text:
+        return "rater"
+    if "[[a]]" in text and "[[b]]" in text:
+        return "pairwise_judge"
+    if "[[rating]]" in text:
+        return "single_judge"
+    if "new tasks" in text:
+        return "self_instruct"
+    if "corrected answer" in text:
+        return "correction"
+    if "role-playing the user" in system:
+        return "user_simulator"
+    return "assistant"
+
+
+class ToyRoles:
+    """The teacher's answer for each role; pure functions of the messages and a seeded RNG."""
+
+    def __init__(self, config: ToyTeacherConfig) -> None:
+        self.config = config
+
+    def answer(self, role: str, messages: list[dict[str, Any]], rng: random.Random, varied: bool) -> str:
+        return getattr(self, role)(messages, rng, varied)
+
+    def assistant(self, messages: list[dict[str, Any]], rng: random.Random, varied: bool) -> str:
+        users = [_text(m.get("content")) for m in messages if m.get("role") == "user"]
+        problem = parse_problem(users[-1]) if users else None
+        if problem is None:
+            return GENERIC_REPLY
+        value = teacher_answer(problem, self.config.error_rate, self.config.seed)
+        reply = format_answer(problem, value, style=rng.randrange(3) if varied else 0)
+        if rng.random() < self.config.disclaimer_rate:
+            reply = DISCLAIMER + reply[0].lower() + reply[1:]
+        return reply
+
+    def user_simulator(self, messages: list[dict[str, Any]], rng: random.Random, varied: bool) -> str:
+        turns = [_text(m.get("content")) for m in messages if m.get("role") != "system"]
+        draw = rng.random()
+        if draw < self.config.empty_rate:
+            return ""
+        if draw < self.config.empty_rate + self.config.drift_rate:
+            problems = [p for p in map(parse_problem, turns) if p]
+            value = teacher_answer(problems[-1], self.config.error_rate, self.config.seed) if problems else 11
+            return f"The answer is {value}."
+        return follow_up(rng.choice(TRAIN_PROMPTS), first=not turns)
+
+    def rater(self, messages: list[dict[str, Any]], rng: random.Random, varied: bool) -> str:
+        texts = [_text(m.get("content")) for m in messages]
+        body = next(t for t in reversed(texts) if "<text 1>" in t.lower())
+        aspect_match = re.search(r"^\s*aspect\s*:\s*\**\s*([a-z_ -]+)", "\n".join(texts), re.I | re.M)
+        aspect = aspect_match.group(1).strip().lower().replace(" ", "_").replace("-", "_") if aspect_match else ""
+        instruction = _section(body, "instruction") or body[: body.lower().index("<text 1>")]
+        responses = re.findall(r"<text (\d+)>\s*(.*?)\s*</text \1>", body, re.I | re.S)
+        blocks = []
+        for number, response in responses:
+            rating, rationale, kind = self._rate(aspect, instruction, response)
+            if rng.random() < self.config.rater_noise:
+                rating = rng.randint(1, 5)
+            lines = [f"Type: {kind}"] if kind else []
+            lines += [f"Rating: {rating}", f"Rationale: {rationale}"]
+            blocks.append((f"#### Output for Text {number}", lines))
+        if not self.config.messy_rater:
+            return "\n\n".join(head + "\n" + "\n".join(lines) for head, lines in blocks)
+        rng.shuffle(blocks)
+        bold = [head + "\n\n" + "\n\n".join(re.sub(r"^(\w+):", r"**\1:**", ln) for ln in lines)
+                for head, lines in blocks]
+        return "Here is my evaluation of each text.\n\n" + "\n\n\n".join(bold)
+
+    def _rate(self, aspect: str, instruction: str, response: str) -> tuple[int, str, str]:
+        types = ASPECT_TYPES.get(aspect)
+        verdict = _verdict(instruction, response)
+        if verdict is None:
+            return 3, "The instruction is not a question I can check.", types[1] if types else ""
+        if not re.search(r"\d", response):
+            return 1, "The text does not give a result.", types[1] if types else ""
+        if not verdict:
+            rating = 2 if aspect == "instruction_following" else 1
+            return rating, "The text answers the question but its result is wrong.", types[1] if types else ""
+        rating = 4 if aspect == "helpfulness" and ("=" not in response or DISCLAIMER[:10] in response) else 5
+        return rating, "The text gives the correct result.", types[0] if types else ""
+
+    def single_judge(self, messages: list[dict[str, Any]], rng: random.Random, varied: bool) -> str:
+        text = "\n".join(_text(m.get("content")) for m in messages)
+        verdict = _verdict(_section(text, "question"), _tagged(text, "answer") or "")
+        if verdict is None:
+            return "I cannot verify this answer.\nRating: [[5]]"
+        if verdict:
+            return f"The answer is correct and clearly stated.\nRating: [[{rng.randint(8, 10)}]]"
+        return f"The answer is incorrect.\nRating: [[{rng.randint(1, 3)}]]"
+
+    def pairwise_judge(self, messages: list[dict[str, Any]], rng: random.Random, varied: bool) -> str:
+        text = "\n".join(_text(m.get("content")) for m in messages)
+        question = _section(text, "question")
+        a = _verdict(question, _tagged(text, "answer a") or "")
+        b = _verdict(question, _tagged(text, "answer b") or "")
+        if a == b:
+            return "Both assistants are equally good (or equally wrong).\n[[C]]"
+        return f"Only assistant {'A' if a else 'B'} gives the correct result.\n[[{'A' if a else 'B'}]]"
+
+    def self_instruct(self, messages: list[dict[str, Any]], rng: random.Random, varied: bool) -> str:
+        text = "\n".join(_text(m.get("content")) for m in messages)
+        count_match = re.search(r"count\s*:\s*(\d+)", text, re.I)
+        count = min(int(count_match.group(1)) if count_match else 8, 100)
+        fresh = [p for p in TRAIN_PROMPTS if p not in text]
+        return "\n".join(f"Task: {p}" for p in rng.sample(fresh, min(count, len(fresh))))
+
+    def correction(self, messages: list[dict[str, Any]], rng: random.Random, varied: bool) -> str:
+        text = "\n".join(_text(m.get("content")) for m in messages)
+        problem = parse_problem(_section(text, "question"))
+        return format_answer(problem, problem.answer) if problem else GENERIC_REPLY
+
+
+def _truncate(text: str, max_words: int | None) -> tuple[str, str]:
+    words = list(re.finditer(r"\S+", text))
+    if max_words is None or len(words) <= max_words:
+        return text, "stop"
+    return (text[: words[max_words - 1].end()] if max_words > 0 else ""), "length"
+
+
+def _error(status: int, message: str, kind: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status, headers=headers)
+
+
+class ToyTeacherApp:
+    """Request handling, fault injection and statistics around `ToyRoles`."""
+
+    def __init__(self, config: ToyTeacherConfig) -> None:
+        self.config = config
+        self.roles = ToyRoles(config)
+        self._ids = itertools.count()
+        self.reset()
+
+    def reset(self) -> None:
+        self.fault_rng = random.Random(self.config.fault_seed)
+        self.requests = 0
+        self.outcomes: Counter[str] = Counter()
+        self.roles_ok: Counter[str] = Counter()
+        self.ok_keys: Counter[str] = Counter()
+        self.in_flight = self.in_flight_max = 0
+
+    def _fault(self) -> str | None:
+        draw, edge = self.fault_rng.random(), 0.0
+        for name in ("429", "500", "hang", "bad_json"):
+            edge += getattr(self.config, f"fault_{name}")
+            if draw < edge:
+                return name
+        return None
+
+    def _authorized(self, request: Request) -> bool:
+        if not self.config.api_key:
+            return True
+        given = request.headers.get("authorization", "").encode()
+        return hmac.compare_digest(given, f"Bearer {self.config.api_key}".encode())
+
+    async def chat(self, request: Request) -> Response:
+        self.requests += 1
+        self.in_flight += 1
+        self.in_flight_max = max(self.in_flight_max, self.in_flight)
+        try:
+            return await self._chat(request)
+        finally:
+            self.in_flight -= 1
+
+    async def _chat(self, request: Request) -> Response:
+        if not self._authorized(request):
+            self.outcomes["401"] += 1
+            return _error(401, "Incorrect or missing API key.", "invalid_request_error")
+        fault = self._fault()
+        if fault == "hang":
+            self.outcomes["hang"] += 1
+            await asyncio.sleep(self.config.hang_s)
+            return _error(500, "The toy teacher hung.", "server_error")
+        if self.config.latency_ms:
+            await asyncio.sleep(self.config.latency_ms / 1000)
+        if fault == "429":
+            self.outcomes["429"] += 1
+            retry = f"{self.config.retry_after_s:g}"
+            return _error(429, "Rate limit reached (injected).", "rate_limit_error", {"Retry-After": retry})
+        if fault == "500":
+            self.outcomes["500"] += 1
+            return _error(500, "Internal error (injected).", "server_error")
+        if fault == "bad_json":
+            self.outcomes["bad_json"] += 1
+            return Response('{"id": "chatcmpl-broken", "choices": [', 200, media_type="application/json")
+        try:
+            body = json.loads(await request.body())
+            messages = body["messages"]
+            n = int(body.get("n") or 1)
+            if not isinstance(messages, list) or not messages or not 1 <= n <= 128:
+                raise ValueError("messages must be a non-empty list and 1 <= n <= 128")
+        except (ValueError, KeyError, TypeError) as exc:
+            self.outcomes["400"] += 1
+            return _error(400, f"Bad chat-completions request: {exc}", "invalid_request_error")
+        return JSONResponse(self._complete(body, messages, n))
+
+    def _complete(self, body: dict[str, Any], messages: list[dict[str, Any]], n: int) -> dict[str, Any]:
+        key = request_key(body)
+        role = detect_role(messages)
+        temperature = body.get("temperature")
+        varied = temperature is None or float(temperature) > 0  # the API's default temperature is 1
+        max_words = body.get("max_completion_tokens") or body.get("max_tokens")
+        choices = []
+        for index in range(n):
+            rng = random.Random(f"{key}:{index}" if varied else key)
+            content, finish = _truncate(self.roles.answer(role, messages, rng, varied), max_words)
+            message = {"role": "assistant", "content": content}
+            choices.append({"index": index, "message": message, "finish_reason": finish, "logprobs": None})
+        prompt_tokens = sum(len(_text(m.get("content")).split()) for m in messages)
+        completion_tokens = sum(len(c["message"]["content"].split()) for c in choices)
+        self.outcomes["ok"] += 1
+        self.roles_ok[role] += 1
+        self.ok_keys[key] += 1
+        return {
+            "id": f"chatcmpl-toy{next(self._ids):08d}", "object": "chat.completion", "created": int(time.time()),
+            "model": body.get("model", "toy-teacher"), "choices": choices, "system_fingerprint": "toy",
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens},
+        }
+
+    async def models(self, request: Request) -> Response:
+        if not self._authorized(request):
+            self.outcomes["401"] += 1
+            return _error(401, "Incorrect or missing API key.", "invalid_request_error")
+        model = {"id": "toy-teacher", "object": "model", "created": 0, "owned_by": "toy"}
+        return JSONResponse({"object": "list", "data": [model]})
+
+    async def health(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def stats(self, request: Request) -> Response:
+        return JSONResponse({
+            "requests": self.requests, "outcomes": dict(self.outcomes), "roles_ok": dict(self.roles_ok),
+            "ok_keys": dict(self.ok_keys), "in_flight_max": self.in_flight_max,
+        })
+
+    async def reset_stats(self, request: Request) -> Response:
+        self.reset()
+        return JSONResponse({"status": "reset"})
+
+
+def create_app(config: ToyTeacherConfig) -> Starlette:
+    """The Starlette app of the toy teacher."""
+    teacher = ToyTeacherApp(config)
+    return Starlette(routes=[
+        Route("/v1/chat/completions", teacher.chat, methods=["POST"]),
+        Route("/v1/models", teacher.models, methods=["GET"]),
+        Route("/health", teacher.health, methods=["GET"]),
+        Route("/stats", teacher.stats, methods=["GET"]),
+        Route("/stats/reset", teacher.reset_stats, methods=["POST"]),
+    ])
+
+
+def _run(config: ToyTeacherConfig, host: str, port: int, port_file: str | None = None,
+         parent_pid: int | None = None) -> None:
+    import uvicorn  # only the serving process needs it
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    server = uvicorn.Server(uvicorn.Config(create_app(config), log_level="warning", access_log=False,
+                                           lifespan="off", timeout_graceful_shutdown=1))
+    if port_file:
+        tmp = Path(port_file + ".tmp")
+        tmp.write_text(str(sock.getsockname()[1]))
+        tmp.rename(port_file)
+    if parent_pid:
+        def watch_parent() -> None:
+            while os.getppid() == parent_pid:
+                time.sleep(0.5)
+            server.should_exit = True
+        threading.Thread(target=watch_parent, daemon=True).start()
+    server.run(sockets=[sock])
+
+
+def serve(config: ToyTeacherConfig, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Serve the toy teacher until interrupted (blocking)."""
+    _run(config, host, port)
+
+
+class ToyTeacher:
+    """Runs the toy teacher in a subprocess on a free port; use as a context manager."""
+
+    def __init__(self, config: ToyTeacherConfig | None = None, port: int = 0, host: str = "127.0.0.1",
+                 startup_timeout_s: float = 30.0, exit_with_parent: bool = True) -> None:
+        self.config = config or ToyTeacherConfig()
+        self.host, self.port = host, port
+        self.startup_timeout_s = startup_timeout_s
+        self.exit_with_parent = exit_with_parent
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.url}/v1"
+
+    def start(self) -> ToyTeacher:
+        """Start the subprocess and wait until /health answers."""
+        self._tmp = tempfile.TemporaryDirectory(prefix="toy-teacher-")
+        port_file, log_file = Path(self._tmp.name, "port"), Path(self._tmp.name, "stderr.log")
+        env = dict(os.environ)
+        env.pop(API_KEY_ENV, None)
+        if self.config.api_key:
+            env[API_KEY_ENV] = self.config.api_key  # never on argv, where `ps` shows it
+        root = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+        public = {k: v for k, v in asdict(self.config).items() if k != "api_key"}
+        cmd = [sys.executable, "-m", "pipeline.toy.teacher_server", "--host", self.host, "--port", str(self.port),
+               "--config-json", json.dumps(public), "--port-file", str(port_file)]
+        if self.exit_with_parent:
+            cmd += ["--parent-pid", str(os.getpid())]
+        with open(log_file, "wb") as log:
+            self._proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                self._tmp.cleanup()
+                raise RuntimeError(f"toy teacher exited with {self._proc.returncode}: {log_file.read_text()[-2000:]}")
+            if port_file.exists():
+                self.port = int(port_file.read_text())
+                try:
+                    self._get("/health")
+                    return self
+                except OSError:
+                    pass
+            time.sleep(0.02)
+        self.stop()
+        raise TimeoutError(f"toy teacher did not answer /health within {self.startup_timeout_s} s")
+
+    def _get(self, path: str, method: str = "GET") -> dict[str, Any]:
+        request = urllib.request.Request(self.url + path, method=method)
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())
+
+    def stats(self) -> dict[str, Any]:
+        """The server's counters (see `ToyTeacherApp.stats`)."""
+        return self._get("/stats")
+
+    def reset_stats(self) -> None:
+        """Zero the counters and restart the fault sequence."""
+        self._get("/stats/reset", method="POST")
+
+    def stop(self) -> None:
+        """Terminate the subprocess (kill it if it does not exit within 5 s)."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        self._proc = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> ToyTeacher:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line: `python -m pipeline.toy.teacher_server --port P [--error-rate R] ...`."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--config-json", help="a JSON object of ToyTeacherConfig fields (flags override it)")
+    parser.add_argument("--api-key-env", default=API_KEY_ENV, help="environment variable holding the API key")
+    parser.add_argument("--port-file", help=argparse.SUPPRESS)
+    parser.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
+    for f in fields(ToyTeacherConfig):
+        if f.name == "api_key":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            parser.add_argument(flag, action="store_true", default=None)
+        else:
+            parser.add_argument(flag, type=int if f.type == "int" else float, default=None)
+    args = parser.parse_args(argv)
+    config = ToyTeacherConfig.from_json(args.config_json) if args.config_json else ToyTeacherConfig()
+    overrides = {f.name: getattr(args, f.name) for f in fields(config)
+                 if f.name != "api_key" and getattr(args, f.name) is not None}
+    config = replace(config, **overrides, api_key=os.environ.get(args.api_key_env) or config.api_key)
+    _run(config, args.host, args.port, args.port_file, args.parent_pid)
+
+
+if __name__ == "__main__":
+    main()
