@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -305,6 +306,17 @@ def _existing_path(value: str, what: str) -> str:
 _BASE_DIR: dict[str, Path | None] = {"dir": None}
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `2e-5` as a string; recipes are full of such learning rates."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d[\d_]*(?:\.\d*)?|\.\d+)[eE][-+]?\d+$|^[-+]?(?:\d[\d_]*)?\.\d+$|^[-+]?\d[\d_]*\.$"),
+    list("-+0123456789."),
+)
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """Split `a.b.c=value`; the value is read as YAML (numbers, booleans, lists)."""
     if "=" not in item:
@@ -313,7 +325,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not key.strip():
         raise RecipeError(f"--set '{item}': the key path is empty")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.load(raw, Loader=_Loader) if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise RecipeError(f"--set '{item}': the value is not valid YAML ({exc})") from None
     return key.strip().split("."), value
@@ -367,7 +379,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_Loader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""

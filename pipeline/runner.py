@@ -119,7 +119,10 @@ def run_stage(name: str, recipe: Recipe, store: RunStore, force: bool = False) -
         store.set_stage_state(name, state)
         raise
     state.status = report.status
-    state.counts, state.cost, state.outputs = report.counts, report.cost, report.outputs
+    # A resumed stage's cost is what earlier attempts paid plus what this one paid.
+    prior = state.cost
+    state.cost = {k: prior.get(k, 0.0) + v for k, v in report.cost.items()}
+    state.counts, state.outputs = report.counts, report.outputs
     state.message, state.seconds, state.finished_at = report.message, time.perf_counter() - t0, time.time()
     store.set_stage_state(name, state)
     if report.status != "completed":

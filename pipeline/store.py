@@ -41,7 +41,7 @@ class StageState:
 class RunStore:
     """`<root>/<run_name>/`: the only channel through which stages hand data to each other."""
 
-    def __init__(self, root: str | os.PathLike[str], run_name: str):
+    def __init__(self, root: str | os.PathLike[str], run_name: str, create: bool = True):
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", run_name):
             raise StoreError(f"run name '{run_name}': use letters, digits, '.', '_' and '-' only")
         self.root = str(root)
@@ -51,13 +51,14 @@ class RunStore:
         if self.is_local:
             base = str(Path(base).resolve())
         self.path = f"{base.rstrip('/')}/{run_name}"
-        self.fs.makedirs(self.path, exist_ok=True)
+        if create:
+            self.fs.makedirs(self.path, exist_ok=True)
 
     @classmethod
     def open_existing(cls, run_dir: str) -> RunStore:
         """Open a run from its directory (path or URL); it must hold a manifest."""
         parent, _, name = str(run_dir).rstrip("/").rpartition("/")
-        store = cls(parent or ".", name)
+        store = cls(parent or ".", name, create=False)
         if not store.fs.exists(store.join("manifest.json")):
             raise StoreError(f"{run_dir}: no manifest.json here; is this a run directory?")
         return store
@@ -158,8 +159,9 @@ class RunStore:
                 total += pq.ParquetFile(fh).metadata.num_rows
         return total
 
-    def ledger(self, stage: str) -> FailureLedger:
-        return FailureLedger(self, stage)
+    def ledger(self, stage: str, name: str = "failures") -> FailureLedger:
+        """`failures.jsonl` (items that did not make it) or another ledger such as `dropped.jsonl`."""
+        return FailureLedger(self, stage, name)
 
 
 _SHARD_RE = r"{name}-(\d{{5}})\.parquet"
@@ -244,9 +246,9 @@ class Failure:
 class FailureLedger:
     """`failures.jsonl`: one line per item that did not make it, with the reason and attempt count."""
 
-    def __init__(self, store: RunStore, stage: str):
+    def __init__(self, store: RunStore, stage: str, name: str = "failures"):
         self.store, self.stage = store, stage
-        self.path = f"{store.stage_dir(stage)}/failures.jsonl"
+        self.path = f"{store.stage_dir(stage)}/{name}.jsonl"
 
     def record(self, item_id: str, reason: str, attempts: int = 1) -> None:
         line = json.dumps(asdict(Failure(item_id, self.stage, reason, attempts))) + "\n"

@@ -19,7 +19,7 @@ import threading
 import time
 import urllib.request
 from collections import Counter
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,196 +28,19 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from pipeline.toy.task import (
-    DISCLAIMER,
-    GENERIC_REPLY,
-    follow_up,
-    format_answer,
-    is_correct,
-    parse_problem,
-    prompt_pool,
-    teacher_answer,
-)
+from pipeline.toy.teacher_roles import ToyRoles, ToyTeacherConfig, detect_role, message_text
+
+__all__ = ["ToyTeacher", "ToyTeacherConfig", "create_app", "request_key", "serve"]
 
 API_KEY_ENV = "TOY_TEACHER_API_KEY"
 SAMPLING_KEYS = ("temperature", "top_p", "n", "max_tokens", "max_completion_tokens", "seed", "stop",
                  "presence_penalty", "frequency_penalty")
-TRAIN_PROMPTS = prompt_pool("train")
-ASPECT_TYPES = {"truthfulness": ("None", "1"), "helpfulness": ("1, 2, 3", "1")}  # (correct, wrong)
-
-
-@dataclass(frozen=True)
-class ToyTeacherConfig:
-    """How the toy teacher behaves: its systematic error rate, noise, and injected faults."""
-
-    error_rate: float = 0.3
-    seed: int = 0
-    latency_ms: float = 0.0
-    disclaimer_rate: float = 0.0
-    drift_rate: float = 0.0
-    empty_rate: float = 0.0
-    rater_noise: float = 0.0
-    messy_rater: bool = False
-    fault_429: float = 0.0
-    fault_500: float = 0.0
-    fault_hang: float = 0.0
-    fault_bad_json: float = 0.0
-    fault_seed: int = 0
-    retry_after_s: float = 1.0
-    hang_s: float = 600.0
-    api_key: str | None = field(default=None, repr=False)
-
-    @classmethod
-    def from_json(cls, text: str) -> ToyTeacherConfig:
-        """Parse a JSON object of config fields; unknown keys are an error."""
-        data = json.loads(text)
-        unknown = set(data) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown toy teacher config keys {sorted(unknown)}; known: {[f.name for f in fields(cls)]}")
-        return cls(**data)
 
 
 def request_key(body: dict[str, Any]) -> str:
     """sha256 of the canonical JSON of model, messages and sampling params: the identity of a request."""
     ident = {k: body[k] for k in ("model", "messages", *SAMPLING_KEYS) if k in body}
     return hashlib.sha256(json.dumps(ident, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def _text(content: Any) -> str:
-    if isinstance(content, list):  # content parts
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
-    return content if isinstance(content, str) else ""
-
-
-def _section(text: str, title: str) -> str:
-    match = re.search(rf"##\s*{title}\s*\n(.*?)(?=\n\s*##|<text 1>|<answer|<draft>|\Z)", text, re.I | re.S)
-    return match.group(1).strip() if match else ""
-
-
-def _tagged(text: str, tag: str) -> str | None:
-    match = re.search(rf"<{tag}>\s*(.*?)\s*</{tag}>", text, re.I | re.S)
-    return match.group(1) if match else None
-
-
-def _verdict(question: str, answer: str) -> bool | None:
-    """True/False if the answer is right/wrong, None if the question is not a toy problem."""
-    return is_correct(question, answer) if parse_problem(question) else None
-
-
-def detect_role(messages: list[dict[str, Any]]) -> str:
-    """Which job a request asks for, from the marker strings in its messages."""
-    text = "\n".join(_text(m.get("content")) for m in messages).lower()
-    system = "\n".join(_text(m.get("content")) for m in messages if m.get("role") == "system").lower()
-    if "<text 1>" in text:
-        return "rater"
-    if "[[a]]" in text and "[[b]]" in text:
-        return "pairwise_judge"
-    if "[[rating]]" in text:
-        return "single_judge"
-    if "new tasks" in text:
-        return "self_instruct"
-    if "corrected answer" in text:
-        return "correction"
-    if "role-playing the user" in system:
-        return "user_simulator"
-    return "assistant"
-
-
-class ToyRoles:
-    """The teacher's answer for each role; pure functions of the messages and a seeded RNG."""
-
-    def __init__(self, config: ToyTeacherConfig) -> None:
-        self.config = config
-
-    def answer(self, role: str, messages: list[dict[str, Any]], rng: random.Random, varied: bool) -> str:
-        return getattr(self, role)(messages, rng, varied)
-
-    def assistant(self, messages: list[dict[str, Any]], rng: random.Random, varied: bool) -> str:
-        users = [_text(m.get("content")) for m in messages if m.get("role") == "user"]
-        problem = parse_problem(users[-1]) if users else None
-        if problem is None:
-            return GENERIC_REPLY
-        value = teacher_answer(problem, self.config.error_rate, self.config.seed)
-        reply = format_answer(problem, value, style=rng.randrange(3) if varied else 0)
-        if rng.random() < self.config.disclaimer_rate:
-            reply = DISCLAIMER + reply[0].lower() + reply[1:]
-        return reply
-
-    def user_simulator(self, messages: list[dict[str, Any]], rng: random.Random, varied: bool) -> str:
-        turns = [_text(m.get("content")) for m in messages if m.get("role") != "system"]
-        draw = rng.random()
-        if draw < self.config.empty_rate:
-            return ""
-        if draw < self.config.empty_rate + self.config.drift_rate:
-            problems = [p for p in map(parse_problem, turns) if p]
-            value = teacher_answer(problems[-1], self.config.error_rate, self.config.seed) if problems else 11
-            return f"The answer is {value}."
-        return follow_up(rng.choice(TRAIN_PROMPTS), first=not turns)
-
-    def rater(self, messages: list[dict[str, Any]], rng: random.Random, varied: bool) -> str:
-        texts = [_text(m.get("content")) for m in messages]
-        body = next(t for t in reversed(texts) if "<text 1>" in t.lower())
-        aspect_match = re.search(r"^\s*aspect\s*:\s*\**\s*([a-z_ -]+)", "\n".join(texts), re.I | re.M)
-        aspect = aspect_match.group(1).strip().lower().replace(" ", "_").replace("-", "_") if aspect_match else ""
-        instruction = _section(body, "instruction") or body[: body.lower().index("<text 1>")]
-        responses = re.findall(r"<text (\d+)>\s*(.*?)\s*</text \1>", body, re.I | re.S)
-        blocks = []
-        for number, response in responses:
-            rating, rationale, kind = self._rate(aspect, instruction, response)
-            if rng.random() < self.config.rater_noise:
-                rating = rng.randint(1, 5)
-            lines = [f"Type: {kind}"] if kind else []
-            lines += [f"Rating: {rating}", f"Rationale: {rationale}"]
-            blocks.append((f"#### Output for Text {number}", lines))
-        if not self.config.messy_rater:
-            return "\n\n".join(head + "\n" + "\n".join(lines) for head, lines in blocks)
-        rng.shuffle(blocks)
-        bold = [head + "\n\n" + "\n\n".join(re.sub(r"^(\w+):", r"**\1:**", ln) for ln in lines)
-                for head, lines in blocks]
-        return "Here is my evaluation of each text.\n\n" + "\n\n\n".join(bold)
-
-    def _rate(self, aspect: str, instruction: str, response: str) -> tuple[int, str, str]:
-        types = ASPECT_TYPES.get(aspect)
-        verdict = _verdict(instruction, response)
-        if verdict is None:
-            return 3, "The instruction is not a question I can check.", types[1] if types else ""
-        if not re.search(r"\d", response):
-            return 1, "The text does not give a result.", types[1] if types else ""
-        if not verdict:
-            rating = 2 if aspect == "instruction_following" else 1
-            return rating, "The text answers the question but its result is wrong.", types[1] if types else ""
-        rating = 4 if aspect == "helpfulness" and ("=" not in response or DISCLAIMER[:10] in response) else 5
-        return rating, "The text gives the correct result.", types[0] if types else ""
-
-    def single_judge(self, messages: list[dict[str, Any]], rng: random.Random, varied: bool) -> str:
-        text = "\n".join(_text(m.get("content")) for m in messages)
-        verdict = _verdict(_section(text, "question"), _tagged(text, "answer") or "")
-        if verdict is None:
-            return "I cannot verify this answer.\nRating: [[5]]"
-        if verdict:
-            return f"The answer is correct and clearly stated.\nRating: [[{rng.randint(8, 10)}]]"
-        return f"The answer is incorrect.\nRating: [[{rng.randint(1, 3)}]]"
-
-    def pairwise_judge(self, messages: list[dict[str, Any]], rng: random.Random, varied: bool) -> str:
-        text = "\n".join(_text(m.get("content")) for m in messages)
-        question = _section(text, "question")
-        a = _verdict(question, _tagged(text, "answer a") or "")
-        b = _verdict(question, _tagged(text, "answer b") or "")
-        if a == b:
-            return "Both assistants are equally good (or equally wrong).\n[[C]]"
-        return f"Only assistant {'A' if a else 'B'} gives the correct result.\n[[{'A' if a else 'B'}]]"
-
-    def self_instruct(self, messages: list[dict[str, Any]], rng: random.Random, varied: bool) -> str:
-        text = "\n".join(_text(m.get("content")) for m in messages)
-        count_match = re.search(r"count\s*:\s*(\d+)", text, re.I)
-        count = min(int(count_match.group(1)) if count_match else 8, 100)
-        fresh = [p for p in TRAIN_PROMPTS if p not in text]
-        return "\n".join(f"Task: {p}" for p in rng.sample(fresh, min(count, len(fresh))))
-
-    def correction(self, messages: list[dict[str, Any]], rng: random.Random, varied: bool) -> str:
-        text = "\n".join(_text(m.get("content")) for m in messages)
-        problem = parse_problem(_section(text, "question"))
-        return format_answer(problem, problem.answer) if problem else GENERIC_REPLY
 
 
 def _truncate(text: str, max_words: int | None) -> tuple[str, str]:
@@ -315,7 +138,7 @@ class ToyTeacherApp:
             content, finish = _truncate(self.roles.answer(role, messages, rng, varied), max_words)
             message = {"role": "assistant", "content": content}
             choices.append({"index": index, "message": message, "finish_reason": finish, "logprobs": None})
-        prompt_tokens = sum(len(_text(m.get("content")).split()) for m in messages)
+        prompt_tokens = sum(len(message_text(m.get("content")).split()) for m in messages)
         completion_tokens = sum(len(c["message"]["content"].split()) for c in choices)
         self.outcomes["ok"] += 1
         self.roles_ok[role] += 1
@@ -368,7 +191,8 @@ def _run(config: ToyTeacherConfig, host: str, port: int, port_file: str | None =
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     server = uvicorn.Server(uvicorn.Config(create_app(config), log_level="warning", access_log=False,
-                                           lifespan="off", timeout_graceful_shutdown=1))
+                                           lifespan="off", timeout_graceful_shutdown=0.5))
+    print(f"toy teacher on http://{host}:{sock.getsockname()[1]}/v1", file=sys.stderr, flush=True)
     if port_file:
         tmp = Path(port_file + ".tmp")
         tmp.write_text(str(sock.getsockname()[1]))
@@ -474,11 +298,11 @@ class ToyTeacher:
         self.stop()
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Command line: `python -m pipeline.toy.teacher_server --port P [--error-rate R] ...`."""
+def parse_args(argv: list[str] | None = None) -> tuple[ToyTeacherConfig, argparse.Namespace]:
+    """The config from `--config-json`, overridden by flags; the API key comes from the environment."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     parser.add_argument("--config-json", help="a JSON object of ToyTeacherConfig fields (flags override it)")
     parser.add_argument("--api-key-env", default=API_KEY_ENV, help="environment variable holding the API key")
     parser.add_argument("--port-file", help=argparse.SUPPRESS)
@@ -495,7 +319,12 @@ def main(argv: list[str] | None = None) -> None:
     config = ToyTeacherConfig.from_json(args.config_json) if args.config_json else ToyTeacherConfig()
     overrides = {f.name: getattr(args, f.name) for f in fields(config)
                  if f.name != "api_key" and getattr(args, f.name) is not None}
-    config = replace(config, **overrides, api_key=os.environ.get(args.api_key_env) or config.api_key)
+    return replace(config, **overrides, api_key=os.environ.get(args.api_key_env) or config.api_key), args
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line: `python -m pipeline.toy.teacher_server --port P [--error-rate R] ...`."""
+    config, args = parse_args(argv)
     _run(config, args.host, args.port, args.port_file, args.parent_pid)
 
 

@@ -1,0 +1,71 @@
+"""Multi-GPU training: run a stage under `accelerate launch` as a subprocess and report its failure clearly."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from pipeline.recipe import ComputeConfig, Recipe
+from pipeline.store import RunStore
+from pipeline.train.common import TrainingError
+
+ACCELERATE_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "accelerate"
+LAUNCHED_ENV = "DISTILL_LAUNCHED"  # set for the launched ranks, so they train instead of launching again
+SHIPPED = {"multi_gpu": "multi_gpu.yaml", "deepspeed_zero3": "deepspeed_zero3.yaml", "zero3": "deepspeed_zero3.yaml",
+           "fsdp": "fsdp.yaml"}
+
+
+def should_launch(compute: ComputeConfig) -> bool:
+    """True in the parent process of a multi-GPU run; False on a launched rank or a single device."""
+    return compute.num_gpus > 1 and not is_launched_rank()
+
+
+def is_launched_rank() -> bool:
+    """True inside a process started by `launch_stage` (one rank of a multi-GPU run)."""
+    return os.environ.get(LAUNCHED_ENV) == "1"
+
+
+def accelerate_config_path(compute: ComputeConfig) -> Path:
+    """compute.accelerate_config as a file: a path, or a shipped name (multi_gpu, deepspeed_zero3, fsdp)."""
+    name = compute.accelerate_config or "multi_gpu"
+    path = ACCELERATE_CONFIGS / SHIPPED[name] if name in SHIPPED else Path(name).expanduser()
+    if not path.is_file():
+        raise TrainingError(f"compute.accelerate_config: '{name}' is neither a file nor one of {sorted(SHIPPED)} "
+                            f"(shipped in {ACCELERATE_CONFIGS})")
+    return path.resolve()
+
+
+def accelerate_command(stage: str, recipe_file: Path, run_dir: str, compute: ComputeConfig) -> list[str]:
+    """`accelerate launch --config_file … --num_processes N -m pipeline.train STAGE --recipe … --run …`."""
+    return [sys.executable, "-m", "accelerate.commands.launch",
+            "--config_file", str(accelerate_config_path(compute)),
+            "--num_processes", str(compute.num_gpus), "--num_machines", "1",
+            "-m", "pipeline.train", stage, "--recipe", str(recipe_file), "--run", run_dir]
+
+
+def launch_stage(stage: str, recipe: Recipe, store: RunStore, tail_lines: int = 40) -> None:
+    """Run the stage on compute.num_gpus GPUs; raises TrainingError with the log tail if it fails."""
+    workdir = Path(tempfile.mkdtemp(prefix=f"distill-launch-{stage}-"))
+    recipe_file = workdir / "recipe.json"
+    recipe_file.write_text(json.dumps(recipe.snapshot()))
+    command = accelerate_command(stage, recipe_file, store.url, recipe.compute)
+    log_path = workdir / "launch.log"
+    tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
+    env = {**os.environ, LAUNCHED_ENV: "1"}
+    with open(log_path, "w") as log_file, subprocess.Popen(
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        for line in proc.stdout:
+            sys.stderr.write(line)
+            log_file.write(line)
+            tail.append(line)
+    if proc.returncode != 0:
+        raise TrainingError(
+            f"stage '{stage}': `accelerate launch` on {recipe.compute.num_gpus} GPUs exited with code "
+            f"{proc.returncode} (full log: {log_path}); last lines:\n{''.join(tail)}")
+    shutil.rmtree(workdir, ignore_errors=True)

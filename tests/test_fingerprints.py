@@ -1,0 +1,39 @@
+"""Fingerprints: a change to a stage's section changes it and everything downstream, nothing upstream."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.recipe import load_recipe
+from pipeline.stages import STAGE_ORDER, fingerprint
+
+
+def _fps(repo_root: Path, *overrides: str) -> dict[str, str]:
+    rec = load_recipe(repo_root / "configs/quickstart.yaml", list(overrides))
+    return {name: fingerprint(name, rec) for name in STAGE_ORDER}
+
+
+@pytest.mark.parametrize(
+    ("override", "changed"),
+    [
+        ("generate.max_rounds=5", {"generate", "sft", "sample", "feedback", "dpo", "evaluate"}),
+        ("sft.args.learning_rate=1e-4", {"sft", "sample", "feedback", "dpo", "evaluate"}),
+        ("feedback.pairs.min_margin=1.0", {"feedback", "dpo", "evaluate"}),
+        ("dpo.beta=0.05", {"dpo", "evaluate"}),
+        ("evaluate.heldout_count=10", {"evaluate"}),
+        ("teacher.model=other-teacher", {"generate", "sft", "sample", "feedback", "dpo", "evaluate"}),
+        # how the teacher is reached and paid for does not change what it says
+        ("teacher.max_concurrency=3", set()),
+        ("teacher.price_input_per_1k=0.5", set()),
+        ("storage.root=/elsewhere", set()),
+    ],
+)
+def test_change_propagates_downstream_only(repo_root: Path, override: str, changed: set[str]):
+    base, new = _fps(repo_root), _fps(repo_root, override)
+    assert {s for s in STAGE_ORDER if base[s] != new[s]} == changed
+
+
+def test_fingerprint_is_stable(repo_root: Path):
+    assert _fps(repo_root) == _fps(repo_root)
