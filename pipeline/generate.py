@@ -170,11 +170,11 @@ async def _run(recipe: Recipe, store: RunStore) -> StageReport:
         bar = progress(STAGE, len(todo), "dialogue")
         with writer:
             async for seed, result in stream_map(todo, lambda s: simulate_dialogue(client, s, cfg, filters),
-                                                 recipe.teacher.max_concurrency):
+                                                 recipe.teacher.max_concurrency, stop=lambda: bool(stop_message)):
                 bar.update(1)
                 if isinstance(result, (BudgetExceeded, TeacherFatal)):
-                    stop_message = str(result)
-                    break
+                    stop_message = stop_message or str(result)  # drain what is in flight, start nothing new
+                    continue
                 if isinstance(result, Dropped):
                     dropped_ledger.record(seed.prompt_id, result.reason)
                 elif isinstance(result, TeacherError):

@@ -38,6 +38,8 @@ class ToyTeacherOptions(Section):
     fault_hang: float = Field(0.0, ge=0, le=1)
     fault_bad_json: float = Field(0.0, ge=0, le=1)
     fault_seed: int = 0
+    retry_after_s: float = Field(1.0, ge=0)
+    hang_s: float = Field(600.0, ge=0)
 
 
 class TeacherConfig(Section):

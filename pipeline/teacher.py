@@ -110,15 +110,22 @@ class ResponseCache:
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        self._db.execute("CREATE TABLE IF NOT EXISTS responses "
+                         "(key TEXT PRIMARY KEY, value TEXT NOT NULL, request TEXT)")
 
     def get(self, key: str) -> ChatResult | None:
         row = self._db.execute("SELECT value FROM responses WHERE key = ?", (key,)).fetchone()
         return ChatResult(**json.loads(row[0])) if row else None
 
-    def put(self, key: str, result: ChatResult) -> None:
+    def put(self, key: str, result: ChatResult, request: dict[str, Any] | None = None) -> None:
         value = json.dumps({**asdict(result), "cached": False})
-        self._db.execute("INSERT OR REPLACE INTO responses (key, value) VALUES (?, ?)", (key, value))
+        self._db.execute("INSERT OR REPLACE INTO responses (key, value, request) VALUES (?, ?, ?)",
+                         (key, value, json.dumps(request) if request is not None else None))
+
+    def requests(self) -> list[dict[str, Any]]:
+        """Every cached request (model, messages, params): what a rerun will not pay for again."""
+        rows = self._db.execute("SELECT request FROM responses WHERE request IS NOT NULL").fetchall()
+        return [json.loads(r[0]) for r in rows]
 
     def __len__(self) -> int:
         return self._db.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
@@ -208,7 +215,8 @@ class TeacherClient:
             return hit
         result = await self._send_with_retries(request)
         if self.cache is not None:
-            self.cache.put(key, result)
+            self.cache.put(key, result, {"model": self.cfg.model, "messages": request.messages,
+                                         **request.params(), "tag": request.tag})
         return result
 
     @property

@@ -10,17 +10,18 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-async def stream_map(items: Iterable[T], fn: Callable[[T], Awaitable[R]],
-                     concurrency: int) -> AsyncIterator[tuple[T, R | BaseException]]:
+async def stream_map(items: Iterable[T], fn: Callable[[T], Awaitable[R]], concurrency: int,
+                     stop: Callable[[], bool] = lambda: False) -> AsyncIterator[tuple[T, R | BaseException]]:
     """Yield (item, result or exception) as each finishes; at most `concurrency` items are held at once.
 
-    Items are pulled lazily, so memory does not grow with the input size.
+    Items are pulled lazily, so memory does not grow with the input size. Once `stop()` is true no new
+    item starts, but those in flight finish, so work already paid for is not thrown away.
     """
     iterator = iter(items)
     pending: dict[asyncio.Task[R], T] = {}
 
     def fill() -> None:
-        while len(pending) < concurrency:
+        while len(pending) < concurrency and not stop():
             try:
                 item = next(iterator)
             except StopIteration:

@@ -238,7 +238,7 @@ def test_api_key_is_required_and_never_exposed() -> None:
         good = openai.OpenAI(base_url=server.base_url, api_key=secret, max_retries=0)
         assert "The answer is" in ask(good, "What is 1 + 2?")
         assert secret not in json.dumps(server.stats())
-        assert server.stats()["outcomes"]["401"] == 2
+        assert server.stats()["outcomes"]["401"] == 1
         log = Path(server._tmp.name, "stderr.log").read_text()  # type: ignore[union-attr]
     assert secret not in log and secret not in repr(ToyTeacherConfig(api_key=secret))
 
@@ -264,3 +264,5 @@ def test_command_line_flags_override_the_json_config(monkeypatch: pytest.MonkeyP
     assert config.api_key == "k" and args.port == 0
     with pytest.raises(ValueError, match="unknown toy teacher config keys"):
         parse_args(["--config-json", '{"eror_rate": 0.5}'])
+    with pytest.raises(ValueError, match="add up to more than 1"):
+        ToyTeacherConfig(fault_429=0.6, fault_500=0.6)

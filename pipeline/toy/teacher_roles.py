@@ -20,6 +20,7 @@ from pipeline.toy.task import (
 )
 
 TRAIN_PROMPTS = prompt_pool("train")  # generated questions come from train only: no heldout leak
+FAULTS = ("fault_429", "fault_500", "fault_hang", "fault_bad_json")
 ASPECT_TYPES = {"truthfulness": ("None", "1"), "helpfulness": ("1, 2, 3", "1")}  # (correct, wrong)
 
 
@@ -52,6 +53,16 @@ class ToyTeacherConfig:
         if unknown:
             raise ValueError(f"unknown toy teacher config keys {sorted(unknown)}; known: {[f.name for f in fields(cls)]}")
         return cls(**data)
+
+    def __post_init__(self) -> None:
+        rates = ("error_rate", "disclaimer_rate", "drift_rate", "empty_rate", "rater_noise", *FAULTS)
+        bad = {name: getattr(self, name) for name in rates if not 0 <= getattr(self, name) <= 1}
+        if bad:
+            raise ValueError(f"toy teacher rates must lie in [0, 1], got {bad}")
+        if sum(getattr(self, name) for name in FAULTS) > 1:
+            raise ValueError("toy teacher fault rates add up to more than 1")
+        if self.empty_rate + self.drift_rate > 1:
+            raise ValueError("toy teacher empty_rate + drift_rate add up to more than 1")
 
 
 def message_text(content: Any) -> str:

@@ -28,7 +28,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from pipeline.toy.teacher_roles import ToyRoles, ToyTeacherConfig, detect_role, message_text
+from pipeline.toy.teacher_roles import FAULTS, ToyRoles, ToyTeacherConfig, detect_role, message_text
 
 __all__ = ["ToyTeacher", "ToyTeacherConfig", "create_app", "request_key", "serve"]
 
@@ -73,10 +73,10 @@ class ToyTeacherApp:
 
     def _fault(self) -> str | None:
         draw, edge = self.fault_rng.random(), 0.0
-        for name in ("429", "500", "hang", "bad_json"):
-            edge += getattr(self.config, f"fault_{name}")
+        for name in FAULTS:
+            edge += getattr(self.config, name)
             if draw < edge:
-                return name
+                return name.removeprefix("fault_")
         return None
 
     def _authorized(self, request: Request) -> bool:
@@ -119,8 +119,10 @@ class ToyTeacherApp:
             body = json.loads(await request.body())
             messages = body["messages"]
             n = int(body.get("n") or 1)
-            if not isinstance(messages, list) or not messages or not 1 <= n <= 128:
-                raise ValueError("messages must be a non-empty list and 1 <= n <= 128")
+            if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+                raise ValueError("messages must be a non-empty list of objects")
+            if not 1 <= n <= 128:
+                raise ValueError(f"n must lie in 1..128, got {n}")
         except (ValueError, KeyError, TypeError) as exc:
             self.outcomes["400"] += 1
             return _error(400, f"Bad chat-completions request: {exc}", "invalid_request_error")
@@ -151,8 +153,7 @@ class ToyTeacherApp:
         }
 
     async def models(self, request: Request) -> Response:
-        if not self._authorized(request):
-            self.outcomes["401"] += 1
+        if not self._authorized(request):  # not counted: stats describe chat requests only
             return _error(401, "Incorrect or missing API key.", "invalid_request_error")
         model = {"id": "toy-teacher", "object": "model", "created": 0, "owned_by": "toy"}
         return JSONResponse({"object": "list", "data": [model]})

@@ -1,0 +1,187 @@
+"""The teacher client against real HTTP servers on loopback: retries, Retry-After, cache, budget, limits, keys."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse
+from starlette.routing import Route
+
+from pipeline.recipe import TeacherConfig
+from pipeline.teacher import (
+    BudgetExceeded,
+    ChatRequest,
+    ResponseCache,
+    TeacherClient,
+    TeacherError,
+    TeacherFatal,
+)
+from pipeline.toy.teacher_server import ToyTeacher, ToyTeacherConfig
+
+
+def _completion(text: str = "ok") -> dict:
+    return {"id": "x", "object": "chat.completion", "created": 0, "model": "m",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}
+
+
+class ScriptedServer:
+    """A loopback server that answers with a scripted sequence of responses, recording arrival times."""
+
+    def __init__(self, script: list):
+        self.script, self.arrivals = list(script), []
+
+        async def chat(request: Request):
+            self.arrivals.append(time.monotonic())
+            step = self.script.pop(0) if self.script else "ok"
+            if step == "429":
+                return JSONResponse({"error": {"message": "slow down"}}, 429, headers={"Retry-After": "1"})
+            if step == "500":
+                return JSONResponse({"error": {"message": "boom"}}, 500)
+            if step == "badjson":
+                return PlainTextResponse("{not json", headers={"content-type": "application/json"})
+            if step == "400":
+                return JSONResponse({"error": {"message": "bad request"}}, 400)
+            return JSONResponse(_completion())
+
+        app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.01)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.base_url = f"http://127.0.0.1:{port}/v1"
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def _cfg(base_url: str, **kw) -> TeacherConfig:
+    defaults = {"base_url": base_url, "model": "m", "api_key_env": None, "backoff_base_s": 0.01,
+                "backoff_max_s": 0.05, "timeout_s": 5, "max_retries": 4}
+    return TeacherConfig(**{**defaults, **kw})
+
+
+def _ask(client: TeacherClient, text: str = "What is 2 + 2?", **kw) -> object:
+    return asyncio.run(_ask_async(client, text, **kw))
+
+
+async def _ask_async(client: TeacherClient, text: str, **kw):
+    try:
+        return await client.chat(ChatRequest([{"role": "user", "content": text}], **kw))
+    finally:
+        await client.aclose()
+
+
+def test_retries_5xx_and_bad_json_then_succeeds():
+    with ScriptedServer(["500", "badjson", "500", "ok"]) as srv:
+        client = TeacherClient(_cfg(srv.base_url))
+        result = _ask(client)
+        assert result.text == "ok"
+        assert len(srv.arrivals) == 4 and client.usage.retries == 3
+
+
+def test_honours_retry_after():
+    with ScriptedServer(["429", "ok"]) as srv:
+        client = TeacherClient(_cfg(srv.base_url))
+        assert _ask(client).text == "ok"
+        assert srv.arrivals[1] - srv.arrivals[0] >= 0.95  # Retry-After: 1, though backoff alone is 0.05 s
+
+
+def test_gives_up_after_bounded_attempts_with_the_last_error():
+    with ScriptedServer(["500"] * 10) as srv:
+        client = TeacherClient(_cfg(srv.base_url, max_retries=2))
+        with pytest.raises(TeacherError, match="gave up after 3 attempts; last error: HTTP 500") as err:
+            _ask(client)
+        assert err.value.attempts == 3 and len(srv.arrivals) == 3
+
+
+def test_client_errors_are_not_retried():
+    with ScriptedServer(["400", "ok"]) as srv:
+        with pytest.raises(TeacherError, match="HTTP 400"):
+            _ask(TeacherClient(_cfg(srv.base_url)))
+        assert len(srv.arrivals) == 1
+
+
+def test_timeout_is_retried():
+    with ToyTeacher(ToyTeacherConfig(fault_hang=1.0, hang_s=30)) as toy:
+        client = TeacherClient(_cfg(toy.base_url, timeout_s=0.3, max_retries=1))
+        t0 = time.monotonic()
+        with pytest.raises(TeacherError, match="Timeout"):
+            _ask(client)
+        assert time.monotonic() - t0 < 5
+        assert toy.stats()["outcomes"].get("hang") == 2
+
+
+def test_cache_answers_a_repeated_request_without_http(tmp_path: Path):
+    with ToyTeacher(ToyTeacherConfig()) as toy:
+        first = _ask(TeacherClient(_cfg(toy.base_url), ResponseCache(tmp_path / "c.sqlite")))
+        again_client = TeacherClient(_cfg(toy.base_url), ResponseCache(tmp_path / "c.sqlite"))
+        again = _ask(again_client)
+        other_tag = _ask(TeacherClient(_cfg(toy.base_url), ResponseCache(tmp_path / "c.sqlite")), tag="retry-1")
+        assert again.text == first.text and again.cached and not other_tag.cached
+        assert again_client.usage.requests == 0 and again_client.usage.cached == 1
+        assert toy.stats()["outcomes"]["ok"] == 2
+
+
+def test_budget_cap_stops_before_overspending(tmp_path: Path):
+    with ToyTeacher(ToyTeacherConfig()) as toy:
+        cfg = _cfg(toy.base_url, price_input_per_1k=10.0, price_output_per_1k=10.0, max_cost_usd=1.0,
+                   max_concurrency=4)
+        client = TeacherClient(cfg, ResponseCache(tmp_path / "c.sqlite"))
+
+        async def many():
+            try:
+                for i in range(200):
+                    await client.chat(ChatRequest([{"role": "user", "content": f"What is {i % 10} + 1?"}],
+                                                  max_tokens=16, tag=str(i)))
+            finally:
+                await client.aclose()
+
+        with pytest.raises(BudgetExceeded, match="max_cost_usd"):
+            asyncio.run(many())
+        assert 0 < client.usage.usd <= 1.0
+        assert client.usage.requests == toy.stats()["outcomes"]["ok"] < 200
+
+
+def test_request_rate_limit_spaces_requests():
+    with ToyTeacher(ToyTeacherConfig()) as toy:
+        client = TeacherClient(_cfg(toy.base_url, requests_per_minute=240))  # 4 a second, burst of 4
+
+        async def burst():
+            try:
+                await asyncio.gather(*(client.chat(ChatRequest([{"role": "user", "content": f"What is {i} + 1?"}]))
+                                       for i in range(12)))
+            finally:
+                await client.aclose()
+
+        t0 = time.monotonic()
+        asyncio.run(burst())
+        assert time.monotonic() - t0 >= 1.8  # 12 requests at 4/s after a burst of 4
+
+
+def test_wrong_key_stops_the_stage_and_the_key_is_never_echoed():
+    sentinel = "sk-SENTINEL-abc123-never-log-me"
+    with ToyTeacher(ToyTeacherConfig(api_key="the-right-key")) as toy:
+        client = TeacherClient(_cfg(toy.base_url), api_key=sentinel)
+        with pytest.raises(TeacherFatal) as err:
+            _ask(client)
+        assert "refused the API key" in str(err.value) and sentinel not in str(err.value)
+
+
+def test_missing_key_variable_is_named(monkeypatch):
+    monkeypatch.delenv("MY_TEACHER_KEY", raising=False)
+    with pytest.raises(TeacherFatal, match="MY_TEACHER_KEY is not set"):
+        TeacherClient(_cfg("http://127.0.0.1:9/v1", api_key_env="MY_TEACHER_KEY"))
