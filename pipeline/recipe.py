@@ -203,6 +203,7 @@ class PoolModel(Section):
     tensor_parallel_size: int = Field(1, ge=1)
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     max_model_len: int | None = Field(None, ge=1)
+    principles: bool = True  # False: no principle system prompt (a student never trained with a system turn)
 
 
 class SampleConfig(Section):
@@ -212,15 +213,21 @@ class SampleConfig(Section):
     pool: list[PoolModel] = Field(default_factory=list)
     k: int = Field(4, ge=1)
     seed: int = 0
+    # prompt source (a prompts file's name, "toy") -> principles drawn from per prompt; "default" for the rest;
+    # each principle is prompts/principle_<name>.jinja, "none" means no system prompt
     principles: dict[str, list[str]] = Field(
         default_factory=lambda: {"default": ["helpfulness", "honesty", "truthfulness", "verbalized_calibration"]})
     shard_size: int = Field(1000, ge=1)
+    max_failure_rate: float = Field(0.5, ge=0, le=1)
 
     @model_validator(mode="after")
     def _pool(self) -> SampleConfig:
         names = [m.name for m in self.pool]
         if len(set(names)) != len(names):
             raise ValueError(f"pool model names must be unique, got {names}")
+        empty = [source for source, chosen in self.principles.items() if not chosen]
+        if empty:
+            raise ValueError(f"principles for {empty} are empty; list at least one (or 'none')")
         if self.pool and self.k > len(self.pool):
             raise ValueError(f"k ({self.k}) cannot exceed the pool size ({len(self.pool)})")
         return self
@@ -242,7 +249,23 @@ class FeedbackConfig(Section):
     pairs: PairsConfig = Field(default_factory=PairsConfig)
     sources: list[Literal["pool", "on_policy", "correction"]] = Field(default_factory=lambda: ["pool"])
     on_policy_k: int = Field(4, ge=2)
+    # how the on_policy samples are drawn from this run's student (model: sft)
+    on_policy_sampler: PoolModel = Field(default_factory=lambda: PoolModel(
+        name="on_policy", backend="transformers", model="sft", temperature=1.0, max_tokens=256, principles=False))
+    max_tokens_per_answer: int = Field(256, ge=16)  # the judge's reply budget per rated answer
+    seed: int = 0  # the order answers are shown in
     shard_size: int = Field(1000, ge=1)
+    max_failure_rate: float = Field(0.5, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _something_to_rate(self) -> FeedbackConfig:
+        if not self.aspects and not self.overall_critique:
+            raise ValueError("no aspects and no overall_critique: nothing to rate answers on")
+        if not self.sources:
+            raise ValueError("sources is empty; use pool, on_policy and/or correction")
+        if "on_policy" in self.sources and self.on_policy_sampler.temperature == 0:
+            raise ValueError("on_policy_sampler.temperature is 0: its k samples would all be the same answer")
+        return self
 
 
 class EvaluateConfig(Section):

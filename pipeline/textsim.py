@@ -6,7 +6,10 @@ import hashlib
 import re
 from collections.abc import Iterable
 
-_WORD = re.compile(r"\w+|[^\w\s]", re.UNICODE)
+import numpy as np
+
+_PRIME = np.uint64(4294967311)  # the first prime above 2**32
+_WORD = re.compile(r"\w+|[-+*/=<>%^]", re.UNICODE)
 
 
 def words(text: str) -> list[str]:
@@ -48,16 +51,17 @@ class NearDuplicateIndex:
         self._buckets: list[dict[tuple[int, ...], list[int]]] = [{} for _ in range(self.bands)]
         self._sigs: list[tuple[int, ...]] = []
         self._exact: set[str] = set()
+        rng = np.random.default_rng(0)
+        self._a = rng.integers(1, 2**32 - 1, size=num_perm, dtype=np.uint64)
+        self._b = rng.integers(0, 2**32 - 1, size=num_perm, dtype=np.uint64)
 
     def _signature(self, text: str) -> tuple[int, ...]:
         toks = words(text)
         grams = {" ".join(toks[i:i + self.shingle]) for i in range(max(1, len(toks) - self.shingle + 1))}
-        sig = []
-        for seed in range(self.num_perm):
-            salt = seed.to_bytes(4, "little")
-            sig.append(min(int.from_bytes(hashlib.blake2b(g.encode(), digest_size=8, salt=salt).digest(), "little")
-                           for g in grams))
-        return tuple(sig)
+        hashes = np.fromiter((int.from_bytes(hashlib.blake2b(g.encode(), digest_size=4).digest(), "little")
+                              for g in grams), dtype=np.uint64, count=len(grams))
+        # universal hashing (a*h + b) mod p, one (a, b) per permutation; all products fit in 64 bits
+        return tuple((((self._a[:, None] * hashes[None, :]) + self._b[:, None]) % _PRIME).min(axis=1).tolist())
 
     def seen(self, text: str, add: bool = True) -> bool:
         norm = " ".join(words(text))

@@ -1,0 +1,159 @@
+"""Teacher request path vs a plain AsyncOpenAI + semaphore client, and generate-stage peak memory.
+
+Usage: python benchmarks/teacher_throughput.py [--requests 2000] [--concurrency 64] [--latency-ms 50]
+                                               [--rounds 2] [--rss-sizes 2000,20000]
+
+Part 1 runs, in one process and alternating, the baseline (AsyncOpenAI, semaphore, nothing else) and the
+`generate` stage (one teacher call per prompt: cache, retries, rate limiting, shards, ledgers, stats)
+against the toy teacher with a fixed latency, and prints requests/s and the ratio (target >= 0.9).
+Part 2 runs the stage in a fresh subprocess for each size against a zero-latency server and prints peak
+RSS (target: the largest/smallest ratio <= 1.3: the stage streams prompts instead of holding them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import openai
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.recipe import recipe_from_dict  # noqa: E402
+from pipeline.runner import open_run, run_stage  # noqa: E402
+from pipeline.toy.teacher_server import ToyTeacher, ToyTeacherConfig  # noqa: E402
+
+WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa "
+         "quebec romeo sierra tango uniform victor whiskey xray yankee zulu river stone cloud ember").split()
+
+
+def write_prompts(path: Path, n: int, seed: int = 0) -> None:
+    """Distinct prompts (random word strings), so no filter removes any and every one costs a request."""
+    rng = random.Random(seed)
+    with path.open("w") as fh:
+        for i in range(n):
+            a, b = rng.randint(0, 9), rng.randint(0, 9)
+            words = " ".join(rng.choice(WORDS) for _ in range(8))
+            fh.write(json.dumps({"prompt": f"Request {i}: {words}. What is {a} + {b}?"}) + "\n")
+
+
+def stage_recipe(base_url: str, prompts: Path, root: Path, concurrency: int) -> dict:
+    return {
+        "name": "bench",
+        "teacher": {"base_url": base_url, "model": "toy-teacher", "api_key_env": None,
+                    "max_concurrency": concurrency, "timeout_s": 30},
+        "prompts": {"source": str(prompts)},
+        "generate": {"min_rounds": 1, "max_rounds": 1, "shard_size": 1000, "temperature": 0.0},
+        "storage": {"root": str(root)},
+    }
+
+
+async def baseline(base_url: str, prompts: list[str], concurrency: int) -> float:
+    client = openai.AsyncOpenAI(base_url=base_url, api_key="x", max_retries=0)
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(p: str) -> None:
+        async with sem:
+            await client.chat.completions.create(model="toy-teacher", temperature=0.0, max_tokens=512,
+                                                 messages=[{"role": "user", "content": p}])
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one(p) for p in prompts))
+    elapsed = time.perf_counter() - t0
+    await client.close()
+    return len(prompts) / elapsed
+
+
+def stage_rate(base_url: str, prompts: Path, n: int, concurrency: int, tag: str) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        rec = recipe_from_dict(stage_recipe(base_url, prompts, Path(tmp), concurrency))
+        store = open_run(rec, f"run-{tag}")
+        t0 = time.perf_counter()
+        report = run_stage("generate", rec, store)
+        elapsed = time.perf_counter() - t0
+        assert report.counts["output"] == n, report.counts
+    return n / elapsed
+
+
+def throughput(args: argparse.Namespace, workdir: Path) -> None:
+    prompts_file = workdir / "prompts.jsonl"
+    write_prompts(prompts_file, args.requests, seed=1)
+    texts = [json.loads(line)["prompt"] for line in prompts_file.read_text().splitlines()]
+    base, stage = [], []
+    with ToyTeacher(ToyTeacherConfig(latency_ms=args.latency_ms)) as toy:
+        for r in range(args.rounds):
+            # a suffix per round keeps the server from seeing the same prompts twice (no server-side effect,
+            # but it keeps both clients' work identical in size)
+            base.append(asyncio.run(baseline(toy.base_url, [f"{t} (round {r})" for t in texts], args.concurrency)))
+            stage.append(stage_rate(toy.base_url, prompts_file, args.requests, args.concurrency, str(r)))
+    b, s = statistics.median(base), statistics.median(stage)
+    print(f"throughput: {args.requests} requests, concurrency {args.concurrency}, server latency "
+          f"{args.latency_ms:.0f} ms, {args.rounds} alternating rounds (median)")
+    print(f"  baseline AsyncOpenAI + semaphore : {b:8.1f} req/s   (rounds: {', '.join(f'{x:.0f}' for x in base)})")
+    print(f"  generate stage request path      : {s:8.1f} req/s   (rounds: {', '.join(f'{x:.0f}' for x in stage)})")
+    print(f"  ratio stage/baseline             : {s / b:8.3f}   (target >= 0.9)")
+
+
+CHILD = """
+import sys, json, resource
+from pathlib import Path
+sys.path.insert(0, {root!r})
+from pipeline.recipe import recipe_from_dict
+from pipeline.runner import open_run, run_stage
+rec = recipe_from_dict(json.loads({recipe!r}))
+report = run_stage("generate", rec, open_run(rec, "rss"))
+peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({{"output": report.counts["output"], "peak_mb": peak_kb / 1024}}))
+"""
+
+
+def peak_rss(args: argparse.Namespace, workdir: Path) -> None:
+    sizes = [int(s) for s in args.rss_sizes.split(",")]
+    results = {}
+    with ToyTeacher(ToyTeacherConfig()) as toy:
+        for n in sizes:
+            prompts_file = workdir / f"rss-{n}.jsonl"
+            write_prompts(prompts_file, n, seed=2)
+            recipe = stage_recipe(toy.base_url, prompts_file, workdir / f"rss-runs-{n}", args.concurrency)
+            code = CHILD.format(root=str(Path(__file__).resolve().parents[1]), recipe=json.dumps(recipe))
+            t0 = time.perf_counter()
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                 env={**os.environ, "TQDM_DISABLE": "1"})
+            res = json.loads(out.stdout.strip().splitlines()[-1])
+            res["seconds"] = time.perf_counter() - t0
+            assert res["output"] == n, res
+            results[n] = res
+    print("peak RSS of the generate stage (fresh process each, zero-latency server):")
+    for n, res in results.items():
+        print(f"  {n:>7} prompts: {res['peak_mb']:8.1f} MiB   ({res['seconds']:.1f} s, {n / res['seconds']:.0f} prompts/s)")
+    lo, hi = results[sizes[0]]["peak_mb"], results[sizes[-1]]["peak_mb"]
+    print(f"  ratio {sizes[-1]}/{sizes[0]}: {hi / lo:.3f}   (target <= 1.3)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--latency-ms", type=float, default=50.0)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rss-sizes", default="2000,20000")
+    parser.add_argument("--skip-rss", action="store_true")
+    args = parser.parse_args()
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    with tempfile.TemporaryDirectory() as tmp:
+        throughput(args, Path(tmp))
+        if not args.skip_rss:
+            peak_rss(args, Path(tmp))
+
+
+if __name__ == "__main__":
+    main()

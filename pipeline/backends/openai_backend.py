@@ -1,0 +1,94 @@
+"""Any OpenAI-compatible endpoint as a pool model, through the teacher client (retries, cache, cost, budget)."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import fields
+from typing import TYPE_CHECKING
+
+from pipeline.backends import BackendStopped, Completion, GenerationRequest, SamplingParams
+from pipeline.recipe import PoolModel, TeacherConfig
+from pipeline.teacher import (
+    BudgetExceeded,
+    ChatRequest,
+    ResponseCache,
+    TeacherClient,
+    TeacherError,
+    TeacherFatal,
+    Usage,
+    cache_path,
+)
+from pipeline.work import stream_map
+
+if TYPE_CHECKING:
+    from pipeline.recipe import Recipe
+    from pipeline.store import RunStore
+
+
+def pool_client_config(model: PoolModel, teacher: TeacherConfig) -> TeacherConfig:
+    """The teacher's settings for the pool model's endpoint; without a base_url it is the teacher's endpoint
+    (prices and budget included), else another server whose prices the recipe does not know."""
+    if model.base_url is None:
+        update: dict[str, object] = {"model": model.model}
+        if model.api_key_env is not None:
+            update["api_key_env"] = model.api_key_env
+        return teacher.model_copy(update=update)
+    return teacher.model_copy(update={
+        "base_url": model.base_url, "model": model.model, "api_key_env": model.api_key_env,
+        "api_key_secret_block": None, "price_input_per_1k": 0.0, "price_output_per_1k": 0.0, "max_cost_usd": None})
+
+
+class OpenAIBackend:
+    """Requests go out concurrently (bounded by the teacher's max_concurrency) and are cached in the run."""
+
+    def __init__(self, cfg: TeacherConfig, cache: ResponseCache | None, spent_usd: float = 0.0):
+        self.cfg, self.cache = cfg, cache
+        self.usage = Usage()
+        self._spent_before = spent_usd
+
+    @classmethod
+    def for_pool_model(cls, model: PoolModel, recipe: Recipe, store: RunStore) -> OpenAIBackend:
+        spent = sum(float(s.get("cost", {}).get("usd", 0.0))
+                    for s in store.read_manifest().get("stages", {}).values())
+        cfg = pool_client_config(model, recipe.teacher)
+        return cls(cfg, ResponseCache(cache_path(store, recipe)), spent if model.base_url is None else 0.0)
+
+    def generate(self, requests: list[GenerationRequest], params: SamplingParams) -> list[Completion]:
+        return asyncio.run(self._generate(requests, params))
+
+    async def _generate(self, requests: list[GenerationRequest], params: SamplingParams) -> list[Completion]:
+        client = TeacherClient(self.cfg, self.cache, spent_usd=self._spent_before + self.usage.usd)
+        results: list[Completion | None] = [None] * len(requests)
+        stopped: list[str] = []  # why it stopped; once set, no new request starts
+
+        async def one(index: int) -> Completion:
+            r = requests[index]
+            reply = await client.chat(ChatRequest(r.messages, params.temperature, params.max_tokens, params.top_p,
+                                                  seed=r.seed))
+            return Completion(reply.text, reply.finish_reason, reply.prompt_tokens, reply.completion_tokens)
+
+        try:
+            async for index, result in stream_map(range(len(requests)), one, self.cfg.max_concurrency,
+                                                  stop=lambda: bool(stopped)):
+                if isinstance(result, (BudgetExceeded, TeacherFatal)):
+                    stopped.append(str(result))
+                elif isinstance(result, TeacherError):
+                    results[index] = Completion(error=result.reason, attempts=result.attempts)
+                elif isinstance(result, BaseException):
+                    results[index] = Completion(error=f"{type(result).__name__}: {result}")
+                else:
+                    results[index] = result
+        finally:
+            await client.aclose()
+            for f in fields(Usage):
+                setattr(self.usage, f.name, getattr(self.usage, f.name) + getattr(client.usage, f.name))
+        if stopped:
+            raise BackendStopped(stopped[0], results)
+        return results  # type: ignore[return-value]  # every index is filled when nothing stopped
+
+    def cost(self) -> dict[str, float]:
+        return self.usage.as_cost()
+
+    def close(self) -> None:
+        if self.cache is not None:
+            self.cache.close()
