@@ -25,7 +25,7 @@ class CliError(click.ClickException):
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("httpx", "httpcore", "openai", "urllib3", "filelock"):
+    for noisy in ("httpx", "httpx2", "httpcore", "httpcore2", "openai", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -83,15 +83,78 @@ def _run(rec: Recipe, run_name: str | None, stages: list[str], force: bool) -> N
               "reuse it to resume.")
 @click.option("--stages", default=None, help=f"Comma-separated subset of {','.join(STAGE_ORDER)} (default: all).")
 @click.option("--force", is_flag=True, help="Redo the chosen stages even if they completed.")
+@click.option("--series", default=None, help="Recurring series name: use only prompts no earlier run used.")
+@click.option("--prefect/--no-prefect", default=True, show_default=True,
+              help="Run as the Prefect `distill` flow (shown in the UI when PREFECT_API_URL is set), "
+                   "or directly.")
 @set_option
-def run(recipe: str, run_name: str | None, stages: str | None, force: bool, overrides: tuple[str, ...]) -> None:
+def run(recipe: str, run_name: str | None, stages: str | None, force: bool, series: str | None, prefect: bool,
+        overrides: tuple[str, ...]) -> None:
     """Run the pipeline (all stages, or --stages) in one run directory; finished stages are skipped."""
     rec = _load(recipe, overrides)
     try:
         chosen = parse_stages(stages)
     except ValueError as exc:
         raise CliError(f"--stages: {exc}", EXIT_BAD_INPUT) from None
-    _run(rec, run_name, chosen, force)
+    if not prefect:
+        if series:
+            raise CliError("--series needs the Prefect flow (drop --no-prefect)", EXIT_BAD_INPUT)
+        _run(rec, run_name, chosen, force)
+        return
+    _run_flow(recipe, overrides, run_name, chosen, force, series)
+
+
+def _run_flow(recipe: str, overrides: tuple[str, ...], run_name: str | None, stages: list[str], force: bool,
+              series: str | None) -> None:
+    from flows.distill import distill
+    from flows.params import DistillRequest
+    from pipeline.runner import StageFailed, StageNotImplemented
+    from pipeline.store import RunStore
+
+    request = DistillRequest(recipe_path=recipe, run_name=run_name, stages=stages, overrides=list(overrides),
+                             series=series, force=force)
+    state = distill(request, return_state=True)
+    if state.is_completed():
+        result = state.result()
+        if result.get("status") == "nothing new":
+            click.echo(f"series '{series}': no new prompts; nothing to do", err=True)
+            return
+        _print_status(RunStore.open_existing(result["run_dir"]))
+        return
+    try:
+        state.result()
+    except StageNotImplemented as exc:
+        raise CliError(str(exc), EXIT_NOT_IMPLEMENTED) from None
+    except StageFailed as exc:
+        raise CliError(str(exc)) from None
+    except Exception as exc:  # the flow's own error, already logged by Prefect
+        raise CliError(f"{type(exc).__name__}: {exc}") from None
+    raise CliError(f"the distill flow ended {state.name}")
+
+
+@main.command()
+@click.option("--cpu-pool", default="cpu", show_default=True)
+@click.option("--gpu-pool", default="gpu", show_default=True)
+@click.option("--cron", default=None, help="Also register `distill/nightly`, a recurring series on this schedule "
+              "(e.g. '0 2 * * *').")
+@click.option("--gpu-slots", default=1, show_default=True, help="GPU stages that may run at once (global limit).")
+def deploy(cpu_pool: str, gpu_pool: str, cron: str | None, gpu_slots: int) -> None:
+    """Register the deployments with the Prefect server at PREFECT_API_URL (pools and limits too)."""
+    from flows.deploy import deploy_all
+
+    for name in deploy_all(cpu_pool, gpu_pool, cron, gpu_slots):
+        click.echo(f"deployed {name}")
+    click.echo(f"start workers: prefect worker start --pool {cpu_pool}   and   prefect worker start --pool {gpu_pool}")
+
+
+@main.command()
+@click.option("--gpu-pool", default="gpu", show_default=True, help="The name GPU stage deployments get.")
+@click.option("--cron", default=None, help="Also serve `distill/nightly` on this schedule.")
+def serve(gpu_pool: str, cron: str | None) -> None:
+    """Serve every deployment from this one process (a single machine; no work pools needed)."""
+    from flows.deploy import serve_all
+
+    serve_all(gpu_pool, cron)
 
 
 @main.command()

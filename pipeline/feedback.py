@@ -21,7 +21,14 @@ from pipeline.progress import progress
 from pipeline.prompts import render
 from pipeline.ratings import SCALES, ParsedRatings, Rating, answer_score, parse_ratings
 from pipeline.recipe import FeedbackConfig, Recipe
-from pipeline.sample import NO_PRINCIPLE, Assignment, completion_id, read_columns, sample_responses
+from pipeline.sample import (
+    NO_PRINCIPLE,
+    Assignment,
+    completion_id,
+    read_columns,
+    sample_responses,
+    unique_prompts,
+)
 from pipeline.stages import StageReport
 from pipeline.store import RunStore
 from pipeline.teacher import (
@@ -255,21 +262,23 @@ def check_sources(recipe: Recipe) -> None:
                             "add 'on_policy' to feedback.sources or a pool model with model: sft")
 
 
-def build_items(recipe: Recipe, pool: dict[str, list[dict]], on_policy: dict[str, list[dict]]) -> list[Item]:
-    """One item per prompt and source; a correction item holds the student's answer to be rewritten."""
+def build_items(recipe: Recipe, prompts: list[SeedPrompt], pool: dict[str, list[dict]],
+                on_policy: dict[str, list[dict]]) -> list[Item]:
+    """One item per prompt and source (a prompt without answers too: it is dropped, so still accounted
+    for); a correction item holds the student's answer to be rewritten."""
     sources = recipe.feedback.sources
     students = {m.name for m in recipe.sample.pool if m.model == "sft"}
     items = []
-    for prompt_id, rows in pool.items():
-        prompt = rows[0]["prompt"]
+    for p in prompts:
+        rows = pool.get(p.prompt_id, [])
         if "pool" in sources:
-            items.append(Item("pool", prompt_id, prompt, _answers(rows)))
+            items.append(Item("pool", p.prompt_id, p.prompt, _answers(rows)))
         if ON_POLICY in sources:
-            items.append(Item(ON_POLICY, prompt_id, prompt, _answers(on_policy.get(prompt_id, []))))
+            items.append(Item(ON_POLICY, p.prompt_id, p.prompt, _answers(on_policy.get(p.prompt_id, []))))
         if "correction" in sources:
-            drafts = on_policy.get(prompt_id, []) if ON_POLICY in sources else \
+            drafts = on_policy.get(p.prompt_id, []) if ON_POLICY in sources else \
                 [r for r in rows if r["model"] in students]
-            items.append(Item("correction", prompt_id, prompt, _answers(drafts[:1])))
+            items.append(Item("correction", p.prompt_id, p.prompt, _answers(drafts[:1])))
     return items
 
 
@@ -292,16 +301,16 @@ def sample_on_policy(recipe: Recipe, store: RunStore, prompts: list[SeedPrompt])
 def run(recipe: Recipe, store: RunStore) -> StageReport:
     """Rate every sampled answer, binarize into pairs; every item ends as a pair, dropped or failed."""
     check_sources(recipe)
+    prompts = unique_prompts(recipe)  # the sample stage's prompts, those it got no answer for included
     pool = read_answers(store, "sample", "completions", [m.name for m in recipe.sample.pool])
     if not pool:
         raise FeedbackError(f"no sampled answers in {store.url}/sample; run `distill stage sample` first")
     stop, cost = "", {}
     on_policy: dict[str, list[dict]] = {}
     if ON_POLICY in recipe.feedback.sources:
-        prompts = [SeedPrompt(rows[0]["prompt"], pid, rows[0]["prompt_source"]) for pid, rows in pool.items()]
         stop, cost = sample_on_policy(recipe, store, prompts)
         on_policy = read_answers(store, STAGE, ON_POLICY, [])
-    items = build_items(recipe, pool, on_policy)
+    items = build_items(recipe, prompts, pool, on_policy)
     return asyncio.run(judge_all(recipe, store, items, stop, cost))
 
 

@@ -188,6 +188,9 @@ def account_feedback(recipe: Recipe, store: RunStore, items: list[Item], cost: d
         "ratings": len(ratings),
         "ratings_after_reask": sum(r["attempt"] > 1 for r in ratings),
         "margin_violations": sum(p["score_chosen"] <= p["score_rejected"] + margin for p in pairs),
+        "on_policy_samples": store.count_records(stage, "on_policy"),
+        "on_policy_failed": len(store.ledger(stage, "on_policy_failures").compact(
+            {r["completion_id"] for r in read_columns(store, ["completion_id"], stage, "on_policy")})),
         "teacher": cost,
     }
     report = feedback_report(pairs, ratings)

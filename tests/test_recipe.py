@@ -78,6 +78,6 @@ def test_relative_prompt_paths_resolve_against_the_recipe_folder(tmp_path: Path)
 
 
 def test_every_command_has_help(tmp_path: Path):
-    for cmd in ["validate", "run", "stage", "status", "toy-teacher", "build-student"]:
+    for cmd in ["validate", "run", "stage", "status", "toy-teacher", "build-student", "deploy", "serve"]:
         res = distill(cmd, "--help", cwd=tmp_path)
         assert res.returncode == 0 and "Usage:" in res.stdout, (cmd, res.stderr)

@@ -7,7 +7,7 @@ from dataclasses import fields
 from typing import TYPE_CHECKING
 
 from pipeline.backends import BackendStopped, Completion, GenerationRequest, SamplingParams
-from pipeline.recipe import PoolModel, TeacherConfig
+from pipeline.recipe import BUILTIN_TEACHER, PoolModel, TeacherConfig
 from pipeline.teacher import (
     BudgetExceeded,
     ChatRequest,
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 def pool_client_config(model: PoolModel, teacher: TeacherConfig) -> TeacherConfig:
     """The teacher's settings for the pool model's endpoint; without a base_url it is the teacher's endpoint
     (prices and budget included), else another server whose prices the recipe does not know."""
-    if model.base_url is None:
+    if model.base_url in (None, BUILTIN_TEACHER):
         update: dict[str, object] = {"model": model.model}
         if model.api_key_env is not None:
             update["api_key_env"] = model.api_key_env
@@ -51,7 +51,8 @@ class OpenAIBackend:
         spent = sum(float(s.get("cost", {}).get("usd", 0.0))
                     for s in store.read_manifest().get("stages", {}).values())
         cfg = pool_client_config(model, recipe.teacher)
-        return cls(cfg, ResponseCache(cache_path(store, recipe)), spent if model.base_url is None else 0.0)
+        same_endpoint = model.base_url in (None, BUILTIN_TEACHER)
+        return cls(cfg, ResponseCache(cache_path(store, recipe)), spent if same_endpoint else 0.0)
 
     def generate(self, requests: list[GenerationRequest], params: SamplingParams) -> list[Completion]:
         return asyncio.run(self._generate(requests, params))

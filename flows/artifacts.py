@@ -1,0 +1,128 @@
+"""Prefect artifacts: progress of long stages, sample tables, costs and a summary per run."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import re
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.context import FlowRunContext, TaskRunContext
+
+from pipeline.progress import set_progress_factory
+from pipeline.runner import status_rows
+from pipeline.stages import StageReport
+from pipeline.store import RunStore
+
+
+def artifact_key(*parts: str) -> str:
+    """Prefect keys allow lowercase letters, digits and dashes only."""
+    return re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", "-".join(parts).lower())).strip("-")[:120]
+
+
+def _in_run() -> bool:
+    return FlowRunContext.get() is not None or TaskRunContext.get() is not None
+
+
+class ProgressArtifact:
+    """A progress sink for `pipeline.progress` that updates a Prefect progress artifact (at most every 2 s)."""
+
+    def __init__(self, run_name: str, stage: str, total: int | None, unit: str):
+        self.total, self.done, self.unit, self.stage = total, 0, unit, stage
+        self._last = 0.0
+        self._id = create_progress_artifact(0.0, key=artifact_key(run_name, stage, "progress"),
+                                            description=f"{stage}: {total or '?'} {unit}s")
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        now = time.monotonic()
+        if self.total and (now - self._last > 2.0 or self.done >= self.total):
+            self._last = now
+            update_progress_artifact(self._id, min(100.0, 100.0 * self.done / self.total))
+
+    def set_postfix_str(self, s: str) -> None:  # the terminal bar's extra text; not shown here
+        pass
+
+    def close(self) -> None:
+        if self.total:
+            update_progress_artifact(self._id, 100.0 * min(self.done, self.total) / self.total)
+
+    @classmethod
+    @contextlib.contextmanager
+    def installed(cls, run_name: str, stage: str) -> Iterator[None]:
+        if not _in_run():
+            yield
+            return
+        set_progress_factory(lambda st, total, unit: cls(run_name, st, total, unit))
+        try:
+            yield
+        finally:
+            set_progress_factory(None)
+
+
+def _short(text: Any, limit: int = 160) -> str:
+    text = str(text).replace("\n", " ").replace("|", "/")
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _sample_rows(store: RunStore, stage: str) -> tuple[str, list[dict[str, Any]]] | None:
+    if stage == "generate":
+        rows = itertools.islice(store.read_records("generate"), 5)
+        return "sample dialogues", [{"prompt": _short(r["prompt"]), "turns": len(r["messages"]),
+                                     "last answer": _short(r["messages"][-1]["content"])} for r in rows]
+    if stage == "feedback" and store.shard_paths("feedback", "pairs"):
+        rows = itertools.islice(store.read_records("feedback", "pairs"), 5)
+        return "sample preference pairs", [
+            {"prompt": _short(r["prompt"]), "chosen": _short(r["chosen"][-1]["content"]),
+             "score_chosen": r["score_chosen"], "rejected": _short(r["rejected"][-1]["content"]),
+             "score_rejected": r["score_rejected"]} for r in rows]
+    return None
+
+
+def publish_stage(stage: str, store: RunStore, report: StageReport) -> None:
+    """A markdown summary of the stage and, for data stages, a table of examples."""
+    if not _in_run():
+        return
+    counts = ", ".join(f"{k} {v}" for k, v in report.counts.items())
+    cost = report.cost.get("usd", 0.0)
+    create_markdown_artifact(
+        f"### {stage} ({report.status})\n\n{report.message}\n\n- counts: {counts}\n- teacher cost: ${cost:.4f}\n"
+        f"- output: `{store.join(stage)}`\n",
+        key=artifact_key(store.run_name, stage, "summary"), description=f"{stage} stage of {store.run_name}")
+    sample = None if report.skipped else _sample_rows(store, stage)
+    if sample and sample[1]:
+        create_table_artifact(sample[1], key=artifact_key(store.run_name, stage, "samples"),
+                              description=f"{sample[0]} from {store.run_name}")
+
+
+def publish_run_summary(store: RunStore) -> None:
+    """Cost and time per stage, the run's status table, and a link to the run directory."""
+    if not _in_run():
+        return
+    rows = status_rows(store)
+    create_table_artifact(
+        [{"stage": r["stage"], "status": r["status"], "items": r["items"], "failures": r["failures"],
+          "cost_usd": round(float(r["cost_usd"]), 4), "seconds": round(float(r["seconds"]), 1)} for r in rows],
+        key=artifact_key(store.run_name, "costs"), description=f"cost and time per stage of {store.run_name}")
+    lines = [f"## Run `{store.run_name}`", "", f"Run directory: `{store.url}`", "",
+             "| stage | status | items | failures | cost $ | time s |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['stage']} | {r['status']} | {r['items']} | {r['failures']} | {float(r['cost_usd']):.4f} | "
+              f"{float(r['seconds']):.1f} |" for r in rows]
+    report = store.join("evaluate", "report.md")
+    if store.fs.exists(report):
+        with store.fs.open(report, "r") as fh:
+            lines += ["", fh.read()]
+    create_markdown_artifact("\n".join(lines), key=artifact_key(store.run_name, "summary"),
+                             description=f"summary of run {store.run_name}")
+    link = store.url if "://" in store.url else f"file://{store.url}"
+    create_link_artifact(link, link_text=store.url, key=artifact_key(store.run_name, "run-dir"),
+                         description="the run directory")

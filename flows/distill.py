@@ -1,0 +1,176 @@
+"""Prefect flows: one per stage plus the parent `distill` flow. Orchestration only; the work is in `pipeline`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.client.schemas.objects import FlowRun
+from prefect.context import TaskRunContext
+from prefect.deployments import run_deployment
+from prefect.flow_runs import wait_for_flow_run
+from prefect.states import Scheduled
+
+from flows.artifacts import ProgressArtifact, publish_run_summary, publish_stage
+from flows.params import DistillRequest, StageRequest
+from pipeline.recipe import Recipe
+from pipeline.runner import StageFailed, open_run, run_stage, teacher_endpoint
+from pipeline.series import NothingNew, Series
+from pipeline.stages import STAGES, StageReport, fingerprint
+from pipeline.store import RunStore
+
+GPU_CONCURRENCY_LIMIT = "zephyr-distill-gpu"
+
+
+def export_teacher_key(recipe: Recipe) -> None:
+    """Read the teacher key from the Prefect Secret block the recipe names into its environment variable."""
+    t = recipe.teacher
+    if t.api_key_secret_block and t.api_key_env and not os.environ.get(t.api_key_env):
+        from prefect.blocks.system import Secret
+
+        os.environ[t.api_key_env] = Secret.load(t.api_key_secret_block).get()
+
+
+def _stage_cache_key(context: TaskRunContext, params: dict[str, Any]) -> str:
+    # Reused only by a retry of the same flow run (the UI's Retry): across runs the store's fingerprints decide.
+    return f"{context.task_run.flow_run_id}-{params['stage']}-{params['fp']}"
+
+
+def _execute(stage: str, recipe: Recipe, run_name: str, force: bool) -> dict[str, Any]:
+    """Run one stage in this process, with the progress bar going to a Prefect progress artifact."""
+    store = RunStore(recipe.storage.root, run_name)
+    with ProgressArtifact.installed(run_name, stage), teacher_endpoint(recipe) as live:
+        report = run_stage(stage, live, store, force=force)
+    publish_stage(stage, store, report)
+    return asdict(report)
+
+
+@task(name="run-stage", task_run_name="{stage}", persist_result=True, cache_key_fn=_stage_cache_key)
+def run_stage_task(stage: str, recipe: dict[str, Any], run_name: str, fp: str, force: bool) -> dict[str, Any]:
+    """A whole stage as one task (never one task per item)."""
+    return _execute(stage, Recipe.model_validate(recipe), run_name, force)
+
+
+@task(name="dispatch-stage", task_run_name="{stage} on {pool}", persist_result=True,
+      cache_key_fn=_stage_cache_key)
+def dispatch_stage(stage: str, recipe: dict[str, Any], run_name: str, fp: str, force: bool,
+                   pool: str) -> dict[str, Any]:
+    """Run a GPU stage through its deployment on the gpu pool, exactly once per run and fingerprint."""
+    log = get_run_logger()
+    request = StageRequest(recipe=recipe, run_name=run_name, force=force)
+    child: FlowRun = run_deployment(f"{stage}/{pool}", parameters={"request": request.model_dump()},
+                                    idempotency_key=f"{run_name}:{stage}:{fp}", timeout=0, as_subflow=True)
+    if child.state and child.state.is_final() and not child.state.is_completed():
+        # The same child failed in an earlier attempt of this run: retry it as the UI would, not a second run.
+        from prefect import get_client
+
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(child.id, Scheduled(name="AwaitingRetry"), force=True)
+        log.info("retrying %s flow run %s", stage, child.id)
+    child = wait_for_flow_run(child.id, timeout=None, poll_interval=2)
+    if not child.state.is_completed():
+        raise StageFailed(f"stage '{stage}' on work pool '{pool}' ended {child.state.name}: "
+                          f"{child.state.message or 'see flow run ' + str(child.id)}")
+    state = RunStore(Recipe.model_validate(recipe).storage.root, run_name).stage_state(stage)
+    return asdict(StageReport(stage, state.status, state.counts, state.cost, state.outputs, state.message))
+
+
+def _stage_flow(stage: str, request: StageRequest) -> dict[str, Any]:
+    recipe = request.load()
+    export_teacher_key(recipe)
+    if not STAGES[stage].gpu:
+        return _execute(stage, recipe, request.run_name, request.force)
+    from prefect.concurrency.sync import concurrency
+
+    # One GPU stage at a time per slot of the global limit, so two runs never share a GPU.
+    with concurrency(GPU_CONCURRENCY_LIMIT, occupy=1, strict=False):
+        return _execute(stage, recipe, request.run_name, request.force)
+
+
+@flow(name="generate", persist_result=True)
+def generate_flow(request: StageRequest) -> dict[str, Any]:
+    """dSFT data: teacher-simulated dialogues."""
+    return _stage_flow("generate", request)
+
+
+@flow(name="sft", persist_result=True)
+def sft_flow(request: StageRequest) -> dict[str, Any]:
+    """dSFT: TRL SFTTrainer on the dialogues."""
+    return _stage_flow("sft", request)
+
+
+@flow(name="sample", persist_result=True)
+def sample_flow(request: StageRequest) -> dict[str, Any]:
+    """AIF sampling: the model pool answers every prompt."""
+    return _stage_flow("sample", request)
+
+
+@flow(name="feedback", persist_result=True)
+def feedback_flow(request: StageRequest) -> dict[str, Any]:
+    """AIF: the teacher rates every answer; ratings become preference pairs."""
+    return _stage_flow("feedback", request)
+
+
+@flow(name="dpo", persist_result=True)
+def dpo_flow(request: StageRequest) -> dict[str, Any]:
+    """dDPO: TRL DPOTrainer with the SFT model as reference."""
+    return _stage_flow("dpo", request)
+
+
+@flow(name="evaluate", persist_result=True)
+def evaluate_flow(request: StageRequest) -> dict[str, Any]:
+    """Judge scores, win rate against the baseline, ground truth."""
+    return _stage_flow("evaluate", request)
+
+
+STAGE_FLOWS = {"generate": generate_flow, "sft": sft_flow, "sample": sample_flow, "feedback": feedback_flow,
+               "dpo": dpo_flow, "evaluate": evaluate_flow}
+
+
+def _run_name(request: DistillRequest, recipe: Recipe) -> str:
+    if request.run_name:
+        return request.run_name
+    if request.series:
+        return f"{request.series}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    return recipe.name
+
+
+@flow(name="distill", persist_result=True, log_prints=True)
+def distill(request: DistillRequest = DistillRequest()) -> dict[str, Any]:  # noqa: B008 - the UI's default form
+    """Chain the stages of one distillation run; GPU stages go to the gpu pool when the recipe names one."""
+    log = get_run_logger()
+    recipe = request.load()
+    export_teacher_key(recipe)
+    store = open_run(recipe, _run_name(request, recipe))
+    series = Series(recipe, request.series) if request.series else None
+    if series:
+        try:
+            recipe = series.prepare_run(recipe, store)
+        except NothingNew as exc:
+            log.info("%s", exc)
+            return {"run_name": store.run_name, "status": "nothing new", "stages": {}}
+        store.init_manifest(recipe.snapshot(), store.read_manifest().get("versions", {}))
+    log.info("run %s in %s", store.run_name, store.url)
+    snapshot, pool, reports = recipe.snapshot(), recipe.compute.gpu_pool, {}
+    status = "failed"
+    try:
+        memo: dict[str, str] = {}
+        for stage in request.stages:
+            fp = fingerprint(stage, recipe, memo)
+            if STAGES[stage].gpu and pool:
+                reports[stage] = dispatch_stage(stage, snapshot, store.run_name, fp, request.force, pool)
+            else:
+                reports[stage] = run_stage_task(stage, snapshot, store.run_name, fp, request.force)
+        status = "completed"
+    finally:
+        publish_run_summary(store)
+        if series:
+            series.record(store, status)
+    return {"run_name": store.run_name, "run_dir": store.url, "status": status, "stages": reports}
+
+
+logging.getLogger("pipeline").setLevel(logging.INFO)

@@ -1,0 +1,73 @@
+"""Typed flow parameters: the Prefect UI draws its run form from these pydantic models."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from pipeline.recipe import Recipe, RecipeError, apply_overrides, load_recipe, recipe_from_dict
+from pipeline.stages import STAGE_ORDER
+
+StageName = Literal["generate", "sft", "sample", "feedback", "dpo", "evaluate"]
+_RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+class DistillRequest(BaseModel):
+    """One distillation run: which recipe, which stages, what to override."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    recipe_path: str = Field("configs/quickstart.yaml",
+                             description="Recipe YAML on the worker, relative to its working directory.")
+    recipe_yaml: str | None = Field(None, description="A whole recipe inline (YAML); used instead of recipe_path.")
+    run_name: str | None = Field(None, description="Run directory name; reuse one to resume it. "
+                                                   "Default: the recipe's name (or series-timestamp).")
+    stages: list[StageName] = Field(default_factory=lambda: list(STAGE_ORDER),
+                                    description="Stages to run, in pipeline order.")
+    overrides: list[str] = Field(default_factory=list,
+                                 description="Recipe overrides KEY.PATH=VALUE, e.g. dpo.beta=0.05.")
+    series: str | None = Field(None, description="Recurring series: use only prompts no earlier run of it used.")
+    force: bool = Field(False, description="Redo the chosen stages even if they completed.")
+
+    @field_validator("overrides")
+    @classmethod
+    def _overrides(cls, items: list[str]) -> list[str]:
+        for item in items:
+            if "=" not in item or not item.split("=", 1)[0].strip():
+                raise ValueError(f"override '{item}' should look like KEY.PATH=VALUE, e.g. dpo.beta=0.05")
+        return items
+
+    @field_validator("run_name", "series")
+    @classmethod
+    def _names(cls, value: str | None) -> str | None:
+        if value is not None and not _RUN_NAME.fullmatch(value):
+            raise ValueError(f"'{value}': use letters, digits, '.', '_' and '-' only")
+        return value
+
+    def load(self) -> Recipe:
+        """The validated recipe; errors name the recipe (file or inline) and the key path."""
+        if self.recipe_yaml is None:
+            return load_recipe(self.recipe_path, self.overrides)
+        try:
+            data = yaml.safe_load(self.recipe_yaml)
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"<inline recipe_yaml>: malformed YAML: {exc}") from None
+        if isinstance(data, dict):
+            data = apply_overrides(data, self.overrides)
+        return recipe_from_dict(data, origin="<inline recipe_yaml>")
+
+
+class StageRequest(BaseModel):
+    """What the parent flow hands a stage flow on a worker: the resolved recipe and the run."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    recipe: dict[str, Any] = Field(description="The resolved recipe (the run manifest's snapshot).")
+    run_name: str
+    force: bool = False
+
+    def load(self) -> Recipe:
+        return recipe_from_dict(self.recipe, origin=f"<recipe of run {self.run_name}>")
