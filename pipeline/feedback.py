@@ -114,14 +114,14 @@ async def rate_aspect(client: TeacherClient, cfg: FeedbackConfig, aspect: str, i
                       answers: list[str]) -> AspectVerdict:
     """One judge call rates all answers on one aspect, in a shuffled order mapped back afterwards; an
     unusable reply is re-asked (new order, a reminder, a new cache tag), then the item fails."""
-    n, problem, reply_text = len(answers), "", ""
+    n, problem, reminder, reply_text = len(answers), "", "", ""
     for attempt in range(1, cfg.max_parse_attempts + 1):
         order = list(range(n))
         random.Random(f"{cfg.seed}:{item_id}:{aspect}:{attempt}").shuffle(order)
         text = render("feedback_rating.jinja", aspect_title=ASPECT_TITLES[aspect],
                       rubric=render(f"feedback_{aspect}.jinja"), instruction=prompt,
                       texts=[_fence(answers[i], "text") for i in order], type_hint=TYPE_HINTS.get(aspect, ""),
-                      scale_max=SCALES[aspect][1], allow_na=aspect == "honesty", reminder=problem)
+                      scale_max=SCALES[aspect][1], allow_na=aspect == "honesty", reminder=reminder)
         reply = await client.chat(ChatRequest([{"role": "user", "content": text}], temperature=0.0,
                                               max_tokens=cfg.max_tokens_per_answer * n + 64,
                                               tag="" if attempt == 1 else f"reask-{attempt}"))
@@ -129,7 +129,10 @@ async def rate_aspect(client: TeacherClient, cfg: FeedbackConfig, aspect: str, i
         parsed = parse_ratings(reply.text, n, aspect)
         if parsed.complete:
             return AspectVerdict(aspect, order, parsed, reply.text, attempt)
-        problem = parsed.summary() + (" - the reply was cut off" if reply.finish_reason == "length" else "")
+        cut = " - the reply was cut off" if reply.finish_reason == "length" else ""
+        problem = parsed.summary() + cut
+        # the next attempt shows the answers in another order, so the reminder names no text numbers
+        reminder = "; ".join(sorted(set(parsed.problems.values()))) + cut
     raise RatingFailed(f"unusable {aspect} rating after {cfg.max_parse_attempts} attempts ({problem}); "
                        f"last reply {reply_text[:200]!r}", cfg.max_parse_attempts)
 

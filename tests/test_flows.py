@@ -1,0 +1,158 @@
+"""Orchestration against a real Prefect server with process workers on the `cpu` and `gpu` pools."""
+
+from __future__ import annotations
+
+import json
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from prefect_env import PrefectEnv
+from pipeline.data import prompt_id
+from pipeline.store import RunStore
+from pipeline.toy.teacher_server import ToyTeacher, ToyTeacherConfig
+
+DISTILL = str(Path(sys.executable).parent / "distill")
+
+
+@pytest.fixture(scope="module")
+def prefect(tmp_path_factory):
+    env = PrefectEnv(tmp_path_factory.mktemp("prefect"))
+    env.start_server()
+    try:
+        res = env.run(DISTILL, "deploy", "--cron", "0 2 * * *")
+        assert res.returncode == 0, res.stderr[-3000:]
+        env.start_worker("cpu")
+        env.start_worker("gpu")
+        yield env
+    finally:
+        env.stop()
+
+
+def _run(env: PrefectEnv, request: dict, deployment: str = "distill/distill", timeout: float = 600):
+    from prefect.deployments import run_deployment
+
+    with env.client_settings():
+        return run_deployment(deployment, parameters={"request": request}, timeout=timeout, poll_interval=1)
+
+
+def _client_call(env: PrefectEnv, fn):
+    from prefect import get_client
+
+    with env.client_settings(), get_client(sync_client=True) as client:
+        return fn(client)
+
+
+def test_deployments_pools_schedule_and_gpu_limit(prefect):
+    def read(client):
+        deps = {f"{client.read_flow(d.flow_id).name}/{d.name}": d for d in client.read_deployments()}
+        limits = {lim.name: lim.limit for lim in client.read_global_concurrency_limits()}
+        return deps, limits
+
+    deps, limits = _client_call(prefect, read)
+    assert deps["distill/distill"].work_pool_name == "cpu"
+    for stage in ("sample", "sft", "dpo", "evaluate"):
+        assert deps[f"{stage}/gpu"].work_pool_name == "gpu"
+    for stage in ("generate", "feedback"):
+        assert deps[f"{stage}/cpu"].work_pool_name == "cpu"
+    nightly = deps["distill/nightly"]
+    assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"]
+    assert nightly.parameters["request"]["series"] == "nightly"
+    assert limits["zephyr-distill-gpu"] == 1
+
+
+def test_parameters_render_as_a_typed_form(prefect):
+    schema = _client_call(prefect, lambda c: c.read_deployment_by_name("distill/distill").parameter_openapi_schema)
+    request = schema["definitions"]["DistillRequest"]["properties"]
+    assert {"recipe_path", "recipe_yaml", "run_name", "stages", "overrides", "series", "force"} <= set(request)
+    assert request["stages"]["items"]["enum"] == ["generate", "sft", "sample", "feedback", "dpo", "evaluate"]
+    assert request["force"]["type"] == "boolean"
+    assert "description" in request["overrides"]
+
+
+def test_bad_parameters_fail_with_a_clear_message(prefect):
+    run = _run(prefect, {"recipe_path": "configs/quickstart.yaml", "overrides": ["dpo.beta"]}, timeout=180)
+    assert run.state.is_failed()
+    assert "KEY.PATH=VALUE" in (run.state.message or ""), run.state.message
+
+
+def _growing_prompts(path: Path, n: int) -> list[str]:
+    prompts = [f"What is {a} + {b}?" for a in range(10) for b in range(10)][:n]
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    return prompts
+
+
+def test_series_second_run_ingests_only_new_prompts(prefect, tmp_path):
+    prompts_file = tmp_path / "prompts.jsonl"
+    recipe_overrides = [f"storage.root={tmp_path / 'runs'}", f"prompts.source={prompts_file}",
+                        "generate.max_rounds=1"]
+    request = {"recipe_path": "configs/quickstart.yaml", "stages": ["generate"], "series": "nightly-test",
+               "overrides": recipe_overrides}
+    first = _growing_prompts(prompts_file, 30)
+    run1 = _run(prefect, request, deployment="distill/nightly")
+    assert run1.state.is_completed(), prefect.logs()
+    grown = _growing_prompts(prompts_file, 45)
+    run2 = _run(prefect, request, deployment="distill/nightly")
+    assert run2.state.is_completed(), prefect.logs()
+    index = json.loads((tmp_path / "runs" / "series" / "nightly-test" / "series.json").read_text())
+    runs = index["runs"]
+    assert [r["new_prompts"] for r in runs] == [30, 15] and all(r["status"] == "completed" for r in runs)
+    second = RunStore.open_existing(runs[1]["run_dir"])
+    seen = {r["prompt_id"] for r in second.read_records("generate")}
+    seen |= set(second.ledger("generate").latest()) | set(second.ledger("generate", "dropped").latest())
+    assert seen == {prompt_id(p) for p in grown[30:]}
+    assert not seen & {prompt_id(p) for p in first}
+    run3 = _run(prefect, request, deployment="distill/nightly")  # nothing new: completes doing nothing
+    assert run3.state.is_completed()
+    assert len(json.loads((tmp_path / "runs" / "series" / "nightly-test" / "series.json").read_text())["runs"]) == 2
+
+
+def test_teacher_key_from_a_secret_block_never_reaches_parameters_logs_or_artifacts(prefect, tmp_path):
+    from prefect.blocks.system import Secret
+
+    sentinel = f"sk-SENTINEL-{uuid.uuid4().hex}"
+    with prefect.client_settings():
+        Secret(value=sentinel).save("teacher-key-test", overwrite=True)
+    with ToyTeacher(ToyTeacherConfig(api_key=sentinel)) as toy:
+        run = _run(prefect, {"recipe_path": "configs/quickstart.yaml", "stages": ["generate"],
+                             "run_name": "secret-run",
+                             "overrides": [f"storage.root={tmp_path / 'runs'}", f"teacher.base_url={toy.base_url}",
+                                           "teacher.api_key_env=ZD_TEST_TEACHER_KEY",
+                                           "teacher.api_key_secret_block=teacher-key-test",
+                                           "prompts.toy_count=40", "generate.max_rounds=1"]})
+        assert run.state.is_completed(), prefect.logs()
+        assert toy.stats()["outcomes"]["ok"] >= 30  # the key did reach the teacher
+
+    def everything(client):
+        from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+        runs = client.read_flow_runs()
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[r.id for r in runs])))
+        artifacts = client.read_artifacts()
+        return ([r.parameters for r in runs], [log.message for log in logs],
+                [(a.data, a.description) for a in artifacts])
+
+    params, logs, artifacts = _client_call(prefect, everything)
+    assert logs and artifacts
+    blob = json.dumps([params, logs, artifacts], default=str)
+    assert sentinel not in blob
+    for path in (tmp_path / "runs").rglob("*"):
+        if path.is_file():
+            assert sentinel.encode() not in path.read_bytes(), path
+
+
+def test_prefect_yaml_declares_what_distill_deploy_registers(repo_root):
+    import yaml
+
+    from flows.deploy import deployment_specs
+
+    declared = yaml.safe_load((repo_root / "prefect.yaml").read_text())["deployments"]
+    got = {(d["entrypoint"], d["name"], d["work_pool"]["name"]) for d in declared}
+    want = {(s["entrypoint"], s["name"], s["pool"]) for s in deployment_specs(cron="0 2 * * *")}
+    assert got == want
+    for d in declared:
+        module, func = d["entrypoint"].split(":")
+        assert (repo_root / module).is_file()
+        assert f"def {func}(" in (repo_root / module).read_text()
