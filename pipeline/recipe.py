@@ -61,6 +61,14 @@ class TeacherConfig(Section):
     max_cost_usd: float | None = Field(None, ge=0)
     toy: ToyTeacherOptions = Field(default_factory=ToyTeacherOptions)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _secret_needs_a_variable(cls, data: Any) -> Any:
+        # The flows export a Secret block's value into a process-local variable; give it a name if none.
+        if isinstance(data, dict) and data.get("api_key_secret_block") and not data.get("api_key_env"):
+            data = {**data, "api_key_env": "ZEPHYR_DISTILL_TEACHER_KEY"}
+        return data
+
     @property
     def is_builtin(self) -> bool:
         return self.base_url == BUILTIN_TEACHER
