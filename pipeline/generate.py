@@ -169,11 +169,12 @@ async def _run(recipe: Recipe, store: RunStore) -> StageReport:
         filters = DialogueFilters(cfg.filters)
         bar = progress(STAGE, len(todo), "dialogue")
         with writer:
+            stopped: list[str] = []  # set once: the budget or a fatal error; in-flight work drains, nothing new starts
             async for seed, result in stream_map(todo, lambda s: simulate_dialogue(client, s, cfg, filters),
-                                                 recipe.teacher.max_concurrency, stop=lambda: bool(stop_message)):
+                                                 recipe.teacher.max_concurrency, stop=lambda: bool(stopped)):
                 bar.update(1)
                 if isinstance(result, (BudgetExceeded, TeacherFatal)):
-                    stop_message = stop_message or str(result)  # drain what is in flight, start nothing new
+                    stopped.append(str(result))
                     continue
                 if isinstance(result, Dropped):
                     dropped_ledger.record(seed.prompt_id, result.reason)
@@ -189,6 +190,7 @@ async def _run(recipe: Recipe, store: RunStore) -> StageReport:
                     seen_dialogues.add(record["dialogue_sha"])
                     writer.add(record)
         bar.close()
+        stop_message = stopped[0] if stopped else ""
     finally:
         await client.aclose()
         if client.cache is not None:

@@ -79,6 +79,25 @@ def shortcut_tokens(pairs: list[dict[str, Any]], min_pairs: int = 5, min_ratio: 
     }
 
 
+def position_bias(ratings: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per aspect and shown position: mean rating, and mean distance from the mean of its own judge call.
+    Answers are shuffled before each call, so a position whose distance is far from 0 is one the judge favours."""
+    calls: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in ratings:
+        if r["rating"] is not None:
+            calls[(r["item_id"], r["aspect"])].append(r)
+    ratings_at: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    offsets_at: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for (_, aspect), rows in calls.items():
+        mean = sum(r["rating"] for r in rows) / len(rows)
+        for r in rows:
+            ratings_at[aspect][r["position"]].append(r["rating"])
+            offsets_at[aspect][r["position"]].append(r["rating"] - mean)
+    return {aspect: {str(pos): {"mean_rating": _mean(v), "mean_offset": _mean(offsets_at[aspect][pos]),
+                                "ratings": len(v)} for pos, v in sorted(by_pos.items())}
+            for aspect, by_pos in sorted(ratings_at.items())}
+
+
 def feedback_report(pairs: list[dict[str, Any]], ratings: list[dict[str, Any]]) -> dict[str, Any]:
     """Pair count, margins, length bias, position bias, per-model win rates and shortcut tokens."""
     margins = [p["score_chosen"] - p["score_rejected"] for p in pairs]
@@ -86,13 +105,9 @@ def feedback_report(pairs: list[dict[str, Any]], ratings: list[dict[str, Any]]) 
     rejected_len = [len(p["rejected"][-1]["content"]) for p in pairs]
     wins: Counter[str] = Counter(p["chosen_model"] for p in pairs)
     losses: Counter[str] = Counter(p["rejected_model"] for p in pairs)
-    by_position: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     by_model: dict[str, list[float]] = defaultdict(list)
     for r in ratings:
-        if r["rating"] is None:
-            continue
-        by_position[r["aspect"]][r["position"]].append(r["rating"])
-        if r["aspect"] != "overall":
+        if r["rating"] is not None and r["aspect"] != "overall":
             by_model[r["model"]].append(r["rating"])
     models = sorted(set(wins) | set(losses) | set(by_model))
     return {
@@ -104,9 +119,7 @@ def feedback_report(pairs: list[dict[str, Any]], ratings: list[dict[str, Any]]) 
             "chosen_longer_share": _mean([c > r for c, r in zip(chosen_len, rejected_len, strict=True)]),
             "mean_length_ratio": _mean([c / max(1, r) for c, r in zip(chosen_len, rejected_len, strict=True)]),
             "mean_chosen_chars": _mean(chosen_len), "mean_rejected_chars": _mean(rejected_len)},
-        "position_bias": {aspect: {str(pos): {"mean_rating": _mean(v), "ratings": len(v)}
-                                   for pos, v in sorted(positions.items())}
-                          for aspect, positions in sorted(by_position.items())},
+        "position_bias": position_bias(ratings),
         "models": {m: {"chosen": wins[m], "rejected": losses[m],
                        "win_rate": _round(wins[m] / (wins[m] + losses[m])) if wins[m] + losses[m] else None,
                        "mean_aspect_rating": _mean(by_model.get(m, []))} for m in models},
@@ -136,11 +149,11 @@ def report_markdown(report: dict[str, Any], stats: dict[str, Any]) -> str:
               "## Length bias", "",
               f"chosen longer in {lb['chosen_longer_share']} of pairs; mean chosen/rejected length ratio "
               f"{lb['mean_length_ratio']}", "",
-              "## Position bias (mean rating by the position an answer was shown in)", "",
+              "## Position bias (mean rating offset from its judge call's mean, by shown position)", "",
               "| aspect | " + " | ".join(f"pos {p}" for p in _positions(report)) + " |",
               "|---|" + "---|" * len(_positions(report))]
     for aspect, by_pos in report["position_bias"].items():
-        lines.append(f"| {aspect} | " + " | ".join(str(by_pos.get(p, {}).get("mean_rating", ""))
+        lines.append(f"| {aspect} | " + " | ".join(str(by_pos.get(p, {}).get("mean_offset", ""))
                                                    for p in _positions(report)) + " |")
     lines += ["", "## Models", "", "| model | chosen | rejected | win rate | mean rating |", "|---|---|---|---|---|"]
     for name, row in report["models"].items():
@@ -176,7 +189,8 @@ def account_feedback(recipe: Recipe, store: RunStore, items: list[Item], cost: d
                    "dropped" if item.item_id in dropped else "pending")
         by_source[item.source]["items"] += 1
         by_source[item.source][outcome] += 1
-    ratings = list(read_columns(store, ["aspect", "position", "rating", "model", "attempt"], stage, "ratings"))
+    ratings = list(read_columns(store, ["item_id", "aspect", "position", "rating", "model", "attempt"], stage,
+                                "ratings"))
     margin = recipe.feedback.pairs.min_margin
     counts = {"input": len(item_ids), "prompts": len({i.prompt_id for i in items}), "output": len(pair_ids),
               "failed": len(failed), "dropped": len(dropped), "pending": len(pending)}

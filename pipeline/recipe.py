@@ -7,7 +7,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 BUILTIN_TEACHER = "builtin:toy"
 BUILTIN_STUDENT = "builtin:tiny"
@@ -69,9 +77,27 @@ class TeacherConfig(Section):
             data = {**data, "api_key_env": "ZEPHYR_DISTILL_TEACHER_KEY"}
         return data
 
+    # Where the built-in teacher listens once the runner has started it; never part of the recipe's data,
+    # so fingerprints and snapshots stay those of `builtin:toy`.
+    _live_url: str | None = PrivateAttr(None)
+
     @property
     def is_builtin(self) -> bool:
         return self.base_url == BUILTIN_TEACHER
+
+    @property
+    def endpoint(self) -> str:
+        """The URL requests go to."""
+        if self.is_builtin:
+            if self._live_url is None:
+                raise RuntimeError("the built-in toy teacher is not running (use pipeline.runner.teacher_endpoint)")
+            return self._live_url
+        return self.base_url
+
+    def with_live_url(self, url: str) -> TeacherConfig:
+        copy = self.model_copy()
+        copy._live_url = url
+        return copy
 
     def identity(self) -> dict[str, Any]:
         """What decides the teacher's answers (endpoint, limits and prices do not)."""
@@ -277,17 +303,36 @@ class FeedbackConfig(Section):
 
 
 class EvaluateConfig(Section):
-    prompts: str | None = None  # None: the shipped evaluation set (or the toy heldout set)
+    """Judge grading, pairwise win rate against a baseline (both orders), ground truth on the toy task.
+
+    `models` and `baseline` are `base`, `sft`, `dpo` (this run's) or a model path/id, e.g. a series' current model.
+    """
+
+    prompts: str | None = None  # None: the toy heldout set when prompts.source is toy, else prompts/eval_set.jsonl
     models: list[str] = Field(default_factory=lambda: ["base", "sft", "dpo"])
     baseline: str = "sft"
     heldout_count: int = Field(100, ge=1)
     max_tokens: int = Field(256, ge=1)
+    backend: Literal["transformers", "vllm"] = "transformers"  # greedy answers, one model loaded at a time
+    batch_size: int = Field(32, ge=1)
+    judge_max_tokens: int = Field(512, ge=16)
+    judge_attempts: int = Field(2, ge=1)  # a reply without a parsable verdict is asked again, then ledgered
+    max_failure_rate: float = Field(0.5, ge=0, le=1)
     promote_min_win_rate: float = Field(0.5, ge=0, le=1)
 
     @field_validator("prompts")
     @classmethod
     def _prompts_exist(cls, value: str | None) -> str | None:
         return None if value is None else _existing_path(value, "an evaluation prompts file")
+
+    @field_validator("models")
+    @classmethod
+    def _models(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("list at least one model to evaluate (base, sft, dpo or a path)")
+        if len(set(value)) != len(value):
+            raise ValueError(f"models must be unique, got {value}")
+        return value
 
 
 class StorageConfig(Section):

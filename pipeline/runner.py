@@ -53,8 +53,7 @@ def teacher_endpoint(recipe: Recipe) -> Iterator[Recipe]:
 
     with ToyTeacher(ToyTeacherConfig(**recipe.teacher.toy.model_dump())) as server:
         log.info("built-in toy teacher listening at %s", server.base_url)
-        teacher = recipe.teacher.model_copy(update={"base_url": server.base_url})
-        yield recipe.model_copy(update={"teacher": teacher})
+        yield recipe.model_copy(update={"teacher": recipe.teacher.with_live_url(server.base_url)})
 
 
 def load_stage_module(name: str):  # noqa: ANN201 - a module

@@ -10,7 +10,7 @@ from typing import Any
 
 from pipeline import __version__
 from pipeline.prompts import templates_hash
-from pipeline.recipe import Recipe
+from pipeline.recipe import BUILTIN_TEACHER, Recipe
 
 
 @dataclass
@@ -41,6 +41,13 @@ def _pool_uses_sft(recipe: Recipe) -> bool:
     return any(m.model == "sft" for m in recipe.sample.pool)
 
 
+def _sample_section(recipe: Recipe) -> Any:
+    section = {"sample": recipe.sample.model_dump(mode="json", exclude={"prompts"}), "prompts": _sample_prompts(recipe)}
+    if any(m.backend == "openai" and m.base_url in (None, BUILTIN_TEACHER) for m in recipe.sample.pool):
+        section["teacher"] = recipe.teacher.identity()  # that pool member is the teacher's endpoint
+    return section
+
+
 def _sample_prompts(recipe: Recipe) -> Any:
     return (recipe.sample.prompts or recipe.prompts).model_dump(mode="json")
 
@@ -57,8 +64,7 @@ STAGES: dict[str, StageSpec] = {
                   lambda r: r.sft.model_dump(mode="json"),
                   lambda r: ["generate"], gpu=True),
         StageSpec("sample", "pipeline.sample",
-                  lambda r: {"sample": r.sample.model_dump(mode="json", exclude={"prompts"}),
-                             "prompts": _sample_prompts(r)},
+                  _sample_section,
                   lambda r: ["sft"] if _pool_uses_sft(r) else [], ("principle_*",), gpu=True),
         StageSpec("feedback", "pipeline.feedback",
                   lambda r: {"feedback": r.feedback.model_dump(mode="json"), "teacher": r.teacher.identity()},

@@ -194,7 +194,7 @@ class TeacherClient:
         self._key = api_key if api_key is not None else resolve_api_key(cfg)
         # The semaphore bounds requests in flight; a connection cap in httpx as well would queue requests
         # inside its pool, whose bookkeeping is quadratic in the queue (measured: 4x slower at 64).
-        self._client = openai.AsyncOpenAI(base_url=cfg.base_url, api_key=self._key, max_retries=0,
+        self._client = openai.AsyncOpenAI(base_url=cfg.endpoint, api_key=self._key, max_retries=0,
                                           timeout=cfg.timeout_s)
         self._sem = asyncio.Semaphore(cfg.max_concurrency)
         self._rpm = TokenBucket(cfg.requests_per_minute) if cfg.requests_per_minute else None
@@ -250,10 +250,10 @@ class TeacherClient:
                 status = exc.status_code
                 last = f"HTTP {status}: {self._scrub(_short(exc))}"
                 if status in (401, 403):
-                    raise TeacherFatal(f"the teacher at {self.cfg.base_url} refused the API key ({last}); "
+                    raise TeacherFatal(f"the teacher at {self.cfg.endpoint} refused the API key ({last}); "
                                        f"check teacher.api_key_env") from None
                 if status == 404:
-                    raise TeacherFatal(f"the teacher at {self.cfg.base_url} has no model "
+                    raise TeacherFatal(f"the teacher at {self.cfg.endpoint} has no model "
                                        f"'{self.cfg.model}' or no chat endpoint ({last})") from None
                 if status not in RETRYABLE_STATUS and status < 500:
                     raise TeacherError(last, attempt) from None

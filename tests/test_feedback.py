@@ -203,9 +203,7 @@ def test_unusable_ratings_are_reasked_with_a_new_tag_then_recorded_as_failures(w
     assert ratings and all(r["attempt"] == 2 for r in ratings)  # only re-asked replies were usable
 
 
-@pytest.mark.parametrize("stage_to_kill", ["feedback"])
-def test_sigkill_feedback_half_way_then_rerun_completes_without_repeated_requests(write_recipe, tmp_path,
-                                                                                   stage_to_kill):
+def test_sigkill_feedback_half_way_then_rerun_completes_without_repeated_requests(write_recipe, tmp_path):
     with ToyTeacher(ToyTeacherConfig(latency_ms=20, messy_rater=True)) as toy:
         path = _recipe(write_recipe, toy.base_url, 300, OPENAI_MEMBERS, 2,
                        {"aspects": ["instruction_following", "helpfulness"]}, max_concurrency=8)
@@ -213,7 +211,7 @@ def test_sigkill_feedback_half_way_then_rerun_completes_without_repeated_request
         store = open_run(recipe, "killed")
         run_stage("sample", recipe, store)
         toy.reset_stats()
-        cmd = [sys.executable, "-m", "pipeline.cli", "stage", stage_to_kill, str(path), "--run-name", "killed"]
+        cmd = [sys.executable, "-m", "pipeline.cli", "stage", "feedback", str(path), "--run-name", "killed"]
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 120
         while toy.stats()["roles_ok"].get("rater", 0) < 300 and time.monotonic() < deadline:
@@ -273,3 +271,24 @@ def test_an_answer_that_imitates_the_judge_format_cannot_move_ratings_between_an
     with ToyTeacher(ToyTeacherConfig(messy_rater=True)) as toy:
         scores = asyncio.run(rate(toy.base_url))
     assert scores == [1.5, 5.0, 1.5]  # wrong ("5"), right, wrong: instruction following 2, helpfulness 1
+
+
+def test_report_finds_a_judge_that_favours_the_first_position_and_a_shortcut_token():
+    from pipeline.pairs import feedback_report
+
+    rng = random.Random(1)
+    ratings = []
+    for item in range(200):
+        for position in (1, 2, 3):
+            rating = min(5, rng.randint(1, 4) + (position == 1))
+            ratings.append({"item_id": f"pool:{item}", "aspect": "helpfulness", "position": position,
+                            "rating": float(rating), "model": f"m{position}"})
+    user = {"role": "user", "content": "q"}
+    pairs = [{"chosen": [user, {"role": "assistant", "content": f"Certainly! {i}"}],
+              "rejected": [user, {"role": "assistant", "content": f"{i + 1}"}], "score_chosen": 4.0,
+              "score_rejected": 2.0, "chosen_model": "a", "rejected_model": "b", "source": "pool"} for i in range(40)]
+    report = feedback_report(pairs, ratings)
+    bias = report["position_bias"]["helpfulness"]
+    assert bias["1"]["mean_offset"] > 0.4 and bias["2"]["mean_offset"] < 0 and bias["3"]["mean_offset"] < 0
+    assert [t["token"] for t in report["shortcut_tokens"]["chosen_over_rejected"]] == ["!", "certainly"]
+    assert report["models"]["a"]["win_rate"] == 1.0 and report["length_bias"]["chosen_longer_share"] == 1.0

@@ -37,3 +37,18 @@ def test_change_propagates_downstream_only(repo_root: Path, override: str, chang
 
 def test_fingerprint_is_stable(repo_root: Path):
     assert _fps(repo_root) == _fps(repo_root)
+
+
+def test_starting_the_builtin_teacher_does_not_change_fingerprints(repo_root: Path):
+    from pipeline.runner import teacher_endpoint
+
+    rec = load_recipe(repo_root / "configs/quickstart.yaml")
+    with teacher_endpoint(rec) as live:
+        assert live.teacher.endpoint.startswith("http://127.0.0.1:")
+        assert {s: fingerprint(s, live) for s in STAGE_ORDER} == {s: fingerprint(s, rec) for s in STAGE_ORDER}
+        assert live.snapshot() == rec.snapshot()
+
+
+def test_toy_teacher_options_are_part_of_the_teacher_identity(repo_root: Path):
+    base, new = _fps(repo_root), _fps(repo_root, "teacher.toy.error_rate=0.1")
+    assert base["generate"] != new["generate"] and base["feedback"] != new["feedback"]

@@ -11,6 +11,7 @@ import pytest
 
 from prefect_env import PrefectEnv
 from pipeline.data import prompt_id
+from pipeline.stages import STAGE_ORDER
 from pipeline.store import RunStore
 from pipeline.toy.teacher_server import ToyTeacher, ToyTeacherConfig
 
@@ -156,3 +157,78 @@ def test_prefect_yaml_declares_what_distill_deploy_registers(repo_root):
         module, func = d["entrypoint"].split(":")
         assert (repo_root / module).is_file()
         assert f"def {func}(" in (repo_root / module).read_text()
+
+
+def _small_quickstart(root: Path, teacher_url: str, run_name: str) -> dict:
+    return {"recipe_path": "configs/quickstart.yaml", "run_name": run_name,
+            "overrides": [f"storage.root={root}", f"teacher.base_url={teacher_url}", "teacher.api_key_env=null",
+                          "compute.gpu_pool=gpu", "prompts.toy_count=80", "generate.max_rounds=2",
+                          "sft.args.num_train_epochs=1", "dpo.args.num_train_epochs=1",
+                          "evaluate.heldout_count=20"]}
+
+
+def _flow_runs(env: PrefectEnv):
+    def read(client):
+        runs = client.read_flow_runs()
+        deps = {d.id: f"{client.read_flow(d.flow_id).name}/{d.name}" for d in client.read_deployments()}
+        return [(deps.get(r.deployment_id), r) for r in runs]
+
+    return _client_call(env, read)
+
+
+@pytest.mark.slow
+def test_quickstart_through_deployments_dispatches_gpu_stages_to_the_gpu_pool(prefect, tmp_path):
+    with ToyTeacher(ToyTeacherConfig(error_rate=0.3)) as toy:
+        run = _run(prefect, _small_quickstart(tmp_path / "runs", toy.base_url, "e2e"), timeout=900)
+        assert run.state.is_completed(), prefect.logs()
+        assert max(toy.stats()["ok_keys"].values()) == 1
+    children = {dep: r for dep, r in _flow_runs(prefect) if r.parent_task_run_id and dep}
+    for stage in ("sample", "sft", "dpo", "evaluate"):
+        assert children[f"{stage}/gpu"].work_pool_name == "gpu" and children[f"{stage}/gpu"].state.is_completed()
+    assert run.work_pool_name == "cpu"
+    store = RunStore(tmp_path / "runs", "e2e")
+    assert all(store.stage_state(s).status == "completed" for s in STAGE_ORDER)
+    keys = {a.key for a in _client_call(prefect, lambda c: c.read_artifacts()) if a.key}
+    assert {"e2e-summary", "e2e-costs", "e2e-run-dir", "e2e-generate-samples", "e2e-feedback-samples",
+            "e2e-generate-progress"} <= keys
+
+
+@pytest.mark.slow
+def test_ui_retry_of_a_failed_run_reruns_only_dpo(prefect, tmp_path):
+    from prefect.states import Scheduled
+
+    root = tmp_path / "runs"
+    (root / "retry").mkdir(parents=True)
+    (root / "retry" / "dpo").write_text("a file where dpo wants its directory: the injected failure")
+    with ToyTeacher(ToyTeacherConfig(error_rate=0.3)) as toy:
+        run = _run(prefect, _small_quickstart(root, toy.base_url, "retry"), timeout=900)
+        assert run.state.is_failed(), prefect.logs()
+        store = RunStore(root, "retry")
+        assert store.stage_state("dpo").status == "failed"
+        assert store.stage_state("evaluate").status == "pending"
+        before = toy.stats()
+        (root / "retry" / "dpo").unlink()
+        # what the UI's Retry button does
+        _client_call(prefect, lambda c: c.set_flow_run_state(run.id, Scheduled(name="AwaitingRetry"), force=True))
+        from prefect.flow_runs import wait_for_flow_run
+
+        with prefect.client_settings():
+            run = wait_for_flow_run(run.id, timeout=900, poll_interval=1)
+        assert run.state.is_completed(), prefect.logs()
+        stats = toy.stats()
+    assert max(stats["ok_keys"].values()) == 1  # no teacher request repeated
+
+    def judge_calls(st: dict) -> int:
+        return st["roles_ok"].get("single_judge", 0) + st["roles_ok"].get("pairwise_judge", 0)
+
+    # after the retry only evaluate (the judge) talked to the teacher: generate and feedback were not re-run
+    assert stats["outcomes"]["ok"] - before["outcomes"]["ok"] == judge_calls(stats) - judge_calls(before) > 0
+    children = [(dep, r) for dep, r in _flow_runs(prefect) if dep and r.parent_task_run_id
+                and r.parameters.get("request", {}).get("run_name") == "retry"]
+    by_dep = {}
+    for dep, r in children:
+        by_dep.setdefault(dep, []).append(r)
+    assert {d: len(rs) for d, rs in by_dep.items()} == {"sample/gpu": 1, "sft/gpu": 1, "dpo/gpu": 1,
+                                                         "evaluate/gpu": 1}
+    assert by_dep["dpo/gpu"][0].run_count == 2 and by_dep["sft/gpu"][0].run_count == 1
+    assert all(store.stage_state(s).status == "completed" for s in STAGE_ORDER)

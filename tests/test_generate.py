@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -168,8 +169,13 @@ def test_budget_cap_stops_cleanly_and_a_raised_cap_resumes(write_recipe, tmp_pat
 def test_builtin_teacher_is_started_and_stopped_by_the_runner(repo_root):
     rec = load_recipe(repo_root / "configs/quickstart.yaml")
     with teacher_endpoint(rec) as live:
-        assert live.teacher.base_url.startswith("http://127.0.0.1:")
+        url = live.teacher.endpoint
+        assert url.startswith("http://127.0.0.1:")
+        with urllib.request.urlopen(url.removesuffix("/v1") + "/health", timeout=5) as resp:
+            assert resp.status == 200
     assert rec.teacher.base_url == "builtin:toy"
+    with pytest.raises(OSError):  # stopped with the context
+        urllib.request.urlopen(url.removesuffix("/v1") + "/health", timeout=5)
 
 
 def test_instruction_filter_rules():
