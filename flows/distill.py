@@ -17,6 +17,7 @@ from prefect.states import Scheduled
 
 from flows.artifacts import ProgressArtifact, publish_run_summary, publish_stage
 from flows.params import DistillRequest, StageRequest
+from pipeline.promotion import promotion_for_run, with_current_baseline
 from pipeline.recipe import Recipe
 from pipeline.runner import StageFailed, open_run, run_stage, teacher_endpoint
 from pipeline.series import NothingNew, Series
@@ -147,12 +148,15 @@ def distill(request: DistillRequest = DistillRequest()) -> dict[str, Any]:  # no
     export_teacher_key(recipe)
     store = open_run(recipe, _run_name(request, recipe))
     series = Series(recipe, request.series) if request.series else None
+    current = series.current_model if series else None
     if series:
         try:
             recipe = series.prepare_run(recipe, store)
         except NothingNew as exc:
             log.info("%s", exc)
             return {"run_name": store.run_name, "status": "nothing new", "stages": {}}
+        # the promotion gate: the new model is judged against the series' current one
+        recipe = with_current_baseline(recipe, current)
         store.init_manifest(recipe.snapshot(), store.read_manifest().get("versions", {}))
     log.info("run %s in %s", store.run_name, store.url)
     snapshot, pool, reports = recipe.snapshot(), recipe.compute.gpu_pool, {}
@@ -169,7 +173,11 @@ def distill(request: DistillRequest = DistillRequest()) -> dict[str, Any]:  # no
     finally:
         publish_run_summary(store)
         if series:
-            series.record(store, status)
+            promotion = promotion_for_run(store, current) if status == "completed" else None
+            entry = series.record(store, status, promotion=promotion)
+            if promotion:
+                log.info("series %s: %s", series.name, promotion.get("reason", promotion))
+            log.info("series %s: run %s recorded, model %s", series.name, store.run_name, entry.model)
     return {"run_name": store.run_name, "run_dir": store.url, "status": status, "stages": reports}
 
 

@@ -1,4 +1,4 @@
-"""The `distill` command line: validate, run, stage, status, toy-teacher, build-student."""
+"""The `distill` command line: validate, run, stage, status, report, toy-teacher, build-student."""
 
 from __future__ import annotations
 
@@ -203,6 +203,40 @@ def status(run: str, root: str | None, recipe_path: str | None) -> None:
     except StoreError as exc:
         raise CliError(str(exc), EXIT_BAD_INPUT) from None
     _print_status(store)
+
+
+@main.command()
+@click.argument("run", metavar="RUN_DIR_OR_NAME")
+@click.option("--root", default=None, help="storage.root to look in when RUN is a name (default: ./runs, "
+              "or the recipe's with --recipe).")
+@click.option("--recipe", "recipe_path", default=None, type=click.Path(dir_okay=False),
+              help="Take storage.root from this recipe.")
+def report(run: str, root: str | None, recipe_path: str | None) -> None:
+    """Rebuild a run's report (evaluate/report.json, report.md, plots) from its store and summarise it."""
+    from pipeline.report import write_report
+    from pipeline.store import RunStore, StoreError
+
+    try:
+        if root is None and recipe_path is None and ("/" in run or Path(run).exists()):
+            store = RunStore.open_existing(run)
+        else:
+            base = root or (_load(recipe_path, ()).storage.root if recipe_path else "runs")
+            store = RunStore.open_existing(f"{base.rstrip('/')}/{run}")
+    except StoreError as exc:
+        raise CliError(str(exc), EXIT_BAD_INPUT) from None
+    rep = write_report(store)
+    for label, m in (rep.get("evaluation") or {}).get("models", {}).items():
+        acc = f", accuracy {m['accuracy']['mean']:.3f}" if m["accuracy"] else ""
+        vs = m["vs_baseline"]
+        win = f", win rate vs {vs['baseline']} {vs['win_rate']:.3f} ± {vs['stderr']:.3f}" if vs and vs["n"] else ""
+        judge = f"judge {m['judge']['mean']:.2f}" if m["judge"]["n"] else "judge n/a"
+        click.echo(f"{label:<12} {judge}{acc}{win}")
+    if rep.get("promotion"):
+        click.echo(f"promotion gate: {'promote' if rep['promotion']['promote'] else 'keep'} "
+                   f"({rep['promotion']['reason']})")
+    for note in rep["notes"]:
+        click.echo(f"note: {note}", err=True)
+    click.echo(f"report: {store.join('evaluate', 'report.md')}")
 
 
 @main.command("toy-teacher")

@@ -78,8 +78,9 @@ def _section(text: str, title: str) -> str:
 
 
 def _tagged(text: str, tag: str) -> str | None:
-    match = re.search(rf"<{tag}>\s*(.*?)\s*</{tag}>", text, re.I | re.S)
-    return match.group(1) if match else None
+    # The last block: prompt instructions may name the tags themselves ("quoted between <answer> and </answer>").
+    found = re.findall(rf"<{tag}>\s*(.*?)\s*</{tag}>", text, re.I | re.S)
+    return found[-1] if found else None
 
 
 def _verdict(question: str, answer: str) -> bool | None:
