@@ -8,7 +8,7 @@ TORCH_CPU_INDEX ?=
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: setup quickstart test test-fast lint bench clean
+.PHONY: setup quickstart test lint bench clean browser
 
 setup: $(STAMP)
 
@@ -30,7 +30,11 @@ quickstart: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/distill run configs/quickstart.yaml --run-name quickstart
 	$(BIN)/distill status runs/quickstart
 
-test: $(STAMP)
+# Debian's chromium for the UI test (Playwright drives it; no browser download).
+browser:
+	bash tests/ui/install_browser.sh
+
+test: $(STAMP) browser
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
