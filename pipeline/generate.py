@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import random
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -61,13 +62,12 @@ def _flip(messages: list[dict[str, str]], system: str) -> list[dict[str, str]]:
 
 
 async def simulate_dialogue(client: TeacherClient, seed: SeedPrompt, cfg: GenerateConfig,
-                            filters: DialogueFilters) -> Dialogue:
+                            filters: DialogueFilters, user_system: str) -> Dialogue:
     """Alternate the teacher as assistant and as a user simulator for a drawn number of rounds."""
     rounds = random.Random(f"{cfg.seed}:{seed.prompt_id}").randint(cfg.min_rounds, cfg.max_rounds)
     fix = truecase if cfg.filters.truecase else (lambda t: t)
     first = fix(seed.prompt)
     dlg = Dialogue([{"role": "user", "content": first}], rounds, truecased=int(first != seed.prompt))
-    user_system = render("generate_user_simulator.jinja", persona=None)
     for r in range(rounds):
         reply = await client.chat(ChatRequest(dlg.messages, cfg.temperature, cfg.max_tokens))
         dlg.prompt_tokens += reply.prompt_tokens
@@ -157,21 +157,26 @@ async def _run(recipe: Recipe, store: RunStore) -> StageReport:
                                       for s in new).encode())
             seeds += new
         dropped_now: dict[str, str] = {}
+        t_select = time.perf_counter()
         todo_all = select_prompts(seeds, cfg, dropped_now)
+        extra["seconds"] = {"select_prompts": round(time.perf_counter() - t_select, 3)}
         writer = store.shard_writer(STAGE, shard_size=cfg.shard_size)
         done = writer.done_ids()
         already_dropped = {f.item_id for f in dropped_ledger.entries()}
-        for pid, reason in dropped_now.items():
-            if pid not in already_dropped:
-                dropped_ledger.record(pid, reason)
+        dropped_ledger.record_many((pid, reason, 1) for pid, reason in dropped_now.items()
+                                   if pid not in already_dropped)
         seen_dialogues = {r["dialogue_sha"] for r in _columns(store, ["dialogue_sha"])}
         todo = [s for s in todo_all if s.prompt_id not in done and s.prompt_id not in already_dropped]
         filters = DialogueFilters(cfg.filters)
+        user_system = render("generate_user_simulator.jinja", persona=None)
+        # Twice the teacher's concurrency in dialogues: a request slot freed by one is taken at once by a
+        # dialogue already waiting on the client's semaphore (measured: 10% more requests/s than 1x).
         bar = progress(STAGE, len(todo), "dialogue")
+        t_dialogues = time.perf_counter()
         with writer:
             stopped: list[str] = []  # set once: the budget or a fatal error; in-flight work drains, nothing new starts
-            async for seed, result in stream_map(todo, lambda s: simulate_dialogue(client, s, cfg, filters),
-                                                 recipe.teacher.max_concurrency, stop=lambda: bool(stopped)):
+            async for seed, result in stream_map(todo, lambda s: simulate_dialogue(client, s, cfg, filters, user_system),
+                                                 2 * recipe.teacher.max_concurrency, stop=lambda: bool(stopped)):
                 bar.update(1)
                 if isinstance(result, (BudgetExceeded, TeacherFatal)):
                     stopped.append(str(result))
@@ -188,8 +193,11 @@ async def _run(recipe: Recipe, store: RunStore) -> StageReport:
                         dropped_ledger.record(seed.prompt_id, "duplicate_dialogue")
                         continue
                     seen_dialogues.add(record["dialogue_sha"])
-                    writer.add(record)
+                    writer.add(record, flush=False)
+                    if writer.full:  # publish the shard off the event loop: requests in flight keep going
+                        await asyncio.to_thread(writer.flush)
         bar.close()
+        extra["seconds"]["dialogues"] = round(time.perf_counter() - t_dialogues, 3)
         stop_message = stopped[0] if stopped else ""
     finally:
         await client.aclose()

@@ -201,10 +201,15 @@ class ShardWriter:
             ids.update(table.column(self.id_key).to_pylist())
         return ids
 
-    def add(self, record: dict[str, Any]) -> None:
+    def add(self, record: dict[str, Any], flush: bool = True) -> None:
+        """Buffer a record; a full buffer is published as a shard (unless the caller does that itself)."""
         self._buffer.append(record)
-        if len(self._buffer) >= self.shard_size:
+        if flush and self.full:
             self.flush()
+
+    @property
+    def full(self) -> bool:
+        return len(self._buffer) >= self.shard_size
 
     def extend(self, records: Iterable[dict[str, Any]]) -> None:
         for record in records:
@@ -213,14 +218,13 @@ class ShardWriter:
     def flush(self) -> str | None:
         if not self._buffer:
             return None
-        table = pa.Table.from_pylist(self._buffer)
-        sink = io.BytesIO()
-        pq.write_table(table, sink)
+        records, self._buffer = self._buffer, []
         path = f"{self.directory}/{self.name}-{self._next_index:05d}.parquet"
-        self.store.write_bytes(path, sink.getvalue())
         self._next_index += 1
-        self.written += len(self._buffer)
-        self._buffer = []
+        sink = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(records), sink)
+        self.store.write_bytes(path, sink.getvalue())
+        self.written += len(records)
         return path
 
     def close(self) -> None:
@@ -251,14 +255,19 @@ class FailureLedger:
         self.path = f"{store.stage_dir(stage)}/{name}.jsonl"
 
     def record(self, item_id: str, reason: str, attempts: int = 1) -> None:
-        line = json.dumps(asdict(Failure(item_id, self.stage, reason, attempts))) + "\n"
+        self.record_many([(item_id, reason, attempts)])
+
+    def record_many(self, entries: Iterable[tuple[str, str, int]]) -> None:
+        """Append entries as whole lines (a killed process leaves at most one cut line, which readers skip)."""
+        data = "".join(json.dumps(asdict(Failure(i, self.stage, r, a))) + "\n" for i, r, a in entries)
+        if not data:
+            return
         if self.store.is_local:
+            # No fsync: the page cache outlives a killed process; only a machine crash could lose a line.
             with open(self.path, "a", encoding="utf-8") as fh:
-                fh.write(line)
-                fh.flush()
-                os.fsync(fh.fileno())
+                fh.write(data)
         else:  # object stores cannot append: rewrite the whole (small) ledger
-            self.store.write_bytes(self.path, self._raw() + line.encode())
+            self.store.write_bytes(self.path, self._raw() + data.encode())
 
     def _raw(self) -> bytes:
         if not self.store.fs.exists(self.path):
