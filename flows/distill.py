@@ -7,12 +7,12 @@ import os
 import time
 from dataclasses import asdict
 from typing import Any
+from uuid import UUID
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_client, get_run_logger, task
 from prefect.client.schemas.objects import FlowRun
 from prefect.context import TaskRunContext
 from prefect.deployments import run_deployment
-from prefect.flow_runs import wait_for_flow_run
 from prefect.states import Scheduled
 
 from flows.artifacts import ProgressArtifact, publish_run_summary, publish_stage
@@ -64,20 +64,32 @@ def dispatch_stage(stage: str, recipe: dict[str, Any], run_name: str, fp: str, f
     log = get_run_logger()
     request = StageRequest(recipe=recipe, run_name=run_name, force=force)
     child: FlowRun = run_deployment(f"{stage}/{pool}", parameters={"request": request.model_dump()},
-                                    idempotency_key=f"{run_name}:{stage}:{fp}", timeout=0, as_subflow=True)
+                                    idempotency_key=f"{run_name}:{stage}:{fp}", timeout=0, as_subflow=True,
+                                    _sync=True)
     if child.state and child.state.is_final() and not child.state.is_completed():
         # The same child failed in an earlier attempt of this run: retry it as the UI would, not a second run.
-        from prefect import get_client
-
         with get_client(sync_client=True) as client:
             client.set_flow_run_state(child.id, Scheduled(name="AwaitingRetry"), force=True)
         log.info("retrying %s flow run %s", stage, child.id)
-    child = wait_for_flow_run(child.id, timeout=None, poll_interval=2)
+    child = wait_for_final_state(child.id)
     if not child.state.is_completed():
         raise StageFailed(f"stage '{stage}' on work pool '{pool}' ended {child.state.name}: "
                           f"{child.state.message or 'see flow run ' + str(child.id)}")
     state = RunStore(Recipe.model_validate(recipe).storage.root, run_name).stage_state(stage)
     return asdict(StageReport(stage, state.status, state.counts, state.cost, state.outputs, state.message))
+
+
+def wait_for_final_state(flow_run_id: UUID, poll_s: float = 2.0, timeout_s: float | None = None) -> FlowRun:
+    """Poll a flow run until it is final (Prefect's own waiter is async-only)."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    with get_client(sync_client=True) as client:
+        while True:
+            run = client.read_flow_run(flow_run_id)
+            if run.state is not None and run.state.is_final():
+                return run
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"flow run {flow_run_id} is still {run.state.name if run.state else 'pending'}")
+            time.sleep(poll_s)
 
 
 def _stage_flow(stage: str, request: StageRequest) -> dict[str, Any]:
@@ -140,7 +152,7 @@ def _run_name(request: DistillRequest, recipe: Recipe) -> str:
     return recipe.name
 
 
-@flow(name="distill", persist_result=True, log_prints=True)
+@flow(name="distill", persist_result=True)
 def distill(request: DistillRequest = DistillRequest()) -> dict[str, Any]:  # noqa: B008 - the UI's default form
     """Chain the stages of one distillation run; GPU stages go to the gpu pool when the recipe names one."""
     log = get_run_logger()

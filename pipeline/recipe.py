@@ -198,10 +198,20 @@ class LoraConfig(Section):
 class SFTStageConfig(Section):
     """dSFT: TRL SFTTrainer on the generated dialogues; `args` pass through to trl.SFTConfig."""
 
-    model: str = BUILTIN_STUDENT
+    model: str = BUILTIN_STUDENT  # builtin:tiny, a local path (relative to the recipe file) or a hub id
     student: dict[str, Any] = Field(default_factory=dict)  # options for the built-in tiny student
     args: dict[str, Any] = Field(default_factory=dict)
     lora: LoraConfig | None = None
+
+    @field_validator("model")
+    @classmethod
+    def _local_model_path(cls, value: str) -> str:
+        """A student directory next to the recipe becomes an absolute path; anything else stays a hub id."""
+        base = _BASE_DIR.get("dir")
+        if value == BUILTIN_STUDENT or base is None or "://" in value or Path(value).is_absolute():
+            return value
+        candidate = base / Path(value).expanduser()
+        return str(candidate.resolve()) if candidate.exists() else value
 
 
 class DPOStageConfig(Section):
@@ -210,6 +220,7 @@ class DPOStageConfig(Section):
     beta: float | None = Field(None, gt=0)  # shorthand for args.beta
     loss_type: list[str] | None = None  # shorthand for args.loss_type, e.g. [sigmoid, sft]
     args: dict[str, Any] = Field(default_factory=dict)
+    lora: LoraConfig | None = None  # with LoRA the reference is the adapter-disabled SFT model
 
     @model_validator(mode="after")
     def _no_double_keys(self) -> DPOStageConfig:
@@ -217,7 +228,6 @@ class DPOStageConfig(Section):
             if getattr(self, key) is not None and key in self.args:
                 raise ValueError(f"'{key}' is set both as dpo.{key} and dpo.args.{key}; keep one")
         return self
-    lora: LoraConfig | None = None
 
 
 class PoolModel(Section):

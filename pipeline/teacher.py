@@ -8,6 +8,7 @@ accounting, and a budget cap.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import logging
@@ -202,6 +203,7 @@ class TeacherClient:
         self.usage = Usage()
         self._spent_before = spent_usd
         self._reserved_usd = 0.0
+        self._inflight: dict[str, asyncio.Future[ChatResult]] = {}
 
     # -- public ----------------------------------------------------------------------------------
     async def chat(self, request: ChatRequest) -> ChatResult:
@@ -211,11 +213,25 @@ class TeacherClient:
             self.usage.cached += 1
             hit.cached = True
             return hit
-        result = await self._send_with_retries(request)
-        if self.cache is not None:
-            self.cache.put(key, result, {"model": self.cfg.model, "messages": request.messages,
-                                         **request.params(), "tag": request.tag})
-        return result
+        if (running := self._inflight.get(key)) is not None:
+            # the same request is already on its way (e.g. two models gave the same answer to be judged)
+            self.usage.cached += 1
+            return dataclasses.replace(await asyncio.shield(running), cached=True)
+        future: asyncio.Future[ChatResult] = asyncio.get_running_loop().create_future()
+        self._inflight[key] = future
+        try:
+            result = await self._send_with_retries(request)
+            if self.cache is not None:
+                self.cache.put(key, result, {"model": self.cfg.model, "messages": request.messages,
+                                             **request.params(), "tag": request.tag})
+            future.set_result(result)
+            return result
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # mark retrieved: waiters re-raise it, nobody else has to
+            raise
+        finally:
+            del self._inflight[key]
 
     @property
     def spent_usd(self) -> float:

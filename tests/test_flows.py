@@ -8,8 +8,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from prefect_env import PrefectEnv
+
 from pipeline.data import prompt_id
 from pipeline.stages import STAGE_ORDER
 from pipeline.store import RunStore
@@ -210,10 +210,10 @@ def test_ui_retry_of_a_failed_run_reruns_only_dpo(prefect, tmp_path):
         (root / "retry" / "dpo").unlink()
         # what the UI's Retry button does
         _client_call(prefect, lambda c: c.set_flow_run_state(run.id, Scheduled(name="AwaitingRetry"), force=True))
-        from prefect.flow_runs import wait_for_flow_run
+        from flows.distill import wait_for_final_state
 
         with prefect.client_settings():
-            run = wait_for_flow_run(run.id, timeout=900, poll_interval=1)
+            run = wait_for_final_state(run.id, poll_s=1, timeout_s=900)
         assert run.state.is_completed(), prefect.logs()
         stats = toy.stats()
     assert max(stats["ok_keys"].values()) == 1  # no teacher request repeated

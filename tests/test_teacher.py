@@ -185,3 +185,19 @@ def test_missing_key_variable_is_named(monkeypatch):
     monkeypatch.delenv("MY_TEACHER_KEY", raising=False)
     with pytest.raises(TeacherFatal, match="MY_TEACHER_KEY is not set"):
         TeacherClient(_cfg("http://127.0.0.1:9/v1", api_key_env="MY_TEACHER_KEY"))
+
+
+def test_identical_requests_in_flight_are_sent_once(tmp_path: Path):
+    with ToyTeacher(ToyTeacherConfig(latency_ms=100)) as toy:
+        client = TeacherClient(_cfg(toy.base_url), ResponseCache(tmp_path / "c.sqlite"))
+
+        async def same_twice():
+            try:
+                req = ChatRequest([{"role": "user", "content": "What is 4 + 4?"}])
+                return await asyncio.gather(client.chat(req), client.chat(req), client.chat(req))
+            finally:
+                await client.aclose()
+
+        results = asyncio.run(same_twice())
+        assert len({r.text for r in results}) == 1 and sum(r.cached for r in results) == 2
+        assert toy.stats()["outcomes"]["ok"] == 1 and client.usage.requests == 1

@@ -29,12 +29,12 @@ log = logging.getLogger("pipeline.train")
 # content and its end-of-turn (eos) token are inside the markers, so every turn learns to stop.
 GENERIC_TRAINING_TEMPLATE = (
     "{%- for message in messages -%}"
-    "<|{{ message['role'] }}|>\n"
+    "<|{{ message['role'] }}|>{{ '\\n' }}"
     "{%- if message['role'] == 'assistant' -%}"
     "{% generation %}{{ message['content'] }}{{ eos_token }}{% endgeneration %}"
     "{%- else -%}{{ message['content'] }}{{ eos_token }}{%- endif -%}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}<|assistant|>\n{%- endif -%}"
+    "{%- if add_generation_prompt -%}<|assistant|>{{ '\\n' }}{%- endif -%}"
 )
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 STUDENT_CORPUS_KEYS = {"corpus_size": 2000, "corpus_seed": 0}
@@ -65,11 +65,11 @@ def device_args(device: str, user_args: dict[str, Any], section: str) -> dict[st
         import torch
 
         return {"bf16": torch.cuda.is_bf16_supported()}
-    forced = {"use_cpu": True, "bf16": False, "fp16": False, "gradient_checkpointing": False}
-    for key, value in forced.items():
-        if key in user_args and user_args[key] != value:
-            log.warning("%s.args.%s=%s is not usable on CPU; training with %s=%s", section, key,
-                        user_args[key], key, value)
+    # activation_checkpointing is transformers 5's name for gradient_checkpointing (TRL turns it on by default)
+    forced = {"use_cpu": True, "bf16": False, "fp16": False, "activation_checkpointing": False}
+    for key in ("bf16", "fp16", "gradient_checkpointing", "activation_checkpointing"):
+        if user_args.get(key):
+            log.warning("%s.args.%s is not usable on CPU; training without it", section, key)
     return forced
 
 
@@ -121,7 +121,12 @@ def build_tiny_student(target: Path, options: dict[str, Any]) -> Path:
     build_student(staging, corpus(options["corpus_size"], options["corpus_seed"]), **model_opts)
     (staging / "student.json").write_text(json.dumps(options, sort_keys=True))
     shutil.rmtree(target, ignore_errors=True)
-    os.replace(staging, target)  # readers see a whole student or none
+    try:
+        os.replace(staging, target)  # readers see a whole student or none
+    except OSError:
+        if not _built_with(target, options):  # not a concurrent builder that got there first
+            raise
+        shutil.rmtree(staging, ignore_errors=True)
     log.info("built the tiny student into %s", target)
     return target
 
@@ -140,14 +145,18 @@ def load_tokenizer(path: str) -> Any:
     return tokenizer
 
 
-def load_model(path: str, device: str, lora: LoraConfig | None = None) -> Any:
-    """A causal LM from a local path or id, in bf16 on GPUs that support it, fp32 on CPU."""
+def load_model(path: str, device: str, lora: LoraConfig | None = None,
+               init_kwargs: dict[str, Any] | None = None) -> Any:
+    """A causal LM from a local path or id: bf16 on GPUs that support it, fp32 on CPU, or args.model_init_kwargs."""
     import torch
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {"dtype": torch.float32}
     if device == "cuda":
         kwargs["dtype"] = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    kwargs.update(init_kwargs or {})
+    if isinstance(kwargs["dtype"], str) and kwargs["dtype"] != "auto":
+        kwargs["dtype"] = getattr(torch, kwargs["dtype"])
     if lora is not None and lora.load_in_4bit:
         if device != "cuda":
             raise TrainingError("lora.load_in_4bit (QLoRA) needs a CUDA GPU (bitsandbytes); set it to false on CPU")
@@ -194,6 +203,12 @@ def ensure_training_template(tokenizer: Any) -> str:
 
 
 # -- TRL configs -----------------------------------------------------------------------------------
+def split_model_init_kwargs(user_args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(args for the TRL config, args.model_init_kwargs): the stage loads the model, so it applies them."""
+    args = dict(user_args)
+    return args, dict(args.pop("model_init_kwargs", None) or {})
+
+
 def build_trl_config(config_cls: type, section: str, user_args: dict[str, Any], defaults: dict[str, Any],
                      output_dir: Path, device: str) -> Any:
     """`config_cls(**defaults, **device settings, **user args)`; an unknown key is an error naming it."""
@@ -275,6 +290,7 @@ def write_metrics(trainer: Any, stage_dir: Path, extra: dict[str, Any]) -> dict[
     logged = [h for h in history if "loss" in h and "train_runtime" not in h]
     summary = next((h for h in reversed(history) if "train_runtime" in h), {})
     metrics = {"global_step": trainer.state.global_step, "epoch": trainer.state.epoch,
+               "world_size": trainer.args.world_size,
                "final": logged[-1] if logged else {}, "summary": summary, "history": history, **extra}
     if trainer.is_world_process_zero():
         (stage_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True, default=str))

@@ -81,11 +81,13 @@ def train_dpo(recipe: Recipe, store: RunStore, pairs: list[dict[str, Any]]) -> d
     sft_model = common.local_model(store, "sft")
     with common.local_stage_dir(store, "dpo") as stage_dir:
         tokenizer = common.load_tokenizer(sft_model)  # carries the chat template SFT trained with
-        model = common.load_model(sft_model, device, recipe.dpo.lora)
-        defaults = zephyr_dpo_defaults(len(pairs), common.max_positions(model, 1024))
-        args = common.build_trl_config(DPOConfig, "dpo", dpo_args(recipe.dpo), defaults,
-                                       stage_dir / "checkpoints", device)
-        trainer = DPOTrainer(model=model, ref_model=reference_model(recipe.dpo, args, sft_model, device),
+        user_args, init_kwargs = common.split_model_init_kwargs(dpo_args(recipe.dpo))
+        model = common.load_model(sft_model, device, recipe.dpo.lora, init_kwargs)
+        defaults = zephyr_dpo_defaults(len(pairs), common.max_positions(model, 1024),
+                                       user_args.get("per_device_train_batch_size"))
+        args = common.build_trl_config(DPOConfig, "dpo", user_args, defaults, stage_dir / "checkpoints", device)
+        reference = reference_model(recipe.dpo, args, sft_model, device, init_kwargs)
+        trainer = DPOTrainer(model=model, ref_model=reference,
                              args=args, processing_class=tokenizer, train_dataset=Dataset.from_list(pairs),
                              peft_config=common.peft_config(recipe.dpo.lora))
         resume = common.last_checkpoint(stage_dir / "checkpoints")
@@ -96,7 +98,7 @@ def train_dpo(recipe: Recipe, store: RunStore, pairs: list[dict[str, Any]]) -> d
         metrics = common.write_metrics(trainer, stage_dir, {
             "stage": "dpo", "base_model": sft_model, "pairs": len(pairs), "beta": args.beta,
             "loss_type": list(args.loss_type), "resumed_from_step": common.checkpoint_step(resume),
-            "device": device, "wall_seconds": time.perf_counter() - t0})
+            "launched": is_launched_rank(), "device": device, "wall_seconds": time.perf_counter() - t0})
         if trainer.is_world_process_zero():
             common.write_model_card(stage_dir / "model", "dpo", recipe, store, "this run's SFT model",
                                     f"{len(pairs)} teacher-ranked preference pairs from `feedback`", metrics)
@@ -113,7 +115,8 @@ def dpo_args(section: DPOStageConfig) -> dict[str, Any]:
     return args
 
 
-def reference_model(section: DPOStageConfig, args: Any, sft_model: str, device: str) -> Any:
+def reference_model(section: DPOStageConfig, args: Any, sft_model: str, device: str,
+                    init_kwargs: dict[str, Any]) -> Any:
     """A frozen copy of the SFT model from its saved directory (never the hub).
 
     None where TRL needs none: with LoRA the reference is the adapter-disabled policy, and precomputed
@@ -121,13 +124,13 @@ def reference_model(section: DPOStageConfig, args: Any, sft_model: str, device: 
     """
     if section.lora is not None or args.precompute_ref_log_probs:
         return None
-    return common.load_model(sft_model, device)
+    return common.load_model(sft_model, device, init_kwargs=init_kwargs)
 
 
-def zephyr_dpo_defaults(pairs: int, max_length: int) -> dict[str, Any]:
+def zephyr_dpo_defaults(pairs: int, max_length: int, per_device: int | None = None) -> dict[str, Any]:
     """Zephyr's dDPO settings (beta 0.1, lr 5e-7 linear, warmup 0.1, 3 epochs, global batch 32) scaled to small data."""
     global_batch = min(32, max(8, pairs // 32))
-    per_device = min(8, global_batch)
+    per_device = per_device or min(8, global_batch)
     return {
         **common.stage_defaults(max_length),
         "beta": 0.1, "learning_rate": 5e-7, "lr_scheduler_type": "linear", "warmup_steps": 0.1,

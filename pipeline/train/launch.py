@@ -35,6 +35,8 @@ def accelerate_config_path(compute: ComputeConfig) -> Path:
     """compute.accelerate_config as a file: a path, or a shipped name (multi_gpu, deepspeed_zero3, fsdp)."""
     name = compute.accelerate_config or "multi_gpu"
     path = ACCELERATE_CONFIGS / SHIPPED[name] if name in SHIPPED else Path(name).expanduser()
+    if not path.is_file() and not path.is_absolute():
+        path = ACCELERATE_CONFIGS.parents[1] / path  # `configs/accelerate/…` from anywhere, as recipes write it
     if not path.is_file():
         raise TrainingError(f"compute.accelerate_config: '{name}' is neither a file nor one of {sorted(SHIPPED)} "
                             f"(shipped in {ACCELERATE_CONFIGS})")

@@ -27,6 +27,7 @@ def run(recipe: Recipe, store: RunStore) -> StageReport:
         raise common.TrainingError(f"sft: no usable dialogues in {store.url}/generate ({len(failures)} rejected; "
                                    f"see {store.url}/sft/failures.jsonl)")
     if should_launch(recipe.compute):
+        common.resolve_base_model(recipe, store)  # build the tiny student once, not once per rank
         launch_stage("sft", recipe, store)
         metrics = store.read_json(store.join("sft", "metrics.json"))
     else:
@@ -78,9 +79,11 @@ def train_sft(recipe: Recipe, store: RunStore, dialogues: list[list[dict[str, st
     with common.local_stage_dir(store, "sft") as stage_dir:
         tokenizer = common.load_tokenizer(base)
         template = common.ensure_training_template(tokenizer)
-        model = common.load_model(base, device, recipe.sft.lora)
-        defaults = zephyr_sft_defaults(len(dialogues), common.max_positions(model, 2048))
-        args = common.build_trl_config(SFTConfig, "sft", recipe.sft.args, defaults,
+        user_args, init_kwargs = common.split_model_init_kwargs(recipe.sft.args)
+        model = common.load_model(base, device, recipe.sft.lora, init_kwargs)
+        defaults = zephyr_sft_defaults(len(dialogues), common.max_positions(model, 2048),
+                                       user_args.get("per_device_train_batch_size"))
+        args = common.build_trl_config(SFTConfig, "sft", user_args, defaults,
                                        stage_dir / "checkpoints", device)
         trainer = SFTTrainer(model=model, args=args, processing_class=tokenizer,
                              train_dataset=Dataset.from_list([{"messages": m} for m in dialogues]),
@@ -92,18 +95,18 @@ def train_sft(recipe: Recipe, store: RunStore, dialogues: list[list[dict[str, st
         common.save_final_model(trainer, tokenizer, stage_dir / "model", base)
         metrics = common.write_metrics(trainer, stage_dir, {
             "stage": "sft", "base_model": base, "chat_template": template, "examples": len(dialogues),
-            "resumed_from_step": common.checkpoint_step(resume), "device": device,
-            "wall_seconds": time.perf_counter() - t0})
+            "resumed_from_step": common.checkpoint_step(resume), "launched": is_launched_rank(),
+            "device": device, "wall_seconds": time.perf_counter() - t0})
         if trainer.is_world_process_zero():
             common.write_model_card(stage_dir / "model", "sft", recipe, store, base,
                                     f"{len(dialogues)} teacher dialogues from `generate`", metrics)
     return metrics
 
 
-def zephyr_sft_defaults(examples: int, max_length: int) -> dict[str, Any]:
+def zephyr_sft_defaults(examples: int, max_length: int, per_device: int | None = None) -> dict[str, Any]:
     """Zephyr's dSFT settings (lr 2e-5 cosine, warmup 0.1, 1 epoch, global batch 128) scaled to small data."""
     global_batch = min(128, max(8, examples // 32))  # at least ~32 optimizer steps per epoch
-    per_device = min(16, global_batch)
+    per_device = per_device or min(16, global_batch)
     return {
         **common.stage_defaults(max_length),
         "learning_rate": 2e-5, "lr_scheduler_type": "cosine", "warmup_steps": 0.1, "num_train_epochs": 1,
