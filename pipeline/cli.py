@@ -73,7 +73,7 @@ def _run(rec: Recipe, run_name: str | None, stages: list[str], force: bool) -> N
     except KeyboardInterrupt:
         raise CliError("interrupted; run the same command again to resume where it stopped", 130) from None
     for rep in reports:
-        click.echo(f"{rep.stage}: {rep.message or rep.status}", err=True)
+        click.echo(f"{rep.stage}: {rep.message or rep.status}")
     _print_status(store)
 
 
@@ -119,6 +119,8 @@ def _run_flow(recipe: str, overrides: tuple[str, ...], run_name: str | None, sta
         if result.get("status") == "nothing new":
             click.echo(f"series '{series}': no new prompts; nothing to do", err=True)
             return
+        for name, rep in result.get("stages", {}).items():
+            click.echo(f"{name}: {rep.get('message') or rep.get('status')}")
         _print_status(RunStore.open_existing(result["run_dir"]))
         return
     try:
