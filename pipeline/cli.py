@@ -186,6 +186,19 @@ def _print_status(store) -> None:  # noqa: ANN001
             click.echo(f"{r['stage']} failed: {r['message']}")
 
 
+def _open_run(run: str, root: str | None, recipe_path: str | None):  # noqa: ANN202 - a RunStore
+    """A run directory (path or URL), or a run name under --root / the recipe's storage.root / ./runs."""
+    from pipeline.store import RunStore, StoreError
+
+    try:
+        if root is None and recipe_path is None and ("/" in run or Path(run).exists()):
+            return RunStore.open_existing(run)
+        base = root or (_load(recipe_path, ()).storage.root if recipe_path else "runs")
+        return RunStore.open_existing(f"{base.rstrip('/')}/{run}")
+    except StoreError as exc:
+        raise CliError(str(exc), EXIT_BAD_INPUT) from None
+
+
 @main.command()
 @click.argument("run", metavar="RUN_DIR_OR_NAME")
 @click.option("--root", default=None, help="storage.root to look in when RUN is a name (default: ./runs, "
@@ -194,17 +207,7 @@ def _print_status(store) -> None:  # noqa: ANN001
               help="Take storage.root from this recipe.")
 def status(run: str, root: str | None, recipe_path: str | None) -> None:
     """Show a table of a run's stages: status, items, failures, cost and time."""
-    from pipeline.store import RunStore, StoreError
-
-    try:
-        if root is None and recipe_path is None and ("/" in run or Path(run).exists()):
-            store = RunStore.open_existing(run)
-        else:
-            base = root or (_load(recipe_path, ()).storage.root if recipe_path else "runs")
-            store = RunStore.open_existing(f"{base.rstrip('/')}/{run}")
-    except StoreError as exc:
-        raise CliError(str(exc), EXIT_BAD_INPUT) from None
-    _print_status(store)
+    _print_status(_open_run(run, root, recipe_path))
 
 
 @main.command()
@@ -216,16 +219,8 @@ def status(run: str, root: str | None, recipe_path: str | None) -> None:
 def report(run: str, root: str | None, recipe_path: str | None) -> None:
     """Rebuild a run's report (evaluate/report.json, report.md, plots) from its store and summarise it."""
     from pipeline.report import write_report
-    from pipeline.store import RunStore, StoreError
 
-    try:
-        if root is None and recipe_path is None and ("/" in run or Path(run).exists()):
-            store = RunStore.open_existing(run)
-        else:
-            base = root or (_load(recipe_path, ()).storage.root if recipe_path else "runs")
-            store = RunStore.open_existing(f"{base.rstrip('/')}/{run}")
-    except StoreError as exc:
-        raise CliError(str(exc), EXIT_BAD_INPUT) from None
+    store = _open_run(run, root, recipe_path)
     rep = write_report(store)
     for label, m in (rep.get("evaluation") or {}).get("models", {}).items():
         acc = f", accuracy {m['accuracy']['mean']:.3f}" if m["accuracy"] else ""

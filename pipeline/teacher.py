@@ -339,7 +339,10 @@ def cache_path(store: Any, recipe: Recipe) -> Path:
 
 def teacher_for_stage(recipe: Recipe, store: Any) -> TeacherClient:
     """A client for one stage: the run's cache, and the run's teacher spend so far counted against the cap."""
-    spent = sum(float(s.get("cost", {}).get("usd", 0.0))
-                for s in store.read_manifest().get("stages", {}).values())
-    return TeacherClient(recipe.teacher, ResponseCache(cache_path(store, recipe)), spent_usd=spent)
+    return TeacherClient(recipe.teacher, ResponseCache(cache_path(store, recipe)), spent_usd=run_spend(store))
+
+
+def run_spend(store: Any) -> float:
+    """Dollars the run's stages have paid the teacher so far (counted against teacher.max_cost_usd)."""
+    return sum(float(s.get("cost", {}).get("usd", 0.0)) for s in store.read_manifest().get("stages", {}).values())
 

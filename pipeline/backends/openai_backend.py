@@ -17,6 +17,7 @@ from pipeline.teacher import (
     TeacherFatal,
     Usage,
     cache_path,
+    run_spend,
 )
 from pipeline.work import stream_map
 
@@ -48,8 +49,7 @@ class OpenAIBackend:
 
     @classmethod
     def for_pool_model(cls, model: PoolModel, recipe: Recipe, store: RunStore) -> OpenAIBackend:
-        spent = sum(float(s.get("cost", {}).get("usd", 0.0))
-                    for s in store.read_manifest().get("stages", {}).values())
+        spent = run_spend(store)
         cfg = pool_client_config(model, recipe.teacher)
         same_endpoint = model.base_url in (None, BUILTIN_TEACHER)
         return cls(cfg, ResponseCache(cache_path(store, recipe)), spent if same_endpoint else 0.0)
