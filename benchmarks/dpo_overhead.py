@@ -24,12 +24,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline.recipe import Recipe, recipe_from_dict
-from pipeline.runner import open_run, run_stage
-from pipeline.stages import fingerprint
-from pipeline.store import RunStore, StageState
-from pipeline.toy.task import format_answer, make_prompts, parse_problem
 from pipeline.train.common import build_tiny_student, stage_defaults, student_options
+
+from pipeline.core.graph import fingerprint
+from pipeline.core.recipe import Recipe, recipe_from_dict
+from pipeline.core.runner import open_run, run_stage
+from pipeline.core.store import RunStore, StageState
+from pipeline.tasks.toy.task import format_answer, make_prompts, parse_problem
 
 SETTINGS = {"learning_rate": 1e-3, "per_device_train_batch_size": 16, "max_length": 128, "beta": 0.1,
             "loss_type": ["sigmoid", "sft"], "lr_scheduler_type": "linear", "warmup_steps": 0.1, "seed": 0,
@@ -68,7 +69,7 @@ def toy_pairs(n: int) -> list[dict[str, Any]]:
 def prepare_run(root: Path, pairs: list[dict[str, Any]], steps: int) -> tuple[Recipe, RunStore]:
     """A run whose sft stage is done (the tiny student) and whose feedback stage holds the pairs."""
     dpo_args = {k: v for k, v in SETTINGS.items() if k not in ("beta", "loss_type")}
-    recipe = recipe_from_dict({"storage": {"root": str(root)}, "compute": {"device": "cpu"},
+    recipe = recipe_from_dict({"task": "toy", "storage": {"root": str(root)}, "compute": {"device": "cpu"},
                                "dpo": {"beta": SETTINGS["beta"], "loss_type": SETTINGS["loss_type"],
                                        "args": {**dpo_args, "max_steps": steps}}})
     store = open_run(recipe, "overhead")

@@ -62,10 +62,10 @@ def prepare_run(root: Path, shape: dict[str, Any], opts: argparse.Namespace) -> 
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from pipeline.recipe import recipe_from_dict
-    from pipeline.runner import open_run
-    from pipeline.stages import fingerprint
-    from pipeline.store import StageState
+    from pipeline.core.graph import fingerprint
+    from pipeline.core.recipe import recipe_from_dict
+    from pipeline.core.runner import open_run
+    from pipeline.core.store import StageState
 
     words = opts.seq // 2 - 4  # prompt + answer (+ role and eos tokens) fill `seq` tokens
     tokenizer = word_tokenizer(shape["vocab_size"])
@@ -76,7 +76,7 @@ def prepare_run(root: Path, shape: dict[str, Any], opts: argparse.Namespace) -> 
     dpo_args = {"max_steps": opts.steps, "per_device_train_batch_size": opts.batch, "max_length": opts.seq,
                 "learning_rate": 5e-7, "save_strategy": "no", "logging_steps": 1,
                 "activation_checkpointing": opts.checkpointing, "dataloader_num_workers": 2}
-    recipe = recipe_from_dict({"storage": {"root": str(root)}, "dpo": {"beta": 0.1, "args": dpo_args},
+    recipe = recipe_from_dict({"task": "toy", "storage": {"root": str(root)}, "dpo": {"beta": 0.1, "args": dpo_args},
                                "compute": {"device": "cpu" if opts.smoke else "cuda"}})
     store = open_run(recipe, "gpu-train")
     model.save_pretrained(store.join("sft", "model"))
@@ -116,7 +116,7 @@ def main() -> None:
         print("gpu_train: no CUDA device visible to torch; this benchmark needs a GPU (run it on a GPU worker). "
               "Nothing was measured.", file=sys.stderr)
         sys.exit(2)
-    from pipeline.runner import run_stage
+    from pipeline.core.runner import run_stage
 
     shape = SMOKE if opts.smoke else SHAPE_05B
     root = Path(tempfile.mkdtemp(prefix="gpu-train-"))

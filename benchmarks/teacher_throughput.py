@@ -28,11 +28,13 @@ import openai
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.recipe import TeacherConfig, recipe_from_dict  # noqa: E402
-from pipeline.runner import open_run, run_stage  # noqa: E402
-from pipeline.teacher import ChatRequest, ResponseCache, TeacherClient  # noqa: E402
-from pipeline.toy.teacher_server import ToyTeacher, ToyTeacherConfig  # noqa: E402
-from pipeline.work import stream_map  # noqa: E402
+from pipeline.core.recipe import TeacherConfig, recipe_from_dict  # noqa: E402
+from pipeline.core.runner import open_run, run_stage  # noqa: E402
+from pipeline.core.work import stream_map  # noqa: E402
+from pipeline.tasks.toy.teacher_server import ToyTeacher, ToyTeacherConfig  # noqa: E402
+from pipeline.teacher.cache import ResponseCache
+from pipeline.teacher.client import TeacherClient  # noqa: E402
+from pipeline.teacher.messages import ChatRequest
 
 WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa "
          "quebec romeo sierra tango uniform victor whiskey xray yankee zulu river stone cloud ember").split()
@@ -136,8 +138,8 @@ CHILD = """
 import sys, json, resource
 from pathlib import Path
 sys.path.insert(0, {root!r})
-from pipeline.recipe import recipe_from_dict
-from pipeline.runner import open_run, run_stage
+from pipeline.core.recipe import recipe_from_dict
+from pipeline.core.runner import open_run, run_stage
 rec = recipe_from_dict(json.loads({recipe!r}))
 report = run_stage("generate", rec, open_run(rec, "rss"))
 peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -18,10 +18,10 @@ from prefect.artifacts import (
 )
 from prefect.context import FlowRunContext, TaskRunContext
 
-from pipeline.progress import set_progress_factory
-from pipeline.runner import status_rows
-from pipeline.stages import StageReport
-from pipeline.store import RunStore
+from pipeline.core.progress import set_progress_factory
+from pipeline.core.runner import status_rows
+from pipeline.core.stage import StageReport
+from pipeline.core.store import RunStore
 
 
 def artifact_key(*parts: str) -> str:
@@ -34,7 +34,7 @@ def _in_run() -> bool:
 
 
 class ProgressArtifact:
-    """A progress sink for `pipeline.progress` that updates a Prefect progress artifact (at most every 2 s)."""
+    """A progress sink for `pipeline.core.progress` that updates a Prefect progress artifact (at most every 2 s)."""
 
     def __init__(self, run_name: str, stage: str, total: int | None, unit: str):
         self.total, self.done, self.unit, self.stage = total, 0, unit, stage
@@ -48,9 +48,6 @@ class ProgressArtifact:
         if self.total and (now - self._last > 2.0 or self.done >= self.total):
             self._last = now
             update_progress_artifact(self._id, min(100.0, 100.0 * self.done / self.total))
-
-    def set_postfix_str(self, s: str) -> None:  # the terminal bar's extra text; not shown here
-        pass
 
     def close(self) -> None:
         if self.total:

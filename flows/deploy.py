@@ -10,7 +10,7 @@ from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, WorkPoo
 from prefect.exceptions import ObjectAlreadyExists
 
 from flows.distill import GPU_CONCURRENCY_LIMIT, STAGE_FLOWS, distill
-from pipeline.stages import STAGES
+from pipeline.core.graph import STAGES
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 

@@ -17,12 +17,13 @@ from prefect.states import Scheduled
 
 from flows.artifacts import ProgressArtifact, publish_run_summary, publish_stage
 from flows.params import DistillRequest, StageRequest
-from pipeline.promotion import promotion_for_run, with_current_baseline
-from pipeline.recipe import Recipe
-from pipeline.runner import StageFailed, open_run, run_stage, teacher_endpoint
-from pipeline.series import NothingNew, Series
-from pipeline.stages import STAGES, StageReport, fingerprint
-from pipeline.store import RunStore
+from pipeline.core.graph import STAGES, fingerprint
+from pipeline.core.recipe import Recipe
+from pipeline.core.runner import StageFailed, check_settings, open_run, run_stage, teacher_endpoint
+from pipeline.core.stage import StageReport
+from pipeline.core.store import RunStore
+from pipeline.series.promotion import promotion_for_run, with_current_baseline
+from pipeline.series.series import NothingNew, Series
 
 GPU_CONCURRENCY_LIMIT = "zephyr-distill-gpu"
 
@@ -157,6 +158,7 @@ def distill(request: DistillRequest = DistillRequest()) -> dict[str, Any]:  # no
     """Chain the stages of one distillation run; GPU stages go to the gpu pool when the recipe names one."""
     log = get_run_logger()
     recipe = request.load()
+    check_settings(recipe, list(request.stages))  # a bad TRL argument fails now, not hours later
     export_teacher_key(recipe)
     store = open_run(recipe, _run_name(request, recipe))
     series = Series(recipe, request.series) if request.series else None

@@ -5,13 +5,12 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from pipeline.recipe import Recipe, RecipeError, apply_overrides, load_recipe, recipe_from_dict
-from pipeline.stages import STAGE_ORDER
+from pipeline.core.recipe import Recipe, load_recipe, load_recipe_text, recipe_from_dict
+from pipeline.core.stage import STAGE_NAMES
 
-StageName = Literal["generate", "sft", "sample", "feedback", "dpo", "evaluate"]
+StageName = Literal[STAGE_NAMES]  # one definition of the stages: pipeline.core.stage
 _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
@@ -25,7 +24,7 @@ class DistillRequest(BaseModel):
     recipe_yaml: str | None = Field(None, description="A whole recipe inline (YAML); used instead of recipe_path.")
     run_name: str | None = Field(None, description="Run directory name; reuse one to resume it. "
                                                    "Default: the recipe's name (or series-timestamp).")
-    stages: list[StageName] = Field(default_factory=lambda: list(STAGE_ORDER),
+    stages: list[StageName] = Field(default_factory=lambda: list(STAGE_NAMES),
                                     description="Stages to run, in pipeline order.")
     overrides: list[str] = Field(default_factory=list,
                                  description="Recipe overrides KEY.PATH=VALUE, e.g. dpo.beta=0.05.")
@@ -51,13 +50,8 @@ class DistillRequest(BaseModel):
         """The validated recipe; errors name the recipe (file or inline) and the key path."""
         if self.recipe_yaml is None:
             return load_recipe(self.recipe_path, self.overrides)
-        try:
-            data = yaml.safe_load(self.recipe_yaml)
-        except yaml.YAMLError as exc:
-            raise RecipeError(f"<inline recipe_yaml>: malformed YAML: {exc}") from None
-        if isinstance(data, dict):
-            data = apply_overrides(data, self.overrides)
-        return recipe_from_dict(data, origin="<inline recipe_yaml>")
+        # the same loader as files and --set: `2e-5` is a number here too
+        return load_recipe_text(self.recipe_yaml, "<inline recipe_yaml>", self.overrides)
 
 
 class StageRequest(BaseModel):

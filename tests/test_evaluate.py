@@ -25,17 +25,19 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from pipeline import evaluate
-from pipeline.data import prompt_id
-from pipeline.promotion import decide, promotion_for_run, with_current_baseline
-from pipeline.recipe import Recipe, recipe_from_dict
-from pipeline.runner import open_run, run_stage
-from pipeline.stages import fingerprint
-from pipeline.store import RunStore, StageState
-from pipeline.toy.student import build_student
-from pipeline.toy.task import corpus, make_prompts, parse_problem
-from pipeline.toy.teacher_server import ToyTeacher, ToyTeacherConfig
+from pipeline.core.graph import fingerprint
+from pipeline.core.recipe import Recipe, load_recipe, recipe_from_dict
+from pipeline.core.runner import open_run, run_stage
+from pipeline.core.sources import prompt_id
+from pipeline.core.store import RunStore, StageState
+from pipeline.series.promotion import decide, promotion_for_run, with_current_baseline
+from pipeline.stages.evaluate import records
+from pipeline.stages.evaluate import stage as evaluate
+from pipeline.tasks.toy.task import corpus, make_prompts, parse_problem
+from pipeline.tasks.toy.teacher_server import ToyTeacher, ToyTeacherConfig
+from pipeline.train.student import build_student
 
+QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 N_ITEMS = 40
 
 
@@ -87,7 +89,7 @@ def toy_run(root: Path, students: dict[str, Any], teacher: dict[str, Any] | None
             **evaluate_section: Any) -> tuple[Recipe, RunStore]:
     """A toy run whose sft and dpo stages are recorded as done, with the given models in their place."""
     recipe = recipe_from_dict({
-        "name": "evaltest", "prompts": {"source": "toy"}, "sft": {"model": str(students["base"])},
+        "name": "evaltest", "task": "toy", "prompts": {"source": "task"}, "sft": {"model": str(students["base"])},
         "teacher": {"api_key_env": None, "max_retries": 1, "backoff_base_s": 0.01, **(teacher or {})},
         "evaluate": {"heldout_count": N_ITEMS, "max_tokens": 12, "batch_size": 64, **evaluate_section},
         "storage": {"root": str(root / "runs")},
@@ -278,15 +280,21 @@ def test_second_turn_is_judged_with_the_models_first_answer(tmp_path: Path, stud
 
 
 def test_shipped_set_loads_and_bad_files_name_the_line(tmp_path: Path) -> None:
-    recipe = recipe_from_dict({"prompts": {"source": str(_jsonl(tmp_path / "p.jsonl", [{"prompt": "hi"}]))}})
-    name, items = evaluate.load_items(recipe)
-    assert name == "eval_set.jsonl" and len({it.category for it in items}) == 8
+    recipe = recipe_from_dict({"teacher": {"base_url": "http://127.0.0.1:9/v1"},
+                               "prompts": {"source": str(_jsonl(tmp_path / "p.jsonl", [{"prompt": "hi"}]))}})
+    eval_set = records.load_eval_set(recipe)
+    name, items = eval_set.name, eval_set.items
+    assert name == "eval_set.jsonl" and len({it.category for it in items}) == 8 and eval_set.checker is None
     assert any(len(it.turns) == 2 for it in items) and any(it.reference for it in items)
     dup = _jsonl(tmp_path / "dup.jsonl", [{"id": "a", "prompt": "x"}, {"id": "a", "prompt": "y"}])
-    with pytest.raises(evaluate.EvaluateError, match="line 2: id 'a' appears twice"):
-        evaluate.parse_items(dup.read_text(), str(dup))
-    with pytest.raises(evaluate.EvaluateError, match="line 1: expected 'turns'"):
-        evaluate.parse_items(json.dumps({"turns": []}), "f.jsonl")
+    with pytest.raises(records.EvaluateError, match="line 2: id 'a' appears twice"):
+        records.parse_items(str(dup))
+    empty_turns = _jsonl(tmp_path / "f.jsonl", [{"turns": []}])
+    with pytest.raises(records.EvaluateError, match="f.jsonl line 1: the user turns must be non-empty strings"):
+        records.parse_items(str(empty_turns))
+    odd = _jsonl(tmp_path / "odd.jsonl", [{"question": "x"}])
+    with pytest.raises(records.EvaluateError, match=r"odd.jsonl line 1: expected one of 'turns' \(MT-Bench"):
+        records.parse_items(str(odd))
 
 
 def _jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
@@ -326,7 +334,8 @@ def test_promotion_for_run_checks_the_baseline_is_the_current_model(tmp_path: Pa
     assert ok["promote"] is True and ok["min_win_rate"] == 0.55  # evaluate.promote_min_win_rate by default
     other = promotion_for_run(store, "/series/run-0/dpo/model")
     assert other["promote"] is False and "not the current model" in other["reason"]
-    recipe = with_current_baseline(Recipe(), "/series/run-1/dpo/model")
+    plain = load_recipe(QUICKSTART)
+    recipe = with_current_baseline(plain, "/series/run-1/dpo/model")
     assert recipe.evaluate.baseline == "/series/run-1/dpo/model"
-    assert fingerprint("evaluate", recipe) != fingerprint("evaluate", Recipe())
-    assert evaluate.model_label(recipe.evaluate.baseline) == "run-1/dpo"
+    assert fingerprint("evaluate", recipe) != fingerprint("evaluate", plain)
+    assert records.model_label(recipe.evaluate.baseline) == "run-1/dpo"

@@ -6,13 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.recipe import load_recipe
-from pipeline.stages import STAGE_ORDER, fingerprint
+from pipeline.core.graph import fingerprint
+from pipeline.core.recipe import load_recipe
+from pipeline.core.stage import STAGE_NAMES
 
 
 def _fps(repo_root: Path, *overrides: str) -> dict[str, str]:
     rec = load_recipe(repo_root / "configs/quickstart.yaml", list(overrides))
-    return {name: fingerprint(name, rec) for name in STAGE_ORDER}
+    return {name: fingerprint(name, rec) for name in STAGE_NAMES}
 
 
 @pytest.mark.parametrize(
@@ -32,7 +33,7 @@ def _fps(repo_root: Path, *overrides: str) -> dict[str, str]:
 )
 def test_change_propagates_downstream_only(repo_root: Path, override: str, changed: set[str]):
     base, new = _fps(repo_root), _fps(repo_root, override)
-    assert {s for s in STAGE_ORDER if base[s] != new[s]} == changed
+    assert {s for s in STAGE_NAMES if base[s] != new[s]} == changed
 
 
 def test_fingerprint_is_stable(repo_root: Path):
@@ -40,15 +41,15 @@ def test_fingerprint_is_stable(repo_root: Path):
 
 
 def test_starting_the_builtin_teacher_does_not_change_fingerprints(repo_root: Path):
-    from pipeline.runner import teacher_endpoint
+    from pipeline.core.runner import teacher_endpoint
 
     rec = load_recipe(repo_root / "configs/quickstart.yaml")
     with teacher_endpoint(rec) as live:
         assert live.teacher.endpoint.startswith("http://127.0.0.1:")
-        assert {s: fingerprint(s, live) for s in STAGE_ORDER} == {s: fingerprint(s, rec) for s in STAGE_ORDER}
+        assert {s: fingerprint(s, live) for s in STAGE_NAMES} == {s: fingerprint(s, rec) for s in STAGE_NAMES}
         assert live.snapshot() == rec.snapshot()
 
 
 def test_toy_teacher_options_are_part_of_the_teacher_identity(repo_root: Path):
-    base, new = _fps(repo_root), _fps(repo_root, "teacher.toy.error_rate=0.1")
+    base, new = _fps(repo_root), _fps(repo_root, "teacher.builtin.error_rate=0.1")
     assert base["generate"] != new["generate"] and base["feedback"] != new["feedback"]

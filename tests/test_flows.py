@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from prefect_env import PrefectEnv
 
-from pipeline.data import prompt_id
-from pipeline.stages import STAGE_ORDER
-from pipeline.store import RunStore
-from pipeline.toy.teacher_server import ToyTeacher, ToyTeacherConfig
+from pipeline.core.sources import prompt_id
+from pipeline.core.stage import STAGE_NAMES
+from pipeline.core.store import RunStore
+from pipeline.tasks.toy.teacher_server import ToyTeacher, ToyTeacherConfig
 
 DISTILL = str(Path(sys.executable).parent / "distill")
 
@@ -122,7 +122,7 @@ def test_teacher_key_from_a_secret_block_never_reaches_parameters_logs_or_artifa
                              "overrides": [f"storage.root={tmp_path / 'runs'}", f"teacher.base_url={toy.base_url}",
                                            "teacher.api_key_env=ZD_TEST_TEACHER_KEY",
                                            "teacher.api_key_secret_block=teacher-key-test",
-                                           "prompts.toy_count=40", "generate.max_rounds=1"]})
+                                           "prompts.count=40", "generate.max_rounds=1"]})
         assert run.state.is_completed(), prefect.logs()
         assert toy.stats()["outcomes"]["ok"] >= 30  # the key did reach the teacher
 
@@ -162,7 +162,7 @@ def test_prefect_yaml_declares_what_distill_deploy_registers(repo_root):
 def _small_quickstart(root: Path, teacher_url: str, run_name: str) -> dict:
     return {"recipe_path": "configs/quickstart.yaml", "run_name": run_name,
             "overrides": [f"storage.root={root}", f"teacher.base_url={teacher_url}", "teacher.api_key_env=null",
-                          "compute.gpu_pool=gpu", "prompts.toy_count=80", "generate.max_rounds=2",
+                          "compute.gpu_pool=gpu", "prompts.count=80", "generate.max_rounds=2",
                           "sft.args.num_train_epochs=1", "dpo.args.num_train_epochs=1",
                           "evaluate.heldout_count=20"]}
 
@@ -187,7 +187,7 @@ def test_quickstart_through_deployments_dispatches_gpu_stages_to_the_gpu_pool(pr
         assert children[f"{stage}/gpu"].work_pool_name == "gpu" and children[f"{stage}/gpu"].state.is_completed()
     assert run.work_pool_name == "cpu"
     store = RunStore(tmp_path / "runs", "e2e")
-    assert all(store.stage_state(s).status == "completed" for s in STAGE_ORDER)
+    assert all(store.stage_state(s).status == "completed" for s in STAGE_NAMES)
     keys = {a.key for a in _client_call(prefect, lambda c: c.read_artifacts()) if a.key}
     assert {"e2e-summary", "e2e-costs", "e2e-run-dir", "e2e-generate-samples", "e2e-feedback-samples",
             "e2e-generate-progress"} <= keys
@@ -231,4 +231,4 @@ def test_ui_retry_of_a_failed_run_reruns_only_dpo(prefect, tmp_path):
     assert {d: len(rs) for d, rs in by_dep.items()} == {"sample/gpu": 1, "sft/gpu": 1, "dpo/gpu": 1,
                                                          "evaluate/gpu": 1}
     assert by_dep["dpo/gpu"][0].run_count == 2 and by_dep["sft/gpu"][0].run_count == 1
-    assert all(store.stage_state(s).status == "completed" for s in STAGE_ORDER)
+    assert all(store.stage_state(s).status == "completed" for s in STAGE_NAMES)

@@ -15,13 +15,13 @@ from pathlib import Path
 import datasets
 import pytest
 
-from pipeline.data import prompt_id
-from pipeline.recipe import load_recipe
-from pipeline.runner import StageFailed, open_run, run_stage, teacher_endpoint
-from pipeline.store import RunStore
-from pipeline.teacher import ResponseCache
-from pipeline.toy.task import make_prompts
-from pipeline.toy.teacher_server import ToyTeacher, ToyTeacherConfig, request_key
+from pipeline.core.recipe import load_recipe
+from pipeline.core.runner import StageFailed, open_run, run_stage, teacher_endpoint
+from pipeline.core.sources import prompt_id
+from pipeline.core.store import RunStore
+from pipeline.tasks.toy.task import make_prompts
+from pipeline.tasks.toy.teacher_server import ToyTeacher, ToyTeacherConfig, request_key
+from pipeline.teacher.cache import ResponseCache
 
 FAULTS = {"fault_429": 0.05, "fault_500": 0.05, "fault_hang": 0.01, "fault_bad_json": 0.02,
           "retry_after_s": 0.2, "hang_s": 60}
@@ -32,7 +32,7 @@ def _recipe(write_recipe, base_url: str, count: int, **generate) -> Path:
         "name": "gen",
         "teacher": {"base_url": base_url, "model": "toy-teacher", "api_key_env": None, "timeout_s": 1.0,
                     "max_retries": 6, "backoff_base_s": 0.05, "backoff_max_s": 0.5, "max_concurrency": 16},
-        "prompts": {"source": "toy", "toy_count": count},
+        "task": "toy", "prompts": {"source": "task", "count": count},
         "generate": {"min_rounds": 1, "max_rounds": 3, "shard_size": 25, **generate},
     })
 
@@ -173,14 +173,14 @@ def test_builtin_teacher_is_started_and_stopped_by_the_runner(repo_root):
         assert url.startswith("http://127.0.0.1:")
         with urllib.request.urlopen(url.removesuffix("/v1") + "/health", timeout=5) as resp:
             assert resp.status == 200
-    assert rec.teacher.base_url == "builtin:toy"
+    assert rec.teacher.base_url == "builtin"
     with pytest.raises(OSError):  # stopped with the context
         urllib.request.urlopen(url.removesuffix("/v1") + "/health", timeout=5)
 
 
 def test_instruction_filter_rules():
-    from pipeline.recipe import SelfInstructConfig
-    from pipeline.self_instruct import Candidate, InstructionFilter, parse_tasks
+    from pipeline.core.recipe import SelfInstructConfig
+    from pipeline.stages.generate.self_instruct import Candidate, InstructionFilter, parse_tasks
 
     filt = InstructionFilter(SelfInstructConfig(), ["Write a poem about the sea and the sky at night"])
     assert filt.reason_to_drop(Candidate("Write a poem about the sea and the sky at dawn")) == "too_similar"

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.judge import VerdictError, combine_orders, parse_pairwise, parse_single, win_rate
+from pipeline.stages.evaluate.judge import (
+    VerdictError,
+    combine_orders,
+    parse_pairwise,
+    parse_single,
+    win_rate,
+)
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.ratings import answer_score, parse_ratings
+from pipeline.stages.feedback.ratings import answer_score, parse_ratings
 
 
 def values(text: str, n: int = 3, aspect: str = "helpfulness") -> tuple[dict[int, float | None], dict[int, str]]:

@@ -9,18 +9,18 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import main
-from pipeline.evaluate import answer_id, pairwise_id, single_id
-from pipeline.recipe import Recipe
-from pipeline.report import PLOT_FILES, write_report
-from pipeline.runner import open_run
-from pipeline.store import RunStore, StageState
+from pipeline.core.recipe import Recipe
+from pipeline.core.runner import open_run
+from pipeline.core.store import RunStore, StageState
+from pipeline.stages.evaluate.records import answer_id, pairwise_id, single_id
+from pipeline.stages.evaluate.report import PLOT_FILES, write_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def finished_run(root: Path) -> RunStore:
     """A run as the stages leave it: stage states, DPO metrics, feedback pairs and an evaluation."""
-    store = open_run(Recipe.model_validate({"storage": {"root": str(root)}}), "done")
+    store = open_run(Recipe.model_validate({"task": "toy", "storage": {"root": str(root)}}), "done")
     for i, stage in enumerate(["generate", "sft", "sample", "feedback", "dpo", "evaluate"]):
         store.set_stage_state(stage, StageState(fingerprint="f", status="completed", seconds=10.0 * (i + 1),
                                                 counts={"output": 100, "failed": i},
@@ -41,11 +41,11 @@ def finished_run(root: Path) -> RunStore:
 
 def write_evaluation(store: RunStore) -> None:
     """Two models on four one-turn toy items: sft right on 1, dpo right on 3; dpo beats sft twice, ties twice."""
-    items = [{"item_id": f"i{k}", "category": "toy", "turns": [f"What is {k} + 1?"], "reference": None, "toy": True}
+    items = [{"item_id": f"i{k}", "category": "toy", "turns": [f"What is {k} + 1?"], "reference": None}
              for k in range(4)]
     models = [{"label": "sft", "spec": "sft"}, {"label": "dpo", "spec": "dpo"}]
     store.write_json(store.join("evaluate", "plan.json"), {
-        "eval_set": "toy-heldout", "requested_items": 4, "items": items, "models": models, "baseline": "sft",
+        "eval_set": "toy-heldout", "checked": True, "requested_items": 4, "items": items, "models": models, "baseline": "sft",
         "baseline_spec": "sft", "candidate": "dpo", "promote_min_win_rate": 0.5, "judge": "toy-teacher"})
     right = {"sft": {0}, "dpo": {0, 1, 2}}
     answers, singles = [], []
@@ -56,7 +56,8 @@ def write_evaluation(store: RunStore) -> None:
             answers.append({"answer_id": aid, "item_id": it["item_id"], "model": m["label"], "spec": m["spec"],
                             "model_path": f"/x/{m['spec']}", "category": "toy", "turns": it["turns"],
                             "answers": [f"The answer is {k + 1 if ok else 0}."], "finish_reasons": ["stop"],
-                            "completion_tokens": 6, "correct": ok})
+                            "completion_tokens": 6, "correct": float(ok),
+                            "check_error": None})
             singles.append({"judgment_id": single_id(aid, 0), "item_id": it["item_id"], "model": m["label"],
                             "category": "toy", "turn": 1, "rating": 9.0 if ok else 2.0, "explanation": "",
                             "attempts": 1})
@@ -100,7 +101,7 @@ def test_report_writes_numbers_markdown_and_plots(tmp_path: Path) -> None:
 
 
 def test_report_of_a_run_without_evaluation_or_training_notes_what_is_missing(tmp_path: Path) -> None:
-    store = open_run(Recipe.model_validate({"storage": {"root": str(tmp_path)}}), "bare")
+    store = open_run(Recipe.model_validate({"task": "toy", "storage": {"root": str(tmp_path)}}), "bare")
     store.set_stage_state("generate", StageState(fingerprint="f", status="completed", seconds=3.0))
     report = write_report(store)
     assert "evaluation" not in report and report["pairs"] is None

@@ -12,15 +12,21 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.data import SeedPrompt, prompt_id
-from pipeline.prompts import render
-from pipeline.recipe import SampleConfig, load_recipe
-from pipeline.runner import open_run, run_stage
-from pipeline.sample import SampleError, assign_models, check_principles, completion_id, unique_prompts
-from pipeline.teacher import ResponseCache
-from pipeline.toy.student import build_student
-from pipeline.toy.task import corpus, make_prompts
-from pipeline.toy.teacher_server import ToyTeacher, ToyTeacherConfig, request_key
+from pipeline.core.recipe import SampleConfig, load_recipe
+from pipeline.core.runner import open_run, run_stage
+from pipeline.core.sources import SeedPrompt, prompt_id
+from pipeline.core.templates import render
+from pipeline.stages.sample.stage import (
+    SampleError,
+    assign_models,
+    check_principles,
+    completion_id,
+    unique_prompts,
+)
+from pipeline.tasks.toy.task import corpus, make_prompts
+from pipeline.tasks.toy.teacher_server import ToyTeacher, ToyTeacherConfig, request_key
+from pipeline.teacher.cache import ResponseCache
+from pipeline.train.student import build_student
 
 TEACHER = {"model": "toy-teacher", "api_key_env": None, "timeout_s": 5.0, "max_retries": 3, "backoff_base_s": 0.05,
            "backoff_max_s": 0.2, "max_concurrency": 4}
@@ -36,7 +42,7 @@ def tiny_model(tmp_path_factory) -> str:
 
 def _recipe(write_recipe, base_url: str, count: int, pool: list[dict], k: int, **sample) -> Path:
     return write_recipe({"name": "sample", "teacher": {"base_url": base_url, **TEACHER},
-                         "prompts": {"source": "toy", "toy_count": count},
+                         "task": "toy", "prompts": {"source": "task", "count": count},
                          "sample": {"k": k, "shard_size": 50, "pool": pool, **sample}})
 
 

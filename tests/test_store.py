@@ -14,11 +14,11 @@ import datasets
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.store import RunStore, StoreError
+from pipeline.core.store import RunStore, StoreError
 
 WRITER = textwrap.dedent("""
     import sys
-    from pipeline.store import RunStore
+    from pipeline.core.store import RunStore
     store = RunStore(sys.argv[1], "run")
     w = store.shard_writer("generate", shard_size=2000)
     i = 0
@@ -30,7 +30,7 @@ WRITER = textwrap.dedent("""
 
 MANIFEST_WRITER = textwrap.dedent("""
     import sys
-    from pipeline.store import RunStore
+    from pipeline.core.store import RunStore
     store = RunStore(sys.argv[1], "run")
     store.init_manifest({"recipe": "r" * 50000}, {"v": "1"})
     print("ready", flush=True)

@@ -14,16 +14,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
-from pipeline.recipe import TeacherConfig
-from pipeline.teacher import (
-    BudgetExceeded,
-    ChatRequest,
-    ResponseCache,
-    TeacherClient,
-    TeacherError,
-    TeacherFatal,
-)
-from pipeline.toy.teacher_server import ToyTeacher, ToyTeacherConfig
+from pipeline.core.recipe import TeacherConfig
+from pipeline.tasks.toy.teacher_server import ToyTeacher, ToyTeacherConfig
+from pipeline.teacher.cache import ResponseCache
+from pipeline.teacher.client import BudgetExceeded, TeacherClient, TeacherError, TeacherFatal
+from pipeline.teacher.messages import ChatRequest
 
 
 def _completion(text: str = "ok") -> dict:

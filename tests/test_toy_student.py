@@ -12,8 +12,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from pipeline.toy.student import CHAT_TEMPLATE, build_student  # noqa: E402
-from pipeline.toy.task import corpus  # noqa: E402
+from pipeline.tasks.toy.task import corpus  # noqa: E402
+from pipeline.train.student import CHAT_TEMPLATE, build_student  # noqa: E402
 
 CONVERSATION = [
     {"role": "system", "content": "You are a helpful assistant."},

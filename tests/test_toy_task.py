@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.toy.task import (
+from pipeline.tasks.toy.task import (
     TEMPLATES,
     all_facts,
     corpus,

@@ -13,8 +13,8 @@ from pathlib import Path
 import openai
 import pytest
 
-from pipeline.toy.task import Problem, is_correct, parse_problem, prompt_pool, teacher_answer
-from pipeline.toy.teacher_server import ToyTeacher, ToyTeacherConfig, parse_args, request_key
+from pipeline.tasks.toy.task import Problem, is_correct, parse_problem, prompt_pool, teacher_answer
+from pipeline.tasks.toy.teacher_server import ToyTeacher, ToyTeacherConfig, parse_args, request_key
 
 MODEL = "toy-teacher"
 TRAIN = set(prompt_pool("train"))
@@ -262,7 +262,7 @@ def test_command_line_flags_override_the_json_config(monkeypatch: pytest.MonkeyP
                                "--error-rate", "0.2", "--messy-rater", "--fault-seed", "3"])
     assert (config.error_rate, config.fault_429, config.messy_rater, config.fault_seed) == (0.2, 0.1, True, 3)
     assert config.api_key == "k" and args.port == 0
-    with pytest.raises(ValueError, match="unknown toy teacher config keys"):
+    with pytest.raises(ValueError, match="eror_rate\n  Extra inputs are not permitted"):
         parse_args(["--config-json", '{"eror_rate": 0.5}'])
     with pytest.raises(ValueError, match="add up to more than 1"):
         ToyTeacherConfig(fault_429=0.6, fault_500=0.6)

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.recipe import ComputeConfig, DPOStageConfig, recipe_from_dict
-from pipeline.store import RunStore
-from pipeline.train import common, launch
-from pipeline.train.dpo import dpo_args, to_explicit_preference
-from pipeline.train.sft import dialogue_problem
+from pipeline.core.recipe import ComputeConfig, DPOStageConfig, recipe_from_dict
+from pipeline.core.store import RunStore
+from pipeline.stages.dpo.stage import to_explicit_preference
+from pipeline.stages.sft.stage import dialogue_problem
+from pipeline.train import configs, launch, models, outputs, templates
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_trl_config_takes_recipe_args_over_defaults_and_cpu_settings_over_both() -> None:
     from trl import SFTConfig
 
-    args = common.build_trl_config(SFTConfig, "sft", {"learning_rate": 1e-3, "bf16": True, "warmup_ratio": 0.2},
+    args = configs.build_trl_config(SFTConfig, "sft", {"learning_rate": 1e-3, "bf16": True, "warmup_ratio": 0.2},
                                    {"learning_rate": 2e-5, "num_train_epochs": 2}, Path("/tmp/x"), "cpu")
     assert args.learning_rate == 1e-3 and args.num_train_epochs == 2
     assert args.use_cpu and not args.bf16 and not args.activation_checkpointing
@@ -31,13 +31,13 @@ def test_trl_config_takes_recipe_args_over_defaults_and_cpu_settings_over_both()
 def test_unknown_trl_arg_names_the_key_and_suggests_the_field() -> None:
     from trl import DPOConfig
 
-    with pytest.raises(common.TrainingError, match=r"dpo\.args\.betta: not a field of trl\.DPOConfig; did you mean 'beta'"):
-        common.build_trl_config(DPOConfig, "dpo", {"betta": 0.1}, {}, Path("/tmp/x"), "cpu")
+    with pytest.raises(models.TrainingError, match=r"dpo\.args\.betta: unknown TRL DPOConfig field; did you mean beta\?"):
+        configs.build_trl_config(DPOConfig, "dpo", {"betta": 0.1}, {}, Path("/tmp/x"), "cpu")
 
 
 def test_dpo_shorthands_fold_into_args() -> None:
     section = DPOStageConfig(beta=0.05, loss_type=["sigmoid", "sft"], args={"learning_rate": 1e-6})
-    assert dpo_args(section) == {"beta": 0.05, "loss_type": ["sigmoid", "sft"], "learning_rate": 1e-6}
+    assert section.trl_args() == {"beta": 0.05, "loss_type": ["sigmoid", "sft"], "learning_rate": 1e-6}
 
 
 def test_pairs_become_trl_explicit_prompt_chosen_rejected() -> None:
@@ -61,20 +61,22 @@ def test_dialogues_without_an_assistant_answer_are_rejected_with_a_reason() -> N
 def test_student_without_generation_markers_gets_a_template_that_trains_end_of_turn(tmp_path: Path) -> None:
     from trl.chat_template_utils import is_chat_template_stop_token_trained
 
-    from pipeline.toy.student import train_tokenizer
-    from pipeline.toy.task import corpus
+    from pipeline.tasks.toy.task import corpus
+    from pipeline.train.student import train_tokenizer
 
     tokenizer = train_tokenizer(corpus(50, 0))
     tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{{ eos_token }}{% endfor %}"
-    assert common.ensure_training_template(tokenizer) == "generic"
+    assert templates.ensure_training_template(tokenizer) == "generic"
     assert is_chat_template_stop_token_trained(tokenizer)
     tokenizer.save_pretrained(tmp_path)
-    assert common.load_tokenizer(str(tmp_path)).chat_template == common.GENERIC_TRAINING_TEMPLATE
+    assert models.load_tokenizer(str(tmp_path)).chat_template == templates.GENERIC_TRAINING_TEMPLATE
 
 
 def test_unknown_student_option_is_an_error() -> None:
-    with pytest.raises(common.TrainingError, match=r"sft\.student: unknown option\(s\) \['hiden_size'\]"):
-        common.student_options({"hiden_size": 32})
+    from pipeline.core.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match=r"sft\.student\.hiden_size: unknown key"):
+        recipe_from_dict({"task": "toy", "sft": {"student": {"hiden_size": 32}}})
 
 
 def test_resume_picks_the_newest_complete_checkpoint(tmp_path: Path) -> None:
@@ -82,9 +84,9 @@ def test_resume_picks_the_newest_complete_checkpoint(tmp_path: Path) -> None:
         (tmp_path / f"checkpoint-{step}").mkdir()
         if complete:
             (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
-    assert common.last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-10")
-    assert common.checkpoint_step(common.last_checkpoint(tmp_path)) == 10
-    assert common.last_checkpoint(tmp_path / "missing") is None
+    assert outputs.last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-10")
+    assert outputs.checkpoint_step(outputs.last_checkpoint(tmp_path)) == 10
+    assert outputs.last_checkpoint(tmp_path / "missing") is None
 
 
 def test_accelerate_command_launches_this_package_with_the_shipped_config() -> None:
@@ -97,7 +99,7 @@ def test_accelerate_command_launches_this_package_with_the_shipped_config() -> N
                                          "--run", "s3://bucket/runs/x"]
     default = launch.accelerate_command("sft", Path("r.json"), "runs/x", ComputeConfig(num_gpus=2))
     assert default[default.index("--config_file") + 1].endswith("configs/accelerate/multi_gpu.yaml")
-    with pytest.raises(common.TrainingError, match="compute.accelerate_config: 'nope.yaml'"):
+    with pytest.raises(models.TrainingError, match="compute.accelerate_config: 'nope.yaml'"):
         launch.accelerate_config_path(ComputeConfig(num_gpus=2, accelerate_config="nope.yaml"))
 
 
@@ -109,13 +111,13 @@ def test_recipes_name_accelerate_configs_relative_to_the_repo_from_any_directory
 
 
 def test_student_path_is_relative_to_the_recipe_and_a_hub_id_stays_an_id(tmp_path: Path) -> None:
-    from pipeline.recipe import load_recipe
+    from pipeline.core.recipe import load_recipe
 
     (tmp_path / "students" / "mine").mkdir(parents=True)
     recipe_file = tmp_path / "r.yaml"
-    recipe_file.write_text("sft: {model: students/mine}\n")
+    recipe_file.write_text("task: toy\nsft: {model: students/mine}\n")
     assert load_recipe(recipe_file).sft.model == str(tmp_path / "students" / "mine")
-    recipe_file.write_text("sft: {model: Qwen/Qwen2.5-0.5B}\n")
+    recipe_file.write_text("task: toy\nsft: {model: Qwen/Qwen2.5-0.5B}\n")
     assert load_recipe(recipe_file).sft.model == "Qwen/Qwen2.5-0.5B"
 
 
@@ -138,8 +140,8 @@ def test_shipped_accelerate_configs_load_in_accelerate(name: str) -> None:
 def test_failed_launch_names_the_stage_and_shows_the_log_tail(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     crash = "import sys; print('loading shards'); print('CUDA out of memory on rank 3'); sys.exit(7)"
     monkeypatch.setattr(launch, "accelerate_command", lambda *a: [sys.executable, "-c", crash])
-    recipe = recipe_from_dict({"storage": {"root": str(tmp_path)}, "compute": {"num_gpus": 2}})
-    with pytest.raises(common.TrainingError) as err:
+    recipe = recipe_from_dict({"task": "toy", "storage": {"root": str(tmp_path)}, "compute": {"num_gpus": 2}})
+    with pytest.raises(models.TrainingError) as err:
         launch.launch_stage("sft", recipe, RunStore(tmp_path, "r"))
     assert "stage 'sft'" in str(err.value) and "exited with code 7" in str(err.value)
     assert "CUDA out of memory on rank 3" in str(err.value)
@@ -147,7 +149,7 @@ def test_failed_launch_names_the_stage_and_shows_the_log_tail(tmp_path: Path, mo
 
 def test_remote_store_trains_in_a_local_dir_and_uploads_it() -> None:
     store = RunStore("memory://bucket/runs", "remote-run")
-    with common.local_stage_dir(store, "sft") as local:
+    with models.local_stage_dir(store, "sft") as local:
         assert store.is_local is False and local.is_dir()
         (local / "model").mkdir()
         (local / "model" / "config.json").write_text("{}")
@@ -155,7 +157,7 @@ def test_remote_store_trains_in_a_local_dir_and_uploads_it() -> None:
     assert store.fs.exists(store.join("sft", "model", "config.json"))
     assert store.fs.exists(store.join("sft", "metrics.json"))
     assert not local.exists()
-    assert Path(common.local_model(store, "sft"), "config.json").is_file()
+    assert Path(models.local_model(store, "sft"), "config.json").is_file()
 
 
 @pytest.mark.slow
@@ -165,13 +167,13 @@ def test_multi_gpu_path_runs_the_stage_in_an_accelerate_launched_process(tmp_pat
 
     from test_train_toyworld import toy_recipe, write_dialogues
 
-    from pipeline.runner import open_run, run_stage
+    from pipeline.core.runner import open_run, run_stage
 
     config = tmp_path / "cpu.yaml"
     config.write_text(yaml.safe_dump({"compute_environment": "LOCAL_MACHINE", "distributed_type": "MULTI_CPU",
                                       "mixed_precision": "no", "num_machines": 1, "num_processes": 2,
                                       "use_cpu": True}))
-    recipe = toy_recipe(tmp_path, prompts={"source": "toy", "toy_count": 16},
+    recipe = toy_recipe(tmp_path, prompts={"source": "task", "count": 16},
                         sft={"model": "builtin:tiny", "args": {"max_steps": 2, "per_device_train_batch_size": 4}},
                         compute={"num_gpus": 2, "accelerate_config": str(config)})
     store = open_run(recipe, "launched")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from test_train_toyworld import toy_recipe, write_dialogues, write_pairs
 
-from pipeline.runner import open_run, run_stage
+from pipeline.core.runner import open_run, run_stage
 
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}
 
@@ -19,7 +19,7 @@ def test_lora_sft_then_lora_dpo_train_adapters_and_save_merged_models(tmp_path: 
 
     recipe = toy_recipe(
         tmp_path,
-        prompts={"source": "toy", "toy_count": 16},
+        prompts={"source": "task", "count": 16},
         sft={"model": "builtin:tiny", "lora": LORA,
              "args": {"max_steps": 3, "per_device_train_batch_size": 4, "learning_rate": 1e-3}},
         dpo={"lora": LORA, "args": {"max_steps": 3, "per_device_train_batch_size": 4, "learning_rate": 1e-3}},

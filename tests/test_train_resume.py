@@ -14,9 +14,9 @@ import pytest
 import yaml
 from test_train_toyworld import QUICKSTART, write_dialogues
 
-from pipeline.recipe import load_recipe
-from pipeline.runner import open_run, run_stage
-from pipeline.train.common import checkpoint_step, last_checkpoint
+from pipeline.core.recipe import load_recipe
+from pipeline.core.runner import open_run, run_stage
+from pipeline.train.outputs import checkpoint_step, last_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,7 +25,7 @@ def small_sft_recipe(tmp_path: Path) -> Path:
     """Quickstart with 64 prompts and 120 SFT steps, a checkpoint every 5."""
     data = yaml.safe_load(QUICKSTART.read_text())
     data["storage"] = {"root": str(tmp_path / "runs")}
-    data["prompts"]["toy_count"] = 64
+    data["prompts"]["count"] = 64
     data["sft"]["args"].update(num_train_epochs=15, per_device_train_batch_size=8, save_steps=5,
                                save_total_limit=3, logging_steps=5)
     path = tmp_path / "recipe.yaml"

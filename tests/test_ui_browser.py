@@ -19,7 +19,7 @@ from uuid import UUID
 import pytest
 from prefect_env import ROOT, PrefectEnv
 
-from pipeline.store import RunStore
+from pipeline.core.store import RunStore
 
 DISTILL = str(Path(sys.executable).parent / "distill")
 CHROMIUM = "/usr/bin/chromium"
@@ -136,7 +136,7 @@ def test_custom_run_form_submits_a_typed_request(prefect_ui, tmp_path):
     expect.set_options(timeout=TIMEOUT_MS)
     name = f"ui-{uuid.uuid4().hex[:8]}"
     runs_root = tmp_path / "runs"
-    overrides = [f"storage.root={runs_root}", "prompts.toy_count=20", "generate.max_rounds=1"]
+    overrides = [f"storage.root={runs_root}", "prompts.count=20", "generate.max_rounds=1"]
     shot = tmp_path / "custom-run-form.png"
     problems: list[str] = []
 

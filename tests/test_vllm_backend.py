@@ -6,10 +6,10 @@ import importlib.util
 
 import pytest
 
-from pipeline.backends import GenerationRequest, SamplingParams
-from pipeline.recipe import PoolModel
-from pipeline.toy.student import build_student
-from pipeline.toy.task import corpus, make_prompts
+from pipeline.backends.base import GenerationRequest, SamplingParams
+from pipeline.core.recipe import PoolModel
+from pipeline.tasks.toy.task import corpus, make_prompts
+from pipeline.train.student import build_student
 
 
 def _cuda() -> bool:

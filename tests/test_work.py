@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from pipeline.work import stream_map
+from pipeline.core.work import stream_map
 
 
 def test_bounded_lazy_and_complete():

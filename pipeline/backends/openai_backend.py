@@ -6,24 +6,16 @@ import asyncio
 from dataclasses import fields
 from typing import TYPE_CHECKING
 
-from pipeline.backends import BackendStopped, Completion, GenerationRequest, SamplingParams
-from pipeline.recipe import BUILTIN_TEACHER, PoolModel, TeacherConfig
-from pipeline.teacher import (
-    BudgetExceeded,
-    ChatRequest,
-    ResponseCache,
-    TeacherClient,
-    TeacherError,
-    TeacherFatal,
-    Usage,
-    cache_path,
-    run_spend,
-)
-from pipeline.work import stream_map
+from pipeline.backends.base import BackendStopped, Completion, GenerationRequest, SamplingParams
+from pipeline.core.recipe import BUILTIN_TEACHER, PoolModel, TeacherConfig
+from pipeline.core.work import stream_map
+from pipeline.teacher.cache import ResponseCache, cache_path
+from pipeline.teacher.client import BudgetExceeded, TeacherClient, TeacherError, TeacherFatal, run_spend
+from pipeline.teacher.messages import ChatRequest, Usage
 
 if TYPE_CHECKING:
-    from pipeline.recipe import Recipe
-    from pipeline.store import RunStore
+    from pipeline.core.recipe import Recipe
+    from pipeline.core.store import RunStore
 
 
 def pool_client_config(model: PoolModel, teacher: TeacherConfig) -> TeacherConfig:

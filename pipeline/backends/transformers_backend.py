@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from pipeline.backends import BackendError, Completion, GenerationRequest, SamplingParams
-from pipeline.recipe import PoolModel
+from pipeline.backends.base import BackendError, Completion, GenerationRequest, SamplingParams
+from pipeline.core.recipe import PoolModel
 
 log = logging.getLogger(__name__)
 

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import sys
 
-from pipeline.recipe import recipe_from_dict
-from pipeline.store import RunStore
+from pipeline.core.recipe import recipe_from_dict
+from pipeline.core.store import RunStore
+from pipeline.stages.dpo.stage import run as dpo
+from pipeline.stages.sft.stage import run as sft
+
+STAGES = {"sft": sft, "dpo": dpo}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipeline.train", description=__doc__)
-    parser.add_argument("stage", choices=["sft", "dpo"])
+    parser.add_argument("stage", choices=sorted(STAGES))
     parser.add_argument("--recipe", required=True, help="recipe snapshot (JSON) written by the launching stage")
     parser.add_argument("--run", required=True, help="run directory (path or fsspec URL)")
     args = parser.parse_args(argv)
@@ -23,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     with open(args.recipe) as fh:
         recipe = recipe_from_dict(json.load(fh), origin=args.recipe)
     store = RunStore.open_existing(args.run)
-    importlib.import_module(f"pipeline.train.{args.stage}").run(recipe, store)
+    STAGES[args.stage](recipe, store)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pipeline.recipe import ComputeConfig, Recipe
-from pipeline.store import RunStore
-from pipeline.train.common import TrainingError
+from pipeline.core.recipe import ComputeConfig, Recipe
+from pipeline.core.store import RunStore
+from pipeline.train.models import TrainingError
 
 ACCELERATE_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "accelerate"
 LAUNCHED_ENV = "DISTILL_LAUNCHED"  # set for the launched ranks, so they train instead of launching again

@@ -1,0 +1,22 @@
+"""The `distill` command line (outside the library core: it may start Prefect flows)."""
+
+from __future__ import annotations
+
+import click
+
+from pipeline.cli import run as run_commands
+from pipeline.cli import runs, tools
+from pipeline.cli.common import setup_logging
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@click.version_option(package_name="zephyr-distill")
+def main(verbose: bool) -> None:
+    """Distill a teacher into a small chat model, Zephyr style: generate, sft, sample, feedback, dpo, evaluate."""
+    setup_logging(verbose)
+
+
+for command in (run_commands.validate, run_commands.run, run_commands.stage, runs.status, runs.report,
+                tools.deploy, tools.serve, tools.teacher, tools.build_student):
+    main.add_command(command)

@@ -1,0 +1,69 @@
+"""What every `distill` command shares: exit codes, errors, logging, loading a recipe, finding a run."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from pipeline.core.recipe import Recipe, RecipeError, load_recipe
+from pipeline.core.runner import status_rows
+from pipeline.core.store import RunStore, StoreError
+
+EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
+
+
+class CliError(click.ClickException):
+    def __init__(self, message: str, code: int = EXIT_FAILED):
+        super().__init__(message)
+        self.exit_code = code
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "httpx2", "httpcore", "httpcore2", "openai", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def load(recipe_path: str, overrides: tuple[str, ...]) -> Recipe:
+    try:
+        return load_recipe(recipe_path, list(overrides))
+    except RecipeError as exc:
+        raise CliError(str(exc), EXIT_BAD_INPUT) from None
+
+
+set_option = click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
+                          help="Override a recipe key, e.g. --set dpo.args.beta=0.05 (repeatable).")
+run_argument = click.argument("run", metavar="RUN_DIR_OR_NAME")
+root_option = click.option("--root", default=None, help="storage.root to look in when RUN is a name (default: "
+                           "./runs, or the recipe's with --recipe).")
+recipe_option = click.option("--recipe", "recipe_path", default=None, type=click.Path(dir_okay=False),
+                             help="Take storage.root from this recipe.")
+
+
+def open_run(run: str, root: str | None, recipe_path: str | None) -> RunStore:
+    """A run directory (path or URL), or a run name under --root / the recipe's storage.root / ./runs."""
+    try:
+        if root is None and recipe_path is None and ("/" in run or Path(run).exists()):
+            return RunStore.open_existing(run)
+        base = root or (load(recipe_path, ()).storage.root if recipe_path else "runs")
+        return RunStore.open_existing(f"{base.rstrip('/')}/{run}")
+    except StoreError as exc:
+        raise CliError(str(exc), EXIT_BAD_INPUT) from None
+
+
+def print_status(store: RunStore) -> None:
+    rows = status_rows(store)
+    click.echo(f"run {store.run_name}  ({store.url})")
+    header = f"{'stage':<9} {'status':<10} {'items':>7} {'failures':>8} {'cost $':>9} {'time s':>8}  fingerprint"
+    click.echo(header)
+    click.echo("-" * len(header))
+    for r in rows:
+        click.echo(f"{r['stage']:<9} {r['status']:<10} {r['items']:>7} {r['failures']:>8} "
+                   f"{r['cost_usd']:>9.4f} {r['seconds']:>8.1f}  {r['fingerprint']}")
+    for r in rows:
+        if r["status"] == "failed" and r["message"]:
+            click.echo(f"{r['stage']} failed: {r['message']}")

@@ -1,0 +1,113 @@
+"""`distill validate`, `run` and `stage`: check a recipe, run the pipeline (as the Prefect flow or directly)."""
+
+from __future__ import annotations
+
+import click
+
+from pipeline.cli.common import EXIT_BAD_INPUT, CliError, load, print_status, set_option
+from pipeline.core.graph import fingerprint, parse_stages
+from pipeline.core.recipe import Recipe
+from pipeline.core.runner import StageFailed, run_pipeline
+from pipeline.core.stage import STAGE_NAMES
+from pipeline.core.store import RunStore, StoreError
+from pipeline.train.configs import check_trl_args
+from pipeline.train.models import TrainingError
+
+
+def checked(recipe_path: str, overrides: tuple[str, ...]) -> Recipe:
+    """The recipe, with the TRL arguments of sft and dpo checked as TRL would read them."""
+    rec = load(recipe_path, overrides)
+    try:
+        check_trl_args(rec)
+    except TrainingError as exc:
+        raise CliError(f"{recipe_path}: {exc}", EXIT_BAD_INPUT) from None
+    return rec
+
+
+@click.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@set_option
+def validate(recipe: str, overrides: tuple[str, ...]) -> None:
+    """Check a recipe file (TRL arguments included); print each stage's fingerprint. Writes nothing."""
+    rec = checked(recipe, overrides)
+    click.echo(f"{recipe}: valid recipe '{rec.name}'")
+    memo: dict[str, str] = {}
+    for name in STAGE_NAMES:
+        click.echo(f"  {name:<9} fingerprint {fingerprint(name, rec, memo)}")
+
+
+def run_directly(rec: Recipe, run_name: str | None, stages: list[str], force: bool) -> None:
+    try:
+        store, reports = run_pipeline(rec, run_name, stages, force=force)
+    except (StageFailed, StoreError) as exc:
+        raise CliError(str(exc)) from None
+    except KeyboardInterrupt:
+        raise CliError("interrupted; run the same command again to resume where it stopped", 130) from None
+    for rep in reports:
+        click.echo(f"{rep.stage}: {rep.message or rep.status}")
+    print_status(store)
+
+
+@click.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--run-name", default=None, help="Run directory name (default: the recipe's `name`); "
+              "reuse it to resume.")
+@click.option("--stages", default=None, help=f"Comma-separated subset of {','.join(STAGE_NAMES)} (default: all).")
+@click.option("--force", is_flag=True, help="Redo the chosen stages even if they completed.")
+@click.option("--series", default=None, help="Recurring series name: use only prompts no earlier run used.")
+@click.option("--prefect/--no-prefect", default=True, show_default=True,
+              help="Run as the Prefect `distill` flow (shown in the UI when PREFECT_API_URL is set), "
+                   "or directly.")
+@set_option
+def run(recipe: str, run_name: str | None, stages: str | None, force: bool, series: str | None, prefect: bool,
+        overrides: tuple[str, ...]) -> None:
+    """Run the pipeline (all stages, or --stages) in one run directory; finished stages are skipped."""
+    rec = checked(recipe, overrides)
+    try:
+        chosen = parse_stages(stages)
+    except ValueError as exc:
+        raise CliError(f"--stages: {exc}", EXIT_BAD_INPUT) from None
+    if not prefect:
+        if series:
+            raise CliError("--series needs the Prefect flow (drop --no-prefect)", EXIT_BAD_INPUT)
+        run_directly(rec, run_name, chosen, force)
+        return
+    run_flow(recipe, overrides, run_name, chosen, force, series)
+
+
+def run_flow(recipe: str, overrides: tuple[str, ...], run_name: str | None, stages: list[str], force: bool,
+             series: str | None) -> None:
+    from flows.distill import distill
+    from flows.params import DistillRequest
+
+    request = DistillRequest(recipe_path=recipe, run_name=run_name, stages=stages, overrides=list(overrides),
+                             series=series, force=force)
+    state = distill(request, return_state=True)
+    if state.is_completed():
+        result = state.result()
+        if result.get("status") == "nothing new":
+            click.echo(f"series '{series}': no new prompts; nothing to do", err=True)
+            return
+        for name, rep in result.get("stages", {}).items():
+            click.echo(f"{name}: {rep.get('message') or rep.get('status')}")
+        print_status(RunStore.open_existing(result["run_dir"]))
+        return
+    try:
+        state.result()
+    except StageFailed as exc:
+        raise CliError(str(exc)) from None
+    except Exception as exc:  # the flow's own error, already logged by Prefect
+        raise CliError(f"{type(exc).__name__}: {exc}") from None
+    raise CliError(f"the distill flow ended {state.name}")
+
+
+@click.command()
+@click.argument("name", type=click.Choice(STAGE_NAMES))
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--run-name", required=True, help="Run directory name under storage.root.")
+@click.option("--force", is_flag=True, help="Redo the stage even if it completed.")
+@set_option
+def stage(name: str, recipe: str, run_name: str, force: bool, overrides: tuple[str, ...]) -> None:
+    """Run one stage (no Prefect needed); it reads its inputs from the run directory."""
+    rec = checked(recipe, overrides) if name in ("sft", "dpo") else load(recipe, overrides)
+    run_directly(rec, run_name, [name], force)

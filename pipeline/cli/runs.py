@@ -1,0 +1,39 @@
+"""`distill status` and `report`: look at a run that exists."""
+
+from __future__ import annotations
+
+import click
+
+from pipeline.cli.common import open_run, print_status, recipe_option, root_option, run_argument
+from pipeline.stages.evaluate.report import write_report
+
+
+@click.command()
+@run_argument
+@root_option
+@recipe_option
+def status(run: str, root: str | None, recipe_path: str | None) -> None:
+    """Show a table of a run's stages: status, items, failures, cost and time."""
+    print_status(open_run(run, root, recipe_path))
+
+
+@click.command()
+@run_argument
+@root_option
+@recipe_option
+def report(run: str, root: str | None, recipe_path: str | None) -> None:
+    """Rebuild a run's report (evaluate/report.json, report.md, plots) from its store and summarise it."""
+    store = open_run(run, root, recipe_path)
+    rep = write_report(store)
+    for label, m in (rep.get("evaluation") or {}).get("models", {}).items():
+        acc = f", accuracy {m['accuracy']['mean']:.3f}" if m["accuracy"] else ""
+        vs = m["vs_baseline"]
+        win = f", win rate vs {vs['baseline']} {vs['win_rate']:.3f} ± {vs['stderr']:.3f}" if vs and vs["n"] else ""
+        judge = f"judge {m['judge']['mean']:.2f}" if m["judge"]["n"] else "judge n/a"
+        click.echo(f"{label:<12} {judge}{acc}{win}")
+    if rep.get("promotion"):
+        click.echo(f"promotion gate: {'promote' if rep['promotion']['promote'] else 'keep'} "
+                   f"({rep['promotion']['reason']})")
+    for note in rep["notes"]:
+        click.echo(f"note: {note}", err=True)
+    click.echo(f"report: {store.join('evaluate', 'report.md')}")

@@ -1,0 +1,1 @@
+"""The library core: recipe, stage graph, runner, run store, templates, progress, streaming, prompt sources, tasks."""

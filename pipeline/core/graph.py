@@ -1,0 +1,98 @@
+"""The stage graph: each stage's `run` function, what it reads, and which recipe data decides its output."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline import __version__
+from pipeline.core.recipe import BUILTIN_TEACHER, Recipe
+from pipeline.core.stage import STAGE_NAMES, StageReport
+from pipeline.core.store import RunStore
+from pipeline.core.templates import templates_hash
+from pipeline.stages.dpo.stage import run as dpo
+from pipeline.stages.evaluate.stage import run as evaluate
+from pipeline.stages.feedback.stage import run as feedback
+from pipeline.stages.generate.stage import run as generate
+from pipeline.stages.sample.stage import run as sample
+from pipeline.stages.sft.stage import run as sft
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    run: Callable[[Recipe, RunStore], StageReport]
+    section: Callable[[Recipe], Any]  # the recipe data that decides this stage's output
+    inputs: Callable[[Recipe], list[str]]  # stages whose outputs it reads
+    templates: tuple[str, ...] = ()  # prompt template globs it renders
+    gpu: bool = False  # dispatched to the gpu work pool when there is one
+
+
+def _pool_uses_sft(recipe: Recipe) -> bool:
+    return any(m.model == "sft" for m in recipe.sample.pool)
+
+
+def _task(recipe: Recipe) -> str | None:
+    return recipe.task
+
+
+def _sample_section(recipe: Recipe) -> Any:
+    section = {"sample": recipe.sample.model_dump(mode="json", exclude={"prompts"}),
+               "prompts": (recipe.sample.prompts or recipe.prompts).model_dump(mode="json"), "task": _task(recipe)}
+    if any(m.backend == "openai" and m.base_url in (None, BUILTIN_TEACHER) for m in recipe.sample.pool):
+        section["teacher"] = recipe.teacher.identity()  # that pool member is the teacher's endpoint
+    return section
+
+
+STAGES: dict[str, StageSpec] = {spec.name: spec for spec in [
+    StageSpec("generate", generate,
+              lambda r: {"prompts": r.prompts.model_dump(mode="json"), "generate": r.generate.model_dump(mode="json"),
+                         "teacher": r.teacher.identity(), "task": _task(r)},
+              lambda r: [], ("generate_*",)),
+    StageSpec("sft", sft, lambda r: {"sft": r.sft.model_dump(mode="json"), "task": _task(r)},
+              lambda r: ["generate"], gpu=True),
+    StageSpec("sample", sample, _sample_section,
+              lambda r: ["sft"] if _pool_uses_sft(r) else [], ("principle_*",), gpu=True),
+    StageSpec("feedback", feedback,
+              lambda r: {"feedback": r.feedback.model_dump(mode="json"), "teacher": r.teacher.identity()},
+              lambda r: ["sample", "sft"] if "on_policy" in r.feedback.sources else ["sample"],
+              ("feedback_*",)),
+    StageSpec("dpo", dpo, lambda r: r.dpo.model_dump(mode="json"), lambda r: ["sft", "feedback"], gpu=True),
+    StageSpec("evaluate", evaluate,
+              lambda r: {"evaluate": r.evaluate.model_dump(mode="json"), "teacher": r.teacher.identity(),
+                         "task": _task(r)},
+              lambda r: ["sft", "dpo"], ("judge_*",), gpu=True),
+]}
+assert tuple(STAGES) == STAGE_NAMES, "the graph and STAGE_NAMES list the stages in the same order"
+
+
+def fingerprint(stage: str, recipe: Recipe, _memo: dict[str, str] | None = None) -> str:
+    """Hash of the stage's own section, its inputs' fingerprints, its templates and the package version."""
+    memo = {} if _memo is None else _memo
+    if stage in memo:
+        return memo[stage]
+    spec = STAGES[stage]
+    payload = {
+        "stage": stage,
+        "section": spec.section(recipe),
+        "inputs": {name: fingerprint(name, recipe, memo) for name in spec.inputs(recipe)},
+        "templates": templates_hash(spec.templates) if spec.templates else None,
+        "version": __version__,
+    }
+    digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    memo[stage] = digest
+    return digest
+
+
+def parse_stages(text: str | None) -> list[str]:
+    """`generate,sft` -> ordered, validated stage names; None or 'all' -> every stage."""
+    if not text or text == "all":
+        return list(STAGE_NAMES)
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; the stages are {', '.join(STAGE_NAMES)}")
+    return [n for n in STAGE_NAMES if n in names]

@@ -1,0 +1,30 @@
+"""Progress reporting: a tqdm bar in the terminal; the Prefect flows install their own sink."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+
+class ProgressSink(Protocol):
+    def update(self, n: int = 1) -> Any: ...
+    def close(self) -> Any: ...
+
+
+def _tqdm(stage: str, total: int | None, unit: str) -> ProgressSink:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=stage, unit=unit, disable=None, dynamic_ncols=True, leave=True)
+
+
+_factory: Callable[[str, int | None, str], ProgressSink] = _tqdm
+
+
+def set_progress_factory(factory: Callable[[str, int | None, str], ProgressSink] | None) -> None:
+    """Replace the progress sink (None restores the terminal bar)."""
+    global _factory
+    _factory = factory or _tqdm
+
+
+def progress(stage: str, total: int | None, unit: str = "item") -> ProgressSink:
+    return _factory(stage, total, unit)

@@ -1,0 +1,30 @@
+"""The recipe package: the `Recipe` model, its sections (one module per area) and the loader."""
+
+from pipeline.core.recipe.aif import FeedbackConfig, PairsConfig, PoolModel, SampleConfig
+from pipeline.core.recipe.base import BUILTIN_STUDENT, BUILTIN_TEACHER, TASK_PROMPTS, RecipeError, Section
+from pipeline.core.recipe.evaluate import EvaluateConfig
+from pipeline.core.recipe.generate import (
+    DecontamConfig,
+    FilterConfig,
+    GenerateConfig,
+    PromptSource,
+    SelfInstructConfig,
+)
+from pipeline.core.recipe.load import (
+    apply_overrides,
+    load_recipe,
+    load_recipe_text,
+    parse_override,
+    recipe_from_dict,
+)
+from pipeline.core.recipe.model import ComputeConfig, Recipe, StorageConfig
+from pipeline.core.recipe.teacher import TeacherConfig
+from pipeline.core.recipe.training import DPOStageConfig, LoraConfig, SFTStageConfig, TinyStudentConfig
+
+__all__ = [
+    "BUILTIN_STUDENT", "BUILTIN_TEACHER", "TASK_PROMPTS", "ComputeConfig", "DPOStageConfig", "DecontamConfig",
+    "EvaluateConfig", "FeedbackConfig", "FilterConfig", "GenerateConfig", "LoraConfig", "PairsConfig", "PoolModel",
+    "PromptSource", "Recipe", "RecipeError", "SFTStageConfig", "SampleConfig", "Section", "SelfInstructConfig",
+    "StorageConfig", "TeacherConfig", "TinyStudentConfig", "apply_overrides", "load_recipe", "load_recipe_text",
+    "parse_override", "recipe_from_dict",
+]

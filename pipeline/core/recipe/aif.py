@@ -1,0 +1,92 @@
+"""The `sample` and `feedback` sections: the model pool that answers, and how the rater's ratings become pairs."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from pipeline.core.recipe.base import Section
+from pipeline.core.recipe.generate import PromptSource
+
+
+class PoolModel(Section):
+    """One model of the sampling pool."""
+
+    name: str
+    backend: Literal["vllm", "openai", "transformers"]
+    model: str  # path, hub id, "sft" (this run's SFT model) or "base" (the untrained student)
+    base_url: str | None = None
+    api_key_env: str | None = None
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int = Field(512, ge=1)
+    batch_size: int = Field(16, ge=1)
+    device: str = "auto"
+    dtype: str = "auto"
+    tensor_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    max_model_len: int | None = Field(None, ge=1)
+    principles: bool = True  # False: no principle system prompt (a student never trained with a system turn)
+
+
+class SampleConfig(Section):
+    """AIF sampling: k of the M pool models answer each prompt."""
+
+    prompts: PromptSource | None = None  # None: the top-level `prompts` section
+    pool: list[PoolModel] = Field(default_factory=list)
+    k: int = Field(4, ge=1)
+    seed: int = 0
+    # prompt source (a prompts file's name, or the task's name) -> principles drawn from per prompt; "default" for the rest;
+    # each principle is prompts/principle_<name>.jinja, "none" means no system prompt
+    principles: dict[str, list[str]] = Field(
+        default_factory=lambda: {"default": ["helpfulness", "honesty", "truthfulness", "verbalized_calibration"]})
+    shard_size: int = Field(1000, ge=1)
+    max_failure_rate: float = Field(0.5, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _pool(self) -> SampleConfig:
+        names = [m.name for m in self.pool]
+        if len(set(names)) != len(names):
+            raise ValueError(f"pool model names must be unique, got {names}")
+        empty = [source for source, chosen in self.principles.items() if not chosen]
+        if empty:
+            raise ValueError(f"principles for {empty} are empty; list at least one (or 'none')")
+        if self.pool and self.k > len(self.pool):
+            raise ValueError(f"k ({self.k}) cannot exceed the pool size ({len(self.pool)})")
+        return self
+
+
+class PairsConfig(Section):
+    strategy: Literal["best_vs_random", "best_vs_worst"] = "best_vs_random"
+    min_margin: float = Field(0.0, ge=0)
+    seed: int = 0
+
+
+class FeedbackConfig(Section):
+    """AI feedback: the teacher rates every answer (UltraFeedback aspects) and pairs are formed."""
+
+    aspects: list[Literal["instruction_following", "honesty", "truthfulness", "helpfulness"]] = Field(
+        default_factory=lambda: ["instruction_following", "honesty", "truthfulness", "helpfulness"])
+    overall_critique: bool = False
+    max_parse_attempts: int = Field(3, ge=1)
+    pairs: PairsConfig = Field(default_factory=PairsConfig)
+    sources: list[Literal["pool", "on_policy", "correction"]] = Field(default_factory=lambda: ["pool"])
+    on_policy_k: int = Field(4, ge=2)
+    # how the on_policy samples are drawn from this run's student (model: sft)
+    on_policy_sampler: PoolModel = Field(default_factory=lambda: PoolModel(
+        name="on_policy", backend="transformers", model="sft", temperature=1.0, max_tokens=256, principles=False))
+    max_tokens_per_answer: int = Field(256, ge=16)  # the judge's reply budget per rated answer
+    seed: int = 0  # the order answers are shown in
+    shard_size: int = Field(1000, ge=1)
+    max_failure_rate: float = Field(0.5, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _something_to_rate(self) -> FeedbackConfig:
+        if not self.aspects and not self.overall_critique:
+            raise ValueError("no aspects and no overall_critique: nothing to rate answers on")
+        if not self.sources:
+            raise ValueError("sources is empty; use pool, on_policy and/or correction")
+        if "on_policy" in self.sources and self.on_policy_sampler.temperature == 0:
+            raise ValueError("on_policy_sampler.temperature is 0: its k samples would all be the same answer")
+        return self

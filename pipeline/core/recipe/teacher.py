@@ -1,0 +1,74 @@
+"""The `teacher` section: an OpenAI-compatible endpoint, its limits, retries, prices and budget."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, PrivateAttr, field_validator, model_validator
+
+from pipeline.core.recipe.base import BUILTIN_TEACHER, Section
+
+
+class TeacherConfig(Section):
+    """The teacher and judge: any OpenAI-compatible chat-completions API, or the task's built-in one."""
+
+    base_url: str = BUILTIN_TEACHER
+    model: str = "toy-teacher"
+    api_key_env: str | None = "OPENAI_API_KEY"
+    api_key_secret_block: str | None = None
+    max_concurrency: int = Field(32, ge=1)
+    requests_per_minute: float | None = Field(None, gt=0)
+    tokens_per_minute: float | None = Field(None, gt=0)
+    timeout_s: float = Field(60.0, gt=0)
+    max_retries: int = Field(6, ge=0)
+    backoff_base_s: float = Field(0.5, ge=0)
+    backoff_max_s: float = Field(30.0, ge=0)
+    price_input_per_1k: float = Field(0.0, ge=0)
+    price_output_per_1k: float = Field(0.0, ge=0)
+    max_cost_usd: float | None = Field(None, ge=0)
+    # options of the task's built-in teacher (base_url: builtin), checked against the task's own model
+    builtin: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _secret_needs_a_variable(cls, data: Any) -> Any:
+        # The flows export a Secret block's value into a process-local variable; give it a name if none.
+        if isinstance(data, dict) and data.get("api_key_secret_block") and not data.get("api_key_env"):
+            data = {**data, "api_key_env": "ZEPHYR_DISTILL_TEACHER_KEY"}
+        return data
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if value != BUILTIN_TEACHER and not value.startswith(("http://", "https://")):
+            raise ValueError(f"'{value}' is not an http(s) URL (or '{BUILTIN_TEACHER}' for the task's own teacher)")
+        return value.rstrip("/")
+
+    # Where the built-in teacher listens once the runner has started it; never part of the recipe's data,
+    # so fingerprints and snapshots stay those of `builtin`.
+    _live_url: str | None = PrivateAttr(None)
+
+    @property
+    def is_builtin(self) -> bool:
+        return self.base_url == BUILTIN_TEACHER
+
+    @property
+    def endpoint(self) -> str:
+        """The URL requests go to."""
+        if self.is_builtin:
+            if self._live_url is None:
+                raise RuntimeError("the built-in teacher is not running (use pipeline.core.runner.teacher_endpoint)")
+            return self._live_url
+        return self.base_url
+
+    def with_live_url(self, url: str) -> TeacherConfig:
+        copy = self.model_copy()
+        copy._live_url = url
+        return copy
+
+    def identity(self) -> dict[str, Any]:
+        """What decides the teacher's answers (endpoint, limits and prices do not)."""
+        ident: dict[str, Any] = {"model": self.model}
+        if self.is_builtin:
+            ident["builtin"] = self.builtin
+        return ident

@@ -1,0 +1,72 @@
+"""The `sft` and `dpo` sections: the student, TRL arguments (checked against TRL's configs), LoRA."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, field_validator, model_validator
+
+from pipeline.core.recipe.base import BUILTIN_STUDENT, Section, local_path_or_id
+
+
+class LoraConfig(Section):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0, le=1)
+    target_modules: list[str] | str = "all-linear"
+    load_in_4bit: bool = False
+
+
+class TinyStudentConfig(Section):
+    """The built-in student (`sft.model: builtin:tiny`): a BPE tokenizer trained on the task's texts + a small Llama."""
+
+    vocab_size: int = Field(512, ge=64)
+    hidden_size: int = Field(64, ge=8)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(4, ge=1)
+    max_position_embeddings: int = Field(512, ge=16)
+    seed: int = 0
+    corpus_size: int = Field(2000, ge=1)  # texts the tokenizer is trained on
+    corpus_seed: int = 0
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> TinyStudentConfig:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be a multiple of num_heads ({self.num_heads})")
+        return self
+
+
+class SFTStageConfig(Section):
+    """dSFT: TRL SFTTrainer on the generated dialogues; `args` pass through to trl.SFTConfig."""
+
+    model: str = BUILTIN_STUDENT  # builtin:tiny, a local path (relative to the recipe file) or a hub id
+    student: TinyStudentConfig = Field(default_factory=TinyStudentConfig)
+    args: dict[str, Any] = Field(default_factory=dict)  # checked against trl.SFTConfig by `distill validate`
+    lora: LoraConfig | None = None
+
+    _model_path = field_validator("model")(classmethod(lambda cls, v: local_path_or_id(v)))
+
+
+class DPOStageConfig(Section):
+    """dDPO: TRL DPOTrainer with the SFT model as reference; `args` pass through to trl.DPOConfig."""
+
+    beta: float | None = Field(None, gt=0)  # shorthand for args.beta
+    loss_type: list[str] | None = None  # shorthand for args.loss_type, e.g. [sigmoid, sft]
+    args: dict[str, Any] = Field(default_factory=dict)  # checked against trl.DPOConfig by `distill validate`
+    lora: LoraConfig | None = None  # with LoRA the reference is the adapter-disabled SFT model
+
+    @model_validator(mode="after")
+    def _no_double_keys(self) -> DPOStageConfig:
+        for key in ("beta", "loss_type"):
+            if getattr(self, key) is not None and key in self.args:
+                raise ValueError(f"'{key}' is set both as dpo.{key} and dpo.args.{key}; keep one")
+        return self
+
+    def trl_args(self) -> dict[str, Any]:
+        """dpo.args with the dpo.beta / dpo.loss_type shorthands folded in."""
+        args = dict(self.args)
+        if self.beta is not None:
+            args["beta"] = self.beta
+        if self.loss_type is not None:
+            args["loss_type"] = list(self.loss_type)
+        return args

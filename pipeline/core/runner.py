@@ -1,0 +1,145 @@
+"""Runs stages against a run store: skip what is done, resume what is partial, record state."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import platform
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from pipeline.core.graph import STAGES, fingerprint
+from pipeline.core.recipe import Recipe
+from pipeline.core.stage import STAGE_NAMES, StageReport
+from pipeline.core.store import RunStore, StageState
+from pipeline.core.task import load_task
+from pipeline.train.configs import check_trl_args
+from pipeline.train.models import TrainingError
+
+log = logging.getLogger("pipeline")
+
+
+class StageFailed(RuntimeError):
+    """A stage stopped; the message says why and what to do."""
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for dist in ("zephyr-distill", "torch", "transformers", "trl", "datasets", "openai", "prefect"):
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            versions[dist] = "not installed"
+    return versions
+
+
+def open_run(recipe: Recipe, run_name: str | None = None) -> RunStore:
+    """Create or reopen the run directory and record the recipe snapshot and versions."""
+    store = RunStore(recipe.storage.root, run_name or recipe.name)
+    store.init_manifest(recipe.snapshot(), package_versions())
+    return store
+
+
+@contextmanager
+def teacher_endpoint(recipe: Recipe) -> Iterator[Recipe]:
+    """Yield the recipe with a reachable teacher: starts the task's built-in teacher when asked for."""
+    if not recipe.teacher.is_builtin:
+        yield recipe
+        return
+    task = load_task(recipe.task)
+    with task.serve_teacher(task.teacher_options.model_validate(recipe.teacher.builtin)) as url:
+        log.info("task %s: built-in teacher listening at %s", task.name, url)
+        yield recipe.model_copy(update={"teacher": recipe.teacher.with_live_url(url)})
+
+
+def check_settings(recipe: Recipe, stages: list[str]) -> None:
+    """What can be checked before anything is paid: the TRL arguments of the training stages."""
+    if {"sft", "dpo"} & set(stages):
+        try:
+            check_trl_args(recipe)
+        except TrainingError as exc:
+            raise StageFailed(str(exc)) from None
+
+
+def check_inputs(name: str, recipe: Recipe, store: RunStore) -> None:
+    for dep in STAGES[name].inputs(recipe):
+        state = store.stage_state(dep)
+        want = fingerprint(dep, recipe)
+        if state.status != "completed" or state.fingerprint != want:
+            raise StageFailed(
+                f"stage '{name}' reads the output of '{dep}', which is {state.status}"
+                + (" with other settings" if state.status == "completed" else "")
+                + f" in run {store.url}; run `distill stage {dep}` (or `distill run`) with this recipe first"
+            )
+
+
+def run_stage(name: str, recipe: Recipe, store: RunStore, force: bool = False) -> StageReport:
+    """Run one stage unless a completed run with the same fingerprint exists."""
+    if name not in STAGES:
+        raise StageFailed(f"unknown stage '{name}'; the stages are {', '.join(STAGE_NAMES)}")
+    fp = fingerprint(name, recipe)
+    state = store.stage_state(name)
+    if state.status == "completed" and state.fingerprint == fp and not force:
+        log.info("%s: completed earlier with the same fingerprint %s, skipped", name, fp)
+        return StageReport(name, "completed", state.counts, state.cost, state.outputs,
+                           "skipped: already completed", skipped=True)
+    check_inputs(name, recipe, store)
+    if force or (state.fingerprint and state.fingerprint != fp):
+        log.info("%s: settings or inputs changed (%s -> %s); starting the stage afresh", name, state.fingerprint, fp)
+        store.reset_stage(name)
+        state = StageState()
+    state = StageState(fingerprint=fp, status="running", started_at=time.time(),
+                       counts=state.counts, cost=state.cost)
+    store.set_stage_state(name, state)
+    t0 = time.perf_counter()
+    try:
+        report = STAGES[name].run(recipe, store)
+    except BaseException as exc:
+        state.status, state.message = "failed", f"{type(exc).__name__}: {exc}"
+        state.seconds = time.perf_counter() - t0
+        state.finished_at = time.time()
+        store.set_stage_state(name, state)
+        raise
+    state.status = report.status
+    # A resumed stage's cost is what earlier attempts paid plus what this one paid.
+    prior = state.cost
+    state.cost = {k: prior.get(k, 0.0) + v for k, v in report.cost.items()}
+    state.counts, state.outputs = report.counts, report.outputs
+    state.message, state.seconds, state.finished_at = report.message, time.perf_counter() - t0, time.time()
+    store.set_stage_state(name, state)
+    if report.status != "completed":
+        raise StageFailed(f"stage '{name}' {report.status}: {report.message}")
+    return report
+
+
+def run_pipeline(recipe: Recipe, run_name: str | None = None, stages: list[str] | None = None,
+                 force: bool = False) -> tuple[RunStore, list[StageReport]]:
+    """Run the chosen stages in order (all by default) in one run directory."""
+    check_settings(recipe, stages or list(STAGE_NAMES))
+    store = open_run(recipe, run_name)
+    reports = []
+    with teacher_endpoint(recipe) as live:
+        for name in stages or STAGE_NAMES:
+            reports.append(run_stage(name, live, store, force=force))
+    return store, reports
+
+
+def status_rows(store: RunStore) -> list[dict[str, object]]:
+    """One row per stage for `distill status`."""
+    stages = store.read_manifest().get("stages", {})
+    rows = []
+    for name in STAGE_NAMES:
+        st = StageState(**stages[name]) if name in stages else StageState()
+        rows.append({
+            "stage": name,
+            "status": st.status,
+            "items": st.counts.get("output", 0),
+            "failures": st.counts.get("failed", 0),
+            "cost_usd": st.cost.get("usd", 0.0),
+            "seconds": st.seconds,
+            "fingerprint": st.fingerprint or "",
+            "message": st.message,
+        })
+    return rows
+

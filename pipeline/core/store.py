@@ -1,0 +1,301 @@
+"""The run store: one directory per run (local path or fsspec URL), manifest, shards, failure ledger."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+
+
+class StoreError(RuntimeError):
+    """The run directory is not in a usable state."""
+
+
+@dataclass
+class StageState:
+    fingerprint: str | None = None
+    status: str = "pending"
+    counts: dict[str, int] = field(default_factory=dict)
+    cost: dict[str, float] = field(default_factory=dict)
+    started_at: float | None = None
+    finished_at: float | None = None
+    seconds: float = 0.0
+    message: str = ""
+    outputs: dict[str, str] = field(default_factory=dict)
+
+
+class RunStore:
+    """`<root>/<run_name>/`: the only channel through which stages hand data to each other."""
+
+    def __init__(self, root: str | os.PathLike[str], run_name: str, create: bool = True):
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", run_name):
+            raise StoreError(f"run name '{run_name}': use letters, digits, '.', '_' and '-' only")
+        self.root = str(root)
+        self.run_name = run_name
+        self.fs, base = fsspec.core.url_to_fs(self.root)
+        self.is_local = isinstance(self.fs, LocalFileSystem)
+        if self.is_local:
+            base = str(Path(base).resolve())
+        self.path = f"{base.rstrip('/')}/{run_name}"
+        if create:
+            self.fs.makedirs(self.path, exist_ok=True)
+
+    @classmethod
+    def open_existing(cls, run_dir: str) -> RunStore:
+        """Open a run from its directory (path or URL); it must hold a manifest."""
+        parent, _, name = str(run_dir).rstrip("/").rpartition("/")
+        store = cls(parent or ".", name, create=False)
+        if not store.fs.exists(store.join("manifest.json")):
+            raise StoreError(f"{run_dir}: no manifest.json here; is this a run directory?")
+        return store
+
+    def join(self, *parts: str) -> str:
+        return "/".join([self.path, *parts])
+
+    @property
+    def url(self) -> str:
+        """The run directory as a string a user (or a worker) can open."""
+        return self.path if self.is_local else self.fs.unstrip_protocol(self.path)
+
+    def stage_dir(self, stage: str) -> str:
+        path = self.join(stage)
+        self.fs.makedirs(path, exist_ok=True)
+        return path
+
+    # -- atomic writes ---------------------------------------------------------------------------
+    def write_bytes(self, path: str, data: bytes) -> None:
+        """Write a whole file atomically: readers see the old file or the new one, never a part."""
+        parent = path.rsplit("/", 1)[0]
+        self.fs.makedirs(parent, exist_ok=True)
+        if self.is_local:
+            tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{path.rsplit('/', 1)[1]}"
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        else:
+            self.fs.pipe_file(path, data)  # object stores publish a put whole or not at all
+
+    def write_json(self, path: str, obj: Any) -> None:
+        self.write_bytes(path, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+
+    def read_json(self, path: str, default: Any = None) -> Any:
+        if not self.fs.exists(path):
+            return default
+        with self.fs.open(path, "rb") as fh:
+            return json.loads(fh.read())
+
+    # -- manifest --------------------------------------------------------------------------------
+    @property
+    def manifest_path(self) -> str:
+        return self.join("manifest.json")
+
+    def read_manifest(self) -> dict[str, Any]:
+        try:
+            return self.read_json(self.manifest_path, default={}) or {}
+        except json.JSONDecodeError as exc:
+            raise StoreError(f"{self.manifest_path}: manifest is not valid JSON ({exc})") from None
+
+    def write_manifest(self, manifest: dict[str, Any]) -> None:
+        self.write_json(self.manifest_path, manifest)
+
+    def init_manifest(self, recipe_snapshot: dict[str, Any], versions: dict[str, str]) -> None:
+        manifest = self.read_manifest()
+        manifest.update({"run_name": self.run_name, "recipe": recipe_snapshot, "versions": versions})
+        manifest.setdefault("created_at", time.time())
+        manifest.setdefault("stages", {})
+        self.write_manifest(manifest)
+
+    def stage_state(self, stage: str) -> StageState:
+        raw = self.read_manifest().get("stages", {}).get(stage)
+        return StageState(**raw) if raw else StageState()
+
+    def set_stage_state(self, stage: str, state: StageState) -> None:
+        manifest = self.read_manifest()
+        manifest.setdefault("stages", {})[stage] = asdict(state)
+        self.write_manifest(manifest)
+
+    def reset_stage(self, stage: str) -> None:
+        """Remove a stage's outputs (its inputs or settings changed); the response cache stays."""
+        path = self.join(stage)
+        if self.fs.exists(path):
+            self.fs.rm(path, recursive=True)
+        self.set_stage_state(stage, StageState())
+
+    # -- records ---------------------------------------------------------------------------------
+    def shard_writer(self, stage: str, name: str = "data", shard_size: int = 1000,
+                     id_key: str = "prompt_id") -> ShardWriter:
+        return ShardWriter(self, self.stage_dir(stage), name, shard_size, id_key)
+
+    def shard_paths(self, stage: str, name: str = "data") -> list[str]:
+        return _list_shards(self.fs, self.join(stage), name)
+
+    def read_records(self, stage: str, name: str = "data",
+                     columns: list[str] | None = None) -> Iterator[dict[str, Any]]:
+        """Stream the records (or only `columns` of them) of a stage's complete shards, shard by shard."""
+        for path in self.shard_paths(stage, name):
+            with self.fs.open(path, "rb") as fh:
+                table = pq.read_table(fh, columns=columns)
+            yield from table.to_pylist()
+
+    def count_records(self, stage: str, name: str = "data") -> int:
+        total = 0
+        for path in self.shard_paths(stage, name):
+            with self.fs.open(path, "rb") as fh:
+                total += pq.ParquetFile(fh).metadata.num_rows
+        return total
+
+    def ledger(self, stage: str, name: str = "failures") -> FailureLedger:
+        """`failures.jsonl` (items that did not make it) or another ledger such as `dropped.jsonl`."""
+        return FailureLedger(self, stage, name)
+
+
+_SHARD_RE = r"{name}-(\d{{5}})\.parquet"
+
+
+def _list_shards(fs: fsspec.AbstractFileSystem, directory: str, name: str) -> list[str]:
+    if not fs.exists(directory):
+        return []
+    pattern = re.compile(_SHARD_RE.format(name=re.escape(name)))
+    found = []
+    for entry in fs.ls(directory, detail=False):
+        base = entry.rstrip("/").rsplit("/", 1)[-1]
+        if pattern.fullmatch(base):
+            found.append(entry)
+    return sorted(found)
+
+
+class ShardWriter:
+    """Buffers records and publishes them as numbered parquet shards, each written atomically.
+
+    A killed process loses only its unpublished buffer; `done_ids` tells a rerun what is finished.
+    """
+
+    def __init__(self, store: RunStore, directory: str, name: str, shard_size: int, id_key: str):
+        self.store, self.directory, self.name = store, directory, name
+        self.shard_size, self.id_key = shard_size, id_key
+        self._buffer: list[dict[str, Any]] = []
+        existing = _list_shards(store.fs, directory, name)
+        self._next_index = (int(re.search(r"(\d{5})\.parquet$", existing[-1]).group(1)) + 1) if existing else 0
+
+    def done_ids(self) -> set[str]:
+        ids: set[str] = set()
+        for path in _list_shards(self.store.fs, self.directory, self.name):
+            with self.store.fs.open(path, "rb") as fh:
+                table = pq.read_table(fh, columns=[self.id_key])
+            ids.update(table.column(self.id_key).to_pylist())
+        return ids
+
+    def add(self, record: dict[str, Any], flush: bool = True) -> None:
+        """Buffer a record; a full buffer is published as a shard (unless the caller does that itself)."""
+        self._buffer.append(record)
+        if flush and self.full:
+            self.flush()
+
+    @property
+    def full(self) -> bool:
+        return len(self._buffer) >= self.shard_size
+
+    def extend(self, records: Iterable[dict[str, Any]]) -> None:
+        for record in records:
+            self.add(record)
+
+    def flush(self) -> str | None:
+        if not self._buffer:
+            return None
+        records, self._buffer = self._buffer, []
+        path = f"{self.directory}/{self.name}-{self._next_index:05d}.parquet"
+        self._next_index += 1
+        sink = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(records), sink)
+        self.store.write_bytes(path, sink.getvalue())
+        return path
+
+    def close(self) -> None:
+        self.flush()
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        # Publish what is finished even when the stage stops on an error (budget cap, Ctrl-C).
+        self.flush()
+
+
+@dataclass
+class Failure:
+    item_id: str
+    stage: str
+    reason: str
+    attempts: int = 1
+    at: float = field(default_factory=time.time)
+
+
+class FailureLedger:
+    """`failures.jsonl`: one line per item that did not make it, with the reason and attempt count."""
+
+    def __init__(self, store: RunStore, stage: str, name: str = "failures"):
+        self.store, self.stage = store, stage
+        self.path = f"{store.stage_dir(stage)}/{name}.jsonl"
+
+    def record(self, item_id: str, reason: str, attempts: int = 1) -> None:
+        self.record_many([(item_id, reason, attempts)])
+
+    def record_many(self, entries: Iterable[tuple[str, str, int]]) -> None:
+        """Append entries as whole lines (a killed process leaves at most one cut line, which readers skip)."""
+        data = "".join(json.dumps(asdict(Failure(i, self.stage, r, a))) + "\n" for i, r, a in entries)
+        if not data:
+            return
+        if self.store.is_local:
+            # No fsync: the page cache outlives a killed process; only a machine crash could lose a line.
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(data)
+        else:  # object stores cannot append: rewrite the whole (small) ledger
+            self.store.write_bytes(self.path, self._raw() + data.encode())
+
+    def _raw(self) -> bytes:
+        if not self.store.fs.exists(self.path):
+            return b""
+        with self.store.fs.open(self.path, "rb") as fh:
+            return fh.read()
+
+    def entries(self) -> list[Failure]:
+        """All entries; a line cut short by a crash is ignored."""
+        out = []
+        for line in self._raw().decode("utf-8", errors="replace").splitlines():
+            try:
+                out.append(Failure(**json.loads(line)))
+            except (json.JSONDecodeError, TypeError):
+                continue
+        return out
+
+    def latest(self) -> dict[str, Failure]:
+        """The last failure of each item, with attempts summed over reruns."""
+        merged: dict[str, Failure] = {}
+        for entry in self.entries():
+            prev = merged.get(entry.item_id)
+            if prev:
+                entry.attempts += prev.attempts
+            merged[entry.item_id] = entry
+        return merged
+
+    def compact(self, succeeded: set[str]) -> dict[str, Failure]:
+        """Keep one entry per item still failing (items that later succeeded leave the ledger)."""
+        remaining = {k: v for k, v in self.latest().items() if k not in succeeded}
+        data = "".join(json.dumps(asdict(f)) + "\n" for f in remaining.values()).encode()
+        if remaining or self.store.fs.exists(self.path):
+            self.store.write_bytes(self.path, data)
+        return remaining

@@ -1,0 +1,1 @@
+"""Recurring runs (series) and the promotion gate."""

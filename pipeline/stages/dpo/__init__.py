@@ -1,0 +1,1 @@
+"""dpo (dDPO): TRL DPOTrainer with the SFT model as reference."""

@@ -1,0 +1,130 @@
+"""dDPO: TRL's DPOTrainer on the teacher-ranked pairs; policy and reference both start from the SFT model."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+from pipeline.core.recipe import DPOStageConfig, Recipe
+from pipeline.core.stage import StageReport
+from pipeline.core.store import RunStore
+from pipeline.train import configs, models, outputs
+from pipeline.train.launch import is_launched_rank, launch_stage, should_launch
+
+log = logging.getLogger("pipeline.train")
+
+
+def run(recipe: Recipe, store: RunStore) -> StageReport:
+    """Align the SFT model with the preference pairs of `feedback` into `<run>/dpo/model`."""
+    total, pairs, failures = read_pairs(store)
+    if not is_launched_rank():
+        outputs.record_new_failures(store, "dpo", failures)
+    if not pairs:
+        raise models.TrainingError(f"dpo: no usable pairs in {store.url}/feedback ({len(failures)} rejected; "
+                                   f"see {store.url}/dpo/failures.jsonl)")
+    if should_launch(recipe.compute):
+        launch_stage("dpo", recipe, store)
+        metrics = store.read_json(store.join("dpo", "metrics.json"))
+    else:
+        metrics = train_dpo(recipe, store, pairs)
+    final = metrics["final"]
+    return StageReport(
+        "dpo", counts={"input": total, "output": len(pairs), "failed": len(failures)},
+        outputs={"model": store.join("dpo", "model"), "metrics": store.join("dpo", "metrics.json")},
+        message=f"{metrics['global_step']} steps on {len(pairs)} pairs, final loss "
+                f"{final.get('loss', float('nan')):.4f}, reward accuracy "
+                f"{final.get('rewards/accuracies', float('nan')):.2f}")
+
+
+def read_pairs(store: RunStore) -> tuple[int, list[dict[str, Any]], dict[str, str]]:
+    """(records read, pairs in TRL's explicit prompt/chosen/rejected form, {prompt_id: reason} for the rest)."""
+    total, pairs, failures = 0, [], {}
+    for record in store.read_records("feedback", "pairs"):
+        total += 1
+        pair = to_explicit_preference(record)
+        if isinstance(pair, str):
+            failures[record.get("prompt_id", f"#{total}")] = f"dpo: {pair}"
+        else:
+            pairs.append(pair)
+    return total, pairs, failures
+
+
+def to_explicit_preference(record: dict[str, Any]) -> dict[str, Any] | str:
+    """ultrafeedback_binarized shape -> prompt = chosen[:-1], chosen/rejected = the last turn; else why not."""
+    chosen = [_message(m) for m in record.get("chosen") or []]
+    rejected = [_message(m) for m in record.get("rejected") or []]
+    if len(chosen) < 2 or len(rejected) < 2:
+        return "chosen and rejected must each hold a prompt and an answer"
+    if chosen[:-1] != rejected[:-1]:
+        return "chosen and rejected answer different conversations"
+    if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
+        return "chosen and rejected must end with an assistant turn"
+    if chosen[-1]["content"] == rejected[-1]["content"]:
+        return "chosen and rejected are the same answer"
+    return {"prompt": chosen[:-1], "chosen": chosen[-1:], "rejected": rejected[-1:]}
+
+
+def _message(message: dict[str, Any]) -> dict[str, str]:
+    return {"role": message.get("role"), "content": message.get("content") or ""}
+
+
+
+def train_dpo(recipe: Recipe, store: RunStore, pairs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Train (resuming from the last checkpoint), save the model, metrics.json and the model card."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    t0 = time.perf_counter()
+    device = models.detect_device(recipe.compute)
+    sft_model = models.local_model(store, "sft")
+    with models.local_stage_dir(store, "dpo") as stage_dir:
+        tokenizer = models.load_tokenizer(sft_model)  # carries the chat template SFT trained with
+        user_args, init_kwargs = configs.split_model_init_kwargs(recipe.dpo.trl_args())
+        model = models.load_model(sft_model, device, recipe.dpo.lora, init_kwargs)
+        defaults = zephyr_dpo_defaults(len(pairs), configs.max_positions(model, 1024),
+                                       user_args.get("per_device_train_batch_size"))
+        args = configs.build_trl_config(DPOConfig, "dpo", user_args, defaults, stage_dir / "checkpoints", device)
+        reference = reference_model(recipe.dpo, args, sft_model, device, init_kwargs)
+        trainer = DPOTrainer(model=model, ref_model=reference,
+                             args=args, processing_class=tokenizer, train_dataset=Dataset.from_list(pairs),
+                             peft_config=models.peft_config(recipe.dpo.lora))
+        resume = outputs.last_checkpoint(stage_dir / "checkpoints")
+        if resume:
+            log.info("dpo: resuming from %s", resume)
+        trainer.train(resume_from_checkpoint=resume)
+        outputs.save_final_model(trainer, tokenizer, stage_dir / "model", sft_model)
+        metrics = outputs.write_metrics(trainer, stage_dir, {
+            "stage": "dpo", "base_model": sft_model, "pairs": len(pairs), "beta": args.beta,
+            "loss_type": list(args.loss_type), "resumed_from_step": outputs.checkpoint_step(resume),
+            "launched": is_launched_rank(), "device": device, "wall_seconds": time.perf_counter() - t0})
+        if trainer.is_world_process_zero():
+            outputs.write_model_card(stage_dir / "model", "dpo", recipe, store, "this run's SFT model",
+                                    f"{len(pairs)} teacher-ranked preference pairs from `feedback`", metrics,
+                                     inputs=("sft", "feedback"))
+    return metrics
+
+
+def reference_model(section: DPOStageConfig, args: Any, sft_model: str, device: str,
+                    init_kwargs: dict[str, Any]) -> Any:
+    """A frozen copy of the SFT model from its saved directory (never the hub).
+
+    None where TRL needs none: with LoRA the reference is the adapter-disabled policy, and precomputed
+    reference log-probs are taken from the policy before it trains.
+    """
+    if section.lora is not None or args.precompute_ref_log_probs:
+        return None
+    return models.load_model(sft_model, device, init_kwargs=init_kwargs)
+
+
+def zephyr_dpo_defaults(pairs: int, max_length: int, per_device: int | None = None) -> dict[str, Any]:
+    """Zephyr's dDPO settings (beta 0.1, lr 5e-7 linear, warmup 0.1, 3 epochs, global batch 32) scaled to small data."""
+    global_batch = min(32, max(8, pairs // 32))
+    per_device = per_device or min(8, global_batch)
+    return {
+        **configs.stage_defaults(max_length),
+        "beta": 0.1, "learning_rate": 5e-7, "lr_scheduler_type": "linear", "warmup_steps": 0.1,
+        "num_train_epochs": 3, "per_device_train_batch_size": per_device,
+        "gradient_accumulation_steps": max(1, math.ceil(global_batch / per_device)),
+    }

@@ -1,0 +1,1 @@
+"""evaluate: judge grading, win rate against a baseline, ground truth where a checker exists."""

@@ -1,0 +1,145 @@
+"""Judging one answer: MT-Bench-style single grading of each turn and pairwise comparison in both orders."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.core.recipe import EvaluateConfig
+from pipeline.core.stage import ItemFailed
+from pipeline.core.templates import render
+from pipeline.stages.evaluate.judge import VerdictError, combine_orders, parse_pairwise, parse_single
+from pipeline.stages.evaluate.records import (
+    PAIRWISE,
+    SINGLE,
+    EvalItem,
+    EvalModel,
+    answer_id,
+    pairwise_id,
+    single_id,
+)
+from pipeline.teacher.client import TeacherClient
+from pipeline.teacher.messages import ChatRequest
+
+
+class JudgeFailed(ItemFailed):
+    """No parsable verdict after every attempt: the judgment goes to the failure ledger."""
+
+
+def _fence(text: str, tag: str = "answer") -> str:
+    """Keep an answer from closing (or opening) the tags it is quoted in."""
+    return re.sub(rf"<(/?\s*{tag}\b[^>]*)>", r"‹\1›", text, flags=re.I)
+
+
+def judged_question(item: EvalItem, answers: list[str], turn: int) -> str:
+    """The question a turn is graded on: earlier turns (with this model's answers) as context, then the turn."""
+    parts = []
+    if turn > 0:
+        parts.append("Earlier in this conversation:")
+        for t in range(turn):
+            parts += [f"User: {item.turns[t]}", f"Assistant: {_fence(answers[t])}"]
+        parts.append("The user's latest message, which the answer below replies to:")
+    parts.append(item.turns[turn])
+    if item.reference is not None and turn == 0:
+        parts.append(f"(Reference answer, for the judge only: {item.reference})")
+    return "\n\n".join(parts)
+
+
+def conversation_text(turns: list[str], answers: bool) -> str:
+    """A multi-turn item shown whole to the pairwise judge: `Turn 1: ...`; a single turn as it is."""
+    shown = [_fence(t) for t in turns] if answers else list(turns)
+    return shown[0] if len(shown) == 1 else "\n\n".join(f"Turn {i + 1}: {t}" for i, t in enumerate(shown))
+
+
+async def ask_judge(client: TeacherClient, cfg: EvaluateConfig, text: str,
+                    parse: Callable[[str], Any]) -> tuple[str, Any, int]:
+    """(reply, parsed verdict, attempts); a reply the strict parser rejects is asked again, then fails."""
+    problem, last = "", ""
+    for attempt in range(1, cfg.judge_attempts + 1):
+        reply = await client.chat(ChatRequest([{"role": "user", "content": text}], temperature=0.0,
+                                              max_tokens=cfg.judge_max_tokens,
+                                              tag="" if attempt == 1 else f"reask-{attempt}"))
+        try:
+            return reply.text, parse(reply.text), attempt
+        except VerdictError as exc:
+            problem = str(exc) + (" (the reply was cut off)" if reply.finish_reason == "length" else "")
+            last = reply.text
+    raise JudgeFailed(f"{problem}, after {cfg.judge_attempts} attempts; last reply {last[:200]!r}",
+                      cfg.judge_attempts)
+
+
+async def grade_answer(client: TeacherClient, cfg: EvaluateConfig, item: EvalItem, row: dict[str, Any],
+                       turn: int) -> dict[str, Any]:
+    """Single-answer grading of one turn: an explanation and a 1-10 rating."""
+    text = render("judge_single.jinja", question=judged_question(item, row["answers"], turn),
+                  answer=_fence(row["answers"][turn]))
+    reply, rating, attempts = await ask_judge(client, cfg, text, parse_single)
+    return {"judgment_id": single_id(row["answer_id"], turn), "item_id": item.item_id, "model": row["model"],
+            "category": item.category, "turn": turn + 1, "rating": float(rating), "explanation": reply,
+            "attempts": attempts}
+
+
+async def compare_answers(client: TeacherClient, cfg: EvaluateConfig, item: EvalItem, candidate: dict[str, Any],
+                          baseline: dict[str, Any]) -> dict[str, Any]:
+    """The candidate against the baseline, shown as A and then as B; disagreement between the orders is a tie."""
+    question = conversation_text(list(item.turns), answers=False)
+    if item.reference is not None:
+        question += f"\n\n(Reference answer to the first question, for the judge only: {item.reference})"
+    mine, theirs = conversation_text(candidate["answers"], True), conversation_text(baseline["answers"], True)
+    row = {"judgment_id": pairwise_id(item.item_id, candidate["spec"], baseline["spec"]), "item_id": item.item_id,
+           "model": candidate["model"], "baseline": baseline["model"], "category": item.category}
+    if mine == theirs:  # the same text cannot win or lose against itself
+        return {**row, "verdict_first": "C", "verdict_second": "C", "score": 0.5, "identical": True,
+                "explanation_first": "", "explanation_second": "", "attempts": 0}
+    both = await asyncio.gather(
+        ask_judge(client, cfg, render("judge_pairwise.jinja", question=question, answer_a=mine, answer_b=theirs),
+                  parse_pairwise),
+        ask_judge(client, cfg, render("judge_pairwise.jinja", question=question, answer_a=theirs, answer_b=mine),
+                  parse_pairwise), return_exceptions=True)  # let both orders finish, then fail on either
+    for failed in (r for r in both if isinstance(r, BaseException)):
+        raise failed
+    (text_1, first, n_1), (text_2, second, n_2) = both
+    outcome = combine_orders(first, second)
+    return {**row, "verdict_first": first, "verdict_second": second, "score": outcome.score, "identical": False,
+            "explanation_first": text_1, "explanation_second": text_2, "attempts": n_1 + n_2}
+
+
+@dataclass(frozen=True)
+class Judgment:
+    """One verdict to obtain: a turn of an answer graded, or an answer compared with the baseline's."""
+
+    kind: str  # SINGLE or PAIRWISE
+    judgment_id: str
+    item: EvalItem
+    answer: dict[str, Any]
+    turn: int = 0
+    baseline_answer: dict[str, Any] | None = None
+
+    async def obtain(self, client: TeacherClient, cfg: EvaluateConfig) -> dict[str, Any]:
+        if self.kind == SINGLE:
+            return await grade_answer(client, cfg, self.item, self.answer, self.turn)
+        return await compare_answers(client, cfg, self.item, self.answer, self.baseline_answer)
+
+
+def plan_judgments(cfg: EvaluateConfig, items: list[EvalItem], models: list[EvalModel],
+                   answers: dict[str, dict[str, Any]]) -> list[Judgment]:
+    """Every turn of every answer graded; every item compared for each model against the baseline.
+
+    A failed answer gets no judgments: it is in the ledger already, and so the item is accounted for."""
+    baseline = next(m for m in models if m.spec == cfg.baseline)
+    plan = []
+    for item in items:
+        base_row = answers.get(answer_id(item.item_id, baseline.spec))
+        for model in models:
+            row = answers.get(answer_id(item.item_id, model.spec))
+            if row is None:
+                continue
+            plan += [Judgment(SINGLE, single_id(row["answer_id"], t), item, row, t)
+                     for t in range(len(row["answers"]))]
+            if model is not baseline and base_row is not None:
+                plan.append(Judgment(PAIRWISE, pairwise_id(item.item_id, model.spec, baseline.spec), item, row,
+                                     baseline_answer=base_row))
+    return plan

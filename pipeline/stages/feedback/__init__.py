@@ -1,0 +1,1 @@
+"""feedback (AIF): the rater scores every answer; ratings become chosen/rejected pairs."""

@@ -1,0 +1,197 @@
+"""The paper's AIF steps for one item: rate every answer on each aspect, score, correct, binarize into a pair."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.core.recipe import FeedbackConfig, Recipe
+from pipeline.core.stage import ItemFailed, StageStopped
+from pipeline.core.templates import render
+from pipeline.stages.feedback.pairs import binarize, correction_pair
+from pipeline.stages.feedback.ratings import SCALES, ParsedRatings, Rating, answer_score, parse_ratings
+from pipeline.stages.sample.stage import completion_id
+from pipeline.teacher.client import TeacherClient
+from pipeline.teacher.messages import ChatRequest
+
+ON_POLICY = "on_policy"
+ASPECT_TITLES = {"instruction_following": "instruction following", "honesty": "honesty",
+                 "truthfulness": "truthfulness", "helpfulness": "helpfulness", "overall": "overall quality"}
+TYPE_HINTS = {"truthfulness": "hallucination kinds found, or None", "helpfulness": "qualities present, or None"}
+
+
+class RatingFailed(ItemFailed):
+    """No usable rating after every re-ask (or no usable correction): the item goes to the failure ledger."""
+
+
+@dataclass(frozen=True)
+class Answer:
+    completion_id: str
+    model: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Item:
+    """One prompt's answers from one source: it ends as one pair, a dropped line or a failure."""
+
+    source: str
+    prompt_id: str
+    prompt: str
+    answers: tuple[Answer, ...]
+
+    @property
+    def item_id(self) -> str:
+        return f"{self.source}:{self.prompt_id}"
+
+
+@dataclass
+class AspectVerdict:
+    """The accepted judge reply for one aspect: `order[p]` is the answer shown as text p + 1."""
+
+    aspect: str
+    order: list[int]
+    parsed: ParsedRatings
+    raw: str
+    attempt: int
+
+    def rating_of(self, answer: int) -> tuple[int, Rating]:
+        position = self.order.index(answer) + 1
+        return position, self.parsed.ratings[position]
+
+
+@dataclass
+class Outcome:
+    ratings: list[dict[str, Any]] = field(default_factory=list)
+    pair: dict[str, Any] | None = None
+    dropped: str | None = None
+
+
+def _fence(text: str, tag: str) -> str:
+    """Keep an answer from closing (or opening) the tags it is shown in."""
+    return re.sub(rf"<(/?\s*{tag}\b[^>]*)>", r"‹\1›", text, flags=re.I)
+
+
+async def rate_aspect(client: TeacherClient, cfg: FeedbackConfig, aspect: str, item_id: str, prompt: str,
+                      answers: list[str]) -> AspectVerdict:
+    """One judge call rates all answers on one aspect, in a shuffled order mapped back afterwards; an
+    unusable reply is re-asked (new order, a reminder, a new cache tag), then the item fails."""
+    n, problem, reminder, reply_text = len(answers), "", "", ""
+    for attempt in range(1, cfg.max_parse_attempts + 1):
+        order = list(range(n))
+        random.Random(f"{cfg.seed}:{item_id}:{aspect}:{attempt}").shuffle(order)
+        text = render("feedback_rating.jinja", aspect_title=ASPECT_TITLES[aspect],
+                      rubric=render(f"feedback_{aspect}.jinja"), instruction=prompt,
+                      texts=[_fence(answers[i], "text") for i in order], type_hint=TYPE_HINTS.get(aspect, ""),
+                      scale_max=SCALES[aspect][1], allow_na=aspect == "honesty", reminder=reminder)
+        reply = await client.chat(ChatRequest([{"role": "user", "content": text}], temperature=0.0,
+                                              max_tokens=cfg.max_tokens_per_answer * n + 64,
+                                              tag="" if attempt == 1 else f"reask-{attempt}"))
+        reply_text = reply.text
+        parsed = parse_ratings(reply.text, n, aspect)
+        if parsed.complete:
+            return AspectVerdict(aspect, order, parsed, reply.text, attempt)
+        cut = " - the reply was cut off" if reply.finish_reason == "length" else ""
+        problem = parsed.summary() + cut
+        # the next attempt shows the answers in another order, so the reminder names no text numbers
+        reminder = "; ".join(sorted(set(parsed.problems.values()))) + cut
+    raise RatingFailed(f"unusable {aspect} rating after {cfg.max_parse_attempts} attempts ({problem}); "
+                       f"last reply {reply_text[:200]!r}", cfg.max_parse_attempts)
+
+
+async def rate_responses(client: TeacherClient, cfg: FeedbackConfig, item_id: str, prompt: str,
+                         answers: list[str]) -> dict[str, AspectVerdict]:
+    """Every aspect (and the overall critique if asked) for all answers of one prompt, concurrently."""
+    aspects = [*cfg.aspects, *(["overall"] if cfg.overall_critique else [])]
+    results = await asyncio.gather(*(rate_aspect(client, cfg, a, item_id, prompt, answers) for a in aspects),
+                                   return_exceptions=True)
+    errors = [r for r in results if isinstance(r, BaseException)]
+    if errors:  # a stop (budget, bad key) outranks an item's own failure
+        raise next((e for e in errors if isinstance(e, StageStopped)), errors[0])
+    return dict(zip(aspects, results, strict=True))
+
+
+def score_answers(verdicts: dict[str, AspectVerdict], n: int) -> list[float | None]:
+    """Mean of each answer's aspect ratings (N/A left out), with the overall score if it was asked for."""
+    scores = []
+    for i in range(n):
+        aspects = {a: v.rating_of(i)[1].value for a, v in verdicts.items() if a != "overall"}
+        overall = verdicts["overall"].rating_of(i)[1].value if "overall" in verdicts else None
+        scores.append(answer_score(aspects, overall))
+    return scores
+
+
+async def correct_response(client: TeacherClient, recipe: Recipe, prompt: str, draft: str) -> str:
+    """The teacher's corrected rewrite of the student's draft."""
+    text = render("feedback_correction.jinja", question=prompt, draft=_fence(draft, "draft"))
+    reply = await client.chat(ChatRequest([{"role": "user", "content": text}], temperature=0.0,
+                                          max_tokens=recipe.feedback.max_tokens_per_answer))
+    corrected = re.sub(r"^\W*corrected answer\W*", "", reply.text.strip(), flags=re.I).strip()
+    if reply.finish_reason == "length":
+        raise RatingFailed("correction: the rewrite was cut off at feedback.max_tokens_per_answer")
+    if not corrected:
+        raise RatingFailed("correction: the teacher returned an empty rewrite")
+    return corrected
+
+
+async def judge_item(client: TeacherClient, recipe: Recipe, item: Item) -> Outcome:
+    """Rate one item's answers and binarize them into a pair (or say why not)."""
+    cfg = recipe.feedback
+    answers = list(item.answers)
+    if item.source == "correction":
+        corrected = await correct_response(client, recipe, item.prompt, answers[0].text)
+        if corrected == answers[0].text.strip():
+            return Outcome(dropped="correction_unchanged")
+        answers.append(Answer(completion_id(item.prompt_id, "correction", 0), f"{recipe.teacher.model}/correction",
+                              corrected))
+    verdicts = await rate_responses(client, cfg, item.item_id, item.prompt, [a.text for a in answers])
+    scores = score_answers(verdicts, len(answers))
+    ratings = rating_rows(item, answers, verdicts, scores, recipe.teacher.model)
+    strategy = {"pool": cfg.pairs.strategy, ON_POLICY: "best_vs_worst", "correction": "rewrite_vs_draft"}[item.source]
+    if item.source == "correction":
+        picked = correction_pair(scores, cfg.pairs.min_margin)
+    else:
+        picked = binarize(scores, strategy, cfg.pairs.min_margin, random.Random(f"{cfg.pairs.seed}:{item.item_id}"))
+    if isinstance(picked, str):
+        return Outcome(ratings, dropped=picked)
+    return Outcome(ratings, pair=pair_row(item, answers, verdicts, scores, picked, strategy))
+
+
+def rating_rows(item: Item, answers: list[Answer], verdicts: dict[str, AspectVerdict], scores: list[float | None],
+                judge: str) -> list[dict[str, Any]]:
+    rows = []
+    for aspect, v in verdicts.items():
+        for i, a in enumerate(answers):
+            position, r = v.rating_of(i)
+            rows.append({
+                "rating_id": hashlib.sha256(f"{item.item_id}:{a.completion_id}:{aspect}".encode()).hexdigest(),
+                "item_id": item.item_id, "source": item.source, "prompt_id": item.prompt_id,
+                "completion_id": a.completion_id, "model": a.model, "aspect": aspect, "rating": r.value,
+                "na": r.na, "type": r.type, "rationale": r.rationale, "position": position, "shown": len(answers),
+                "attempt": v.attempt, "score": scores[i], "judge_model": judge, "raw": v.raw,
+            })
+    return rows
+
+
+def pair_row(item: Item, answers: list[Answer], verdicts: dict[str, AspectVerdict], scores: list[float | None],
+             picked: tuple[int, int], strategy: str) -> dict[str, Any]:
+    """The ultrafeedback_binarized shape plus provenance and the per-aspect ratings of both answers."""
+    c, r = picked
+    user = {"role": "user", "content": item.prompt}
+    chosen = [user, {"role": "assistant", "content": answers[c].text}]
+    row: dict[str, Any] = {
+        "pair_id": item.item_id, "prompt": item.prompt, "prompt_id": item.prompt_id, "chosen": chosen,
+        "rejected": [user, {"role": "assistant", "content": answers[r].text}], "messages": chosen,
+        "score_chosen": scores[c], "score_rejected": scores[r], "chosen_model": answers[c].model,
+        "rejected_model": answers[r].model, "chosen_completion_id": answers[c].completion_id,
+        "rejected_completion_id": answers[r].completion_id, "source": item.source, "strategy": strategy,
+        "rated_answers": sum(s is not None for s in scores),
+    }
+    for aspect, v in verdicts.items():
+        row[f"chosen_{aspect}"] = v.rating_of(c)[1].value
+        row[f"rejected_{aspect}"] = v.rating_of(r)[1].value
+    return row

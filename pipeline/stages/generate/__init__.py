@@ -1,0 +1,1 @@
+"""generate (dSFT data): teacher-simulated dialogues, self-instruct, filters, decontamination."""

@@ -1,0 +1,1 @@
+"""sample (AIF): k pool models answer each prompt."""

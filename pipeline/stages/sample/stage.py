@@ -1,0 +1,215 @@
+"""AIF sampling (UltraFeedback style): k of the M pool models answer each prompt under a principle system prompt."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.backends.base import BackendStopped, Completion, GenerationRequest, SamplingParams
+from pipeline.backends.pool import make_backend
+from pipeline.core.progress import progress
+from pipeline.core.recipe import PoolModel, Recipe, SampleConfig
+from pipeline.core.sources import SeedPrompt, iter_prompts
+from pipeline.core.stage import StageReport, conclude
+from pipeline.core.store import FailureLedger, RunStore, ShardWriter
+from pipeline.core.templates import render, template_names
+
+log = logging.getLogger(__name__)
+STAGE = "sample"
+COMPLETIONS = "completions"
+NO_PRINCIPLE = "none"
+
+
+class SampleError(ValueError):
+    """A sample section that cannot be run; the message names the key."""
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """One answer to produce: a prompt, the pool model that answers it, under which principle."""
+
+    prompt: SeedPrompt
+    model: str  # the pool model's name
+    principle: str
+    sample_index: int = 0
+    seed: int = 0
+
+    @property
+    def completion_id(self) -> str:
+        return completion_id(self.prompt.prompt_id, self.model, self.sample_index)
+
+    @property
+    def sample_seed(self) -> int:
+        return int(hashlib.sha256(f"{self.seed}:{self.completion_id}".encode()).hexdigest()[:8], 16)
+
+
+def completion_id(prompt_id: str, model: str, sample_index: int) -> str:
+    """Stable id of one answer: sha256 of prompt id, model name and sample index."""
+    return hashlib.sha256(f"{prompt_id}:{model}:{sample_index}".encode()).hexdigest()
+
+
+def principles_for(source: str, cfg: SampleConfig) -> list[str]:
+    names = cfg.principles.get(source) or cfg.principles.get("default")
+    if not names:
+        raise SampleError(f"sample.principles has no entry for prompt source '{source}' and no 'default'; "
+                          f"add one (keys now: {sorted(cfg.principles)})")
+    return names
+
+
+def check_principles(cfg: SampleConfig) -> None:
+    """Every principle named in the recipe has its template (or is 'none')."""
+    have = set(template_names())
+    for source, names in cfg.principles.items():
+        for name in names:
+            if name != NO_PRINCIPLE and f"principle_{name}.jinja" not in have:
+                known = sorted(n.removeprefix("principle_").removesuffix(".jinja") for n in have
+                               if n.startswith("principle_"))
+                raise SampleError(f"sample.principles.{source}: no template prompts/principle_{name}.jinja; "
+                                  f"the principles are {known + [NO_PRINCIPLE]}")
+
+
+def assign_models(prompts: list[SeedPrompt], cfg: SampleConfig) -> list[Assignment]:
+    """For each prompt, k distinct pool models and one principle drawn from its source's list (seeded by
+    prompt id, so a prompt's draw does not depend on the others)."""
+    names = [m.name for m in cfg.pool]
+    plan = []
+    for p in prompts:
+        rng = random.Random(f"{cfg.seed}:{p.prompt_id}")
+        chosen = rng.sample(names, cfg.k)
+        principle = rng.choice(principles_for(p.source, cfg))
+        plan += [Assignment(p, name, principle, 0, cfg.seed) for name in sorted(chosen, key=names.index)]
+    return plan
+
+
+def answer_messages(prompt: str, principle: str, model: PoolModel) -> list[dict[str, str]]:
+    """The conversation a pool model answers: the principle as system prompt (if it takes one), then the prompt."""
+    user = {"role": "user", "content": prompt}
+    if principle == NO_PRINCIPLE or not model.principles:
+        return [user]
+    return [{"role": "system", "content": render(f"principle_{principle}.jinja")}, user]
+
+
+def completion_row(a: Assignment, model: PoolModel, messages: list[dict[str, str]], c: Completion) -> dict[str, Any]:
+    system = messages[0]["content"] if messages[0]["role"] == "system" else ""
+    return {
+        "completion_id": a.completion_id, "prompt_id": a.prompt.prompt_id, "prompt": a.prompt.prompt,
+        "prompt_source": a.prompt.source, "model": a.model, "backend": model.backend, "model_path": model.model,
+        "principle": a.principle if system else NO_PRINCIPLE, "system_prompt": system, "completion": c.text,
+        "finish_reason": c.finish_reason, "sample_index": a.sample_index, "seed": a.sample_seed,
+        "temperature": model.temperature, "top_p": model.top_p, "max_tokens": model.max_tokens,
+        "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
+    }
+
+
+def sample_responses(model: PoolModel, todo: list[Assignment], recipe: Recipe, store: RunStore, writer: ShardWriter,
+                     failures: FailureLedger, chunk: int, bar: Any = None) -> tuple[str, dict[str, float]]:
+    """Load one pool model, answer its assignments chunk by chunk into the writer; (stop message, cost)."""
+    backend = make_backend(model, recipe, store)
+    params = SamplingParams.of(model)
+    stop = ""
+    try:
+        for start in range(0, len(todo), chunk):
+            part = todo[start:start + chunk]
+            conversations = [answer_messages(a.prompt.prompt, a.principle, model) for a in part]
+            requests = [GenerationRequest(m, a.sample_seed) for a, m in zip(part, conversations, strict=True)]
+            try:
+                completions: list[Completion | None] = list(backend.generate(requests, params))
+            except BackendStopped as stopped:
+                completions, stop = stopped.completions, str(stopped)
+            for a, messages, c in zip(part, conversations, completions, strict=True):
+                if c is None:
+                    continue  # not started: the stage stopped
+                if c.error is not None:
+                    failures.record(a.completion_id, f"{model.name}: {c.error}", c.attempts)
+                else:
+                    writer.add(completion_row(a, model, messages, c))
+            writer.flush()  # a finished chunk is never redone
+            if bar is not None:
+                bar.update(len(part))
+            if stop:
+                break
+    finally:
+        backend.close()
+    return stop, backend.cost()
+
+
+def unique_prompts(recipe: Recipe) -> list[SeedPrompt]:
+    seen: set[str] = set()
+    out = []
+    for p in iter_prompts(recipe.sample.prompts or recipe.prompts, recipe.task):
+        if p.prompt and p.prompt_id not in seen:
+            seen.add(p.prompt_id)
+            out.append(p)
+    return out
+
+
+def run(recipe: Recipe, store: RunStore) -> StageReport:
+    """Answer every prompt with k pool models, one model loaded at a time; resumable per model and chunk."""
+    cfg = recipe.sample
+    if not cfg.pool:
+        raise SampleError("sample.pool is empty: list the models that answer the prompts (see configs/quickstart.yaml)")
+    check_principles(cfg)
+    prompts = unique_prompts(recipe)
+    plan = assign_models(prompts, cfg)
+    writer = store.shard_writer(STAGE, name=COMPLETIONS, shard_size=cfg.shard_size, id_key="completion_id")
+    failures = store.ledger(STAGE)
+    done = writer.done_ids()
+    stop, cost = "", Counter()
+    todo_all = [a for a in plan if a.completion_id not in done]
+    bar = progress(STAGE, len(todo_all), "answer")
+    with writer:
+        for model in cfg.pool:
+            todo = [a for a in todo_all if a.model == model.name]
+            if not todo:
+                continue
+            log.info("sample: %s answers %d prompts", model.name, len(todo))
+            stop, used = sample_responses(model, todo, recipe, store, writer, failures, cfg.shard_size, bar)
+            cost.update(used)
+            if stop:
+                break
+    bar.close()
+    return _finish(recipe, store, prompts, plan, dict(cost), stop)
+
+
+def _finish(recipe: Recipe, store: RunStore, prompts: list[SeedPrompt], plan: list[Assignment],
+            cost: dict[str, float], stop: str) -> StageReport:
+    """Account for every planned answer from what the store holds; write stats.json."""
+    rows = list(store.read_records(STAGE, COMPLETIONS, columns=[
+        "completion_id", "prompt_id", "model", "principle", "finish_reason", "completion", "completion_tokens"]))
+    out_ids = {r["completion_id"] for r in rows}
+    failed = store.ledger(STAGE).compact(out_ids)
+    planned = {a.completion_id for a in plan}
+    pending = len(planned - out_ids - set(failed))
+    per_model: dict[str, dict[str, Any]] = defaultdict(lambda: {"answers": 0, "finish_length": 0, "chars": 0})
+    for r in rows:
+        m = per_model[r["model"]]
+        m["answers"] += 1
+        m["finish_length"] += r["finish_reason"] == "length"
+        m["chars"] += len(r["completion"])
+    for m in per_model.values():
+        m["mean_chars"] = round(m.pop("chars") / max(1, m["answers"]), 1)
+    answers_per_prompt = Counter(Counter(r["prompt_id"] for r in rows).values())
+    counts = {"input": len(planned), "prompts": len(prompts), "output": len(out_ids), "failed": len(failed),
+              "pending": pending}
+    stats = {
+        "counts": counts,
+        "assigned_per_model": dict(Counter(a.model for a in plan)),
+        "per_model": dict(per_model),
+        "principles": dict(Counter(r["principle"] for r in rows)),
+        "answers_per_prompt": {str(k): v for k, v in sorted(answers_per_prompt.items())},
+        "failed_by_model": dict(Counter(f.reason.split(":", 1)[0] for f in failed.values())),
+        "cost": cost,
+    }
+    store.write_json(store.join(STAGE, "stats.json"), stats)
+    status, message = conclude(
+        STAGE, stop=stop, pending=pending, failed=len(failed), total=len(planned),
+        max_failure_rate=recipe.sample.max_failure_rate, ledger=store.join(STAGE, "failures.jsonl"),
+        saved=f"{len(out_ids)} answers",
+        done=(f"{len(out_ids)} answers to {len(prompts)} prompts from {len(recipe.sample.pool)} pool models, "
+              f"{len(failed)} failed"))
+    log.info("sample: %s", message)
+    return StageReport(STAGE, status, counts, cost, {"completions": store.join(STAGE)}, message)

@@ -1,0 +1,1 @@
+"""sft: TRL SFTTrainer on the generated dialogues, loss on every assistant turn."""

@@ -1,0 +1,116 @@
+"""dSFT: TRL's SFTTrainer on the teacher's dialogues, with the loss on every assistant turn."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+from pipeline.core.recipe import Recipe
+from pipeline.core.stage import StageReport
+from pipeline.core.store import RunStore
+from pipeline.train import configs, models, outputs, templates
+from pipeline.train.launch import is_launched_rank, launch_stage, should_launch
+
+log = logging.getLogger("pipeline.train")
+
+ROLES = {"system", "user", "assistant"}
+
+
+def run(recipe: Recipe, store: RunStore) -> StageReport:
+    """Fine-tune the student on `generate`'s dialogues into `<run>/sft/model`."""
+    total, dialogues, failures = read_dialogues(store)
+    if not is_launched_rank():
+        outputs.record_new_failures(store, "sft", failures)
+    if not dialogues:
+        raise models.TrainingError(f"sft: no usable dialogues in {store.url}/generate ({len(failures)} rejected; "
+                                   f"see {store.url}/sft/failures.jsonl)")
+    if should_launch(recipe.compute):
+        models.resolve_base_model(recipe, store)  # build the tiny student once, not once per rank
+        launch_stage("sft", recipe, store)
+        metrics = store.read_json(store.join("sft", "metrics.json"))
+    else:
+        metrics = train_sft(recipe, store, dialogues)
+    return StageReport(
+        "sft", counts={"input": total, "output": len(dialogues), "failed": len(failures)},
+        outputs={"model": store.join("sft", "model"), "metrics": store.join("sft", "metrics.json")},
+        message=f"{metrics['global_step']} steps on {len(dialogues)} dialogues, "
+                f"final loss {metrics['final'].get('loss', float('nan')):.4f}")
+
+
+def read_dialogues(store: RunStore) -> tuple[int, list[list[dict[str, str]]], dict[str, str]]:
+    """(records read, usable message lists, {prompt_id: reason} for the rest)."""
+    total, dialogues, failures = 0, [], {}
+    for record in store.read_records("generate"):
+        total += 1
+        messages = [{"role": m.get("role"), "content": m.get("content")} for m in record.get("messages") or []]
+        problem = dialogue_problem(messages)
+        if problem:
+            failures[record.get("prompt_id", f"#{total}")] = f"sft: {problem}"
+        else:
+            dialogues.append(messages)
+    return total, dialogues, failures
+
+
+def dialogue_problem(messages: list[dict[str, Any]]) -> str | None:
+    """Why a dialogue cannot be trained on, or None."""
+    if not messages:
+        return "no messages"
+    roles = [m["role"] for m in messages]
+    if set(roles) - ROLES:
+        return f"unknown role(s) {sorted(set(roles) - ROLES, key=str)}"
+    if any(not isinstance(m["content"], str) for m in messages):
+        return "a message has no text content"
+    if not any(r == "assistant" and m["content"].strip() for r, m in zip(roles, messages, strict=True)):
+        return "no assistant turn with content"
+    return None
+
+
+
+def train_sft(recipe: Recipe, store: RunStore, dialogues: list[list[dict[str, str]]]) -> dict[str, Any]:
+    """Train (resuming from the last checkpoint), save the model, metrics.json and the model card."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    t0 = time.perf_counter()
+    device = models.detect_device(recipe.compute)
+    base = models.resolve_base_model(recipe, store)
+    with models.local_stage_dir(store, "sft") as stage_dir:
+        tokenizer = models.load_tokenizer(base)
+        template = templates.ensure_training_template(tokenizer)
+        user_args, init_kwargs = configs.split_model_init_kwargs(recipe.sft.args)
+        model = models.load_model(base, device, recipe.sft.lora, init_kwargs)
+        defaults = zephyr_sft_defaults(len(dialogues), configs.max_positions(model, 2048),
+                                       user_args.get("per_device_train_batch_size"))
+        args = configs.build_trl_config(SFTConfig, "sft", user_args, defaults,
+                                       stage_dir / "checkpoints", device)
+        trainer = SFTTrainer(model=model, args=args, processing_class=tokenizer,
+                             train_dataset=Dataset.from_list([{"messages": m} for m in dialogues]),
+                             peft_config=models.peft_config(recipe.sft.lora))
+        resume = outputs.last_checkpoint(stage_dir / "checkpoints")
+        if resume:
+            log.info("sft: resuming from %s", resume)
+        trainer.train(resume_from_checkpoint=resume)
+        outputs.save_final_model(trainer, tokenizer, stage_dir / "model", base)
+        metrics = outputs.write_metrics(trainer, stage_dir, {
+            "stage": "sft", "base_model": base, "chat_template": template, "examples": len(dialogues),
+            "resumed_from_step": outputs.checkpoint_step(resume), "launched": is_launched_rank(),
+            "device": device, "wall_seconds": time.perf_counter() - t0})
+        if trainer.is_world_process_zero():
+            outputs.write_model_card(stage_dir / "model", "sft", recipe, store, base,
+                                    f"{len(dialogues)} teacher dialogues from `generate`", metrics, inputs=("generate",))
+    return metrics
+
+
+def zephyr_sft_defaults(examples: int, max_length: int, per_device: int | None = None) -> dict[str, Any]:
+    """Zephyr's dSFT settings (lr 2e-5 cosine, warmup 0.1, 1 epoch, global batch 128) scaled to small data."""
+    global_batch = min(128, max(8, examples // 32))  # at least ~32 optimizer steps per epoch
+    per_device = per_device or min(16, global_batch)
+    return {
+        **configs.stage_defaults(max_length),
+        "learning_rate": 2e-5, "lr_scheduler_type": "cosine", "warmup_steps": 0.1, "num_train_epochs": 1,
+        "per_device_train_batch_size": per_device,
+        "gradient_accumulation_steps": max(1, math.ceil(global_batch / per_device)),
+        "assistant_only_loss": True,
+    }

@@ -1,0 +1,61 @@
+"""The persistent response cache: every successful teacher response, keyed by model and request."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from pipeline.core.recipe import Recipe
+from pipeline.core.store import RunStore
+from pipeline.teacher.messages import ChatRequest, ChatResult
+
+
+def cache_key(model: str, request: ChatRequest) -> str:
+    blob = json.dumps({"model": model, "messages": request.messages, "params": request.params(),
+                       "tag": request.tag}, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class ResponseCache:
+    """SQLite file of successful responses keyed by request; committed per response, so a kill keeps them."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("CREATE TABLE IF NOT EXISTS responses "
+                         "(key TEXT PRIMARY KEY, value TEXT NOT NULL, request TEXT)")
+
+    def get(self, key: str) -> ChatResult | None:
+        row = self._db.execute("SELECT value FROM responses WHERE key = ?", (key,)).fetchone()
+        return ChatResult(**json.loads(row[0])) if row else None
+
+    def put(self, key: str, result: ChatResult, request: dict[str, Any] | None = None) -> None:
+        value = json.dumps({**asdict(result), "cached": False})
+        self._db.execute("INSERT OR REPLACE INTO responses (key, value, request) VALUES (?, ?, ?)",
+                         (key, value, json.dumps(request) if request is not None else None))
+
+    def requests(self) -> list[dict[str, Any]]:
+        """Every cached request (model, messages, params): what a rerun will not pay for again."""
+        rows = self._db.execute("SELECT request FROM responses WHERE request IS NOT NULL").fetchall()
+        return [json.loads(r[0]) for r in rows]
+
+    def __len__(self) -> int:
+        return self._db.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def cache_path(store: RunStore, recipe: Recipe) -> Path:
+    """The response cache lives in the run directory, or in a local cache dir when the store is remote."""
+    if store.is_local:
+        return Path(store.join("cache", "teacher.sqlite"))
+    base = Path(recipe.storage.cache_dir or Path.home() / ".cache" / "zephyr-distill")
+    return base / store.run_name / "teacher.sqlite"

@@ -1,1 +1,0 @@
-"""The offline toy world: a synthetic task, a rule-based teacher server and a tiny student."""

@@ -1,0 +1,97 @@
+"""What a training stage leaves behind: checkpoints, the final model, metrics.json, the model card, its ledger."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.core.recipe import Recipe
+from pipeline.core.store import RunStore
+from pipeline.train.models import load_model
+
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def last_checkpoint(checkpoints: Path) -> str | None:
+    """The newest complete checkpoint (trainer_state.json is written last), or None."""
+    if not checkpoints.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in checkpoints.iterdir()
+             if (m := _CHECKPOINT.match(p.name)) and (p / "trainer_state.json").is_file()]
+    return str(max(found)[1]) if found else None
+
+
+def checkpoint_step(checkpoint: str | None) -> int:
+    return int(_CHECKPOINT.match(Path(checkpoint).name).group(1)) if checkpoint else 0
+
+
+def save_final_model(trainer: Any, tokenizer: Any, model_dir: Path, base_path: str) -> None:
+    """Save model + tokenizer (with the chat template it was trained with); LoRA adapters are merged."""
+    try:
+        from peft import PeftModel
+    except ImportError:  # the `lora` extra is not installed, so no adapter can have been trained
+        PeftModel = None
+
+    if not trainer.is_world_process_zero():
+        trainer.save_model(str(model_dir))  # collective under ZeRO-3/FSDP: every rank must call it
+        return
+    if PeftModel is not None and isinstance(trainer.model, PeftModel):
+        adapter_dir = model_dir.parent / "adapter"
+        trainer.save_model(str(adapter_dir))
+        merged = PeftModel.from_pretrained(load_model(base_path, "cpu"), str(adapter_dir)).merge_and_unload()
+        merged.save_pretrained(str(model_dir))
+    else:
+        trainer.save_model(str(model_dir))
+    tokenizer.save_pretrained(str(model_dir))
+
+
+def write_metrics(trainer: Any, stage_dir: Path, extra: dict[str, Any]) -> dict[str, Any]:
+    """metrics.json: the final summary, the last logged values (loss, rewards, logps) and the history."""
+    history = trainer.state.log_history
+    logged = [h for h in history if "loss" in h and "train_runtime" not in h]
+    summary = next((h for h in reversed(history) if "train_runtime" in h), {})
+    metrics = {"global_step": trainer.state.global_step, "epoch": trainer.state.epoch,
+               "world_size": trainer.args.world_size,
+               "final": logged[-1] if logged else {}, "summary": summary, "history": history, **extra}
+    if trainer.is_world_process_zero():
+        (stage_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True, default=str))
+    return metrics
+
+
+def write_model_card(model_dir: Path, stage: str, recipe: Recipe, store: RunStore, base: str,
+                     data: str, metrics: dict[str, Any], inputs: tuple[str, ...]) -> None:
+    """README.md next to the model: what it was trained from, on what, with which recipe section."""
+    import transformers
+    import trl
+
+    section = getattr(recipe, stage).model_dump(mode="json")
+    # the runner records each stage's fingerprint in the manifest before the stage starts
+    fingerprints = {name: store.stage_state(name).fingerprint for name in (stage, *inputs)}
+    final = {k: v for k, v in metrics["final"].items() if isinstance(v, int | float)}
+    card = "\n".join([
+        "---", "library_name: transformers", "tags: [zephyr-distill, trl, " + stage + "]", "---", "",
+        f"# {recipe.name} / {store.run_name}: {stage} model", "",
+        f"Trained by the `{stage}` stage of zephyr-distill with TRL {trl.__version__} "
+        f"(transformers {transformers.__version__}).", "",
+        f"- **Started from:** `{base}`", f"- **Data:** {data}", f"- **Run:** `{store.url}`",
+        f"- **Stage fingerprint:** `{fingerprints[stage]}`; inputs: "
+        + ", ".join(f"{k} `{fingerprints[k]}`" for k in inputs),
+        f"- **Steps:** {metrics['global_step']} ({metrics['epoch']:.2f} epochs)", "",
+        "## Final logged metrics", "", "```json", json.dumps(final, indent=2, sort_keys=True), "```", "",
+        f"## Recipe section `{stage}`", "", "```yaml", yaml.safe_dump(section, sort_keys=True).rstrip(), "```", "",
+        "The chat template saved with this model is the one it was trained with.", "",
+    ])
+    (model_dir / "README.md").write_text(card)
+
+
+def record_new_failures(store: RunStore, stage: str, failures: dict[str, str]) -> None:
+    """Ledger the rejected items not yet in it (a resumed run does not count them twice)."""
+    ledger = store.ledger(stage)
+    known = ledger.latest()
+    for item_id, reason in failures.items():
+        if item_id not in known:
+            ledger.record(item_id, reason)

@@ -1,0 +1,144 @@
+"""The layout keeps its promises: no import cycles, Prefect only behind the CLI and flows, no task named by
+the core, small modules and functions, a docstring on every module."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("pipeline", "flows")
+MAX_MODULE_LINES, MAX_FUNCTION_LINES = 400, 60
+
+
+def module_files(root: Path, packages: tuple[str, ...] = PACKAGES) -> dict[str, Path]:
+    """Dotted module name -> file, for every module of the packages under `root`."""
+    found = {}
+    for package in packages:
+        for path in sorted((root / package).rglob("*.py")):
+            parts = list(path.relative_to(root).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            found[".".join(parts)] = path
+    return found
+
+
+def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
+    """Every module of `known` that `name` imports anywhere: at the top, inside functions, under TYPE_CHECKING."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    is_package = path.name == "__init__.py"
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        targets: list[str] = []
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = name.split(".") if is_package else name.split(".")[:-1]
+                anchor = anchor[: len(anchor) - (node.level - 1)]
+                base = ".".join(anchor + ([base] if base else []))
+            targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base for alias in node.names]
+        for target in targets:
+            while target and target not in known:  # `import a.b.c` of a name inside a module
+                target = target.rpartition(".")[0]
+            if target and target != name:
+                found.add(target)
+    return found
+
+
+def import_graph(root: Path, packages: tuple[str, ...] = PACKAGES) -> dict[str, set[str]]:
+    files = module_files(root, packages)
+    return {name: imports_of(name, path, set(files)) for name, path in files.items()}
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_the_cycle_finder_sees_imports_inside_functions_and_type_checking(tmp_path: Path) -> None:
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text('"""p"""\n')
+    (pkg / "a.py").write_text('"""a"""\nfrom pkg.b import x\n')
+    (pkg / "b.py").write_text('"""b"""\ndef f():\n    from pkg import c\n')
+    (pkg / "c.py").write_text('"""c"""\nfrom typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg.a import y\n')
+    (pkg / "d.py").write_text('"""d"""\nfrom . import a\n')
+    assert cycles(import_graph(tmp_path, ("pkg",))) == [["pkg.a", "pkg.b", "pkg.c"]]
+
+
+def test_no_import_cycles() -> None:
+    assert cycles(import_graph(ROOT)) == []
+
+
+def test_prefect_only_behind_the_cli_and_in_flows() -> None:
+    offenders = []
+    for name, path in module_files(ROOT, ("pipeline",)).items():
+        if name == "pipeline.cli" or name.startswith("pipeline.cli."):
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            mods = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                    [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [f"{name} imports {m}" for m in mods if m.split(".")[0] in ("prefect", "flows")]
+    assert offenders == []
+
+
+def test_only_task_plugins_import_the_toy_task() -> None:
+    graph = import_graph(ROOT)
+    offenders = [f"{name} imports {dep}" for name, deps in graph.items() for dep in deps
+                 if dep.startswith("pipeline.tasks.toy") and not name.startswith("pipeline.tasks.")]
+    assert offenders == []
+
+
+def test_modules_and_functions_stay_small() -> None:
+    too_long = []
+    for name, path in module_files(ROOT).items():
+        text = path.read_text(encoding="utf-8")
+        if text.count("\n") > MAX_MODULE_LINES:
+            too_long.append(f"module {name}: {text.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    too_long.append(f"function {name}.{node.name}: {length} lines")
+    assert too_long == []
+
+
+@pytest.mark.parametrize("name", sorted(module_files(ROOT)))
+def test_every_module_says_what_it_is_for(name: str) -> None:
+    path = module_files(ROOT)[name]
+    assert ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))), f"{path} has no module docstring"
