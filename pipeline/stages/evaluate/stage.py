@@ -30,6 +30,7 @@ from pipeline.stages.evaluate.records import (
     plan_record,
 )
 from pipeline.stages.evaluate.report import write_report
+from pipeline.stages.evaluate.schema import SCHEMAS
 from pipeline.teacher.client import teacher_session
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ def run(recipe: Recipe, store: RunStore) -> StageReport:
     models = eval_models(recipe.evaluate)
     store.write_json(store.join(STAGE, "plan.json"), plan_record(recipe, eval_set, models))
     failures = store.ledger(STAGE)
-    with store.shard_writer(STAGE, ANSWERS, id_key="answer_id") as writer:
+    with store.shard_writer(STAGE, ANSWERS, id_key="answer_id", schema=SCHEMAS[ANSWERS]) as writer:
         done = writer.done_ids()
         todo = {m.label: [it for it in eval_set.items if answer_id(it.item_id, m.spec) not in done] for m in models}
         bar = progress(STAGE, sum(map(len, todo.values())), "answer")
@@ -139,7 +140,8 @@ async def _judge(recipe: Recipe, store: RunStore, items: list[EvalItem], models:
                  answers: dict[str, dict[str, Any]]) -> tuple[str, dict[str, float]]:
     """Every planned judgment not yet in the store; (why it stopped early, if it did; the judge's cost)."""
     async with teacher_session(recipe, store) as client:
-        writers = {kind: store.shard_writer(STAGE, kind, id_key="judgment_id") for kind in (SINGLE, PAIRWISE)}
+        writers = {kind: store.shard_writer(STAGE, kind, id_key="judgment_id", schema=SCHEMAS[kind])
+                   for kind in (SINGLE, PAIRWISE)}
         done = writers[SINGLE].done_ids() | writers[PAIRWISE].done_ids()
         todo = [j for j in plan_judgments(recipe.evaluate, items, models, answers) if j.judgment_id not in done]
         bar = progress(STAGE, len(todo), "judgment")
