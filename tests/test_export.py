@@ -167,3 +167,15 @@ def test_a_run_without_finished_dialogues_is_not_exported(tmp_path: Path) -> Non
     result = _distill("export", store.url, str(tmp_path / "out"))
     assert result.exit_code == 2 and "generate stage of this run is failed" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_the_card_never_carries_credentials_from_an_endpoint_url() -> None:
+    from pipeline.export.card import endpoints, redact_url
+
+    assert redact_url("https://user:sk-SECRET@api.example.com:8443/v1?api_key=sk-X#frag") == \
+        "https://api.example.com:8443/v1"
+    assert redact_url("builtin") == "builtin"
+    listed = endpoints({"teacher": {"base_url": "https://u:sk-SECRET@api.example.com/v1", "model": "gpt"},
+                        "sample": {"pool": [{"name": "m", "backend": "openai", "model": "x",
+                                             "base_url": "http://k:sk-SECRET@10.0.0.1:8000/v1"}]}})
+    assert "sk-SECRET" not in str(listed) and listed[0]["endpoint"] == "https://api.example.com/v1"

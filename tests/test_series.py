@@ -101,3 +101,16 @@ def test_a_candidate_that_only_ties_the_current_model_is_not_promoted(tmp_path: 
     decision = promotion_for_run(store, current)
     assert decision["promote"] is False and decision["win_rate"] == 0.5 and decision["ties"] == decision["n"] > 0
     assert decision["lower_bound"] == 0.5 and "not above 0.5" in decision["reason"]
+
+
+def test_a_warm_start_model_on_shared_storage_is_copied_locally_once(tmp_path: Path) -> None:
+    from pipeline.train.models import download_model
+
+    remote = tmp_path / "store" / "run-1" / "dpo" / "model"
+    remote.mkdir(parents=True)
+    (remote / "config.json").write_text("{}")
+    (remote / "model.safetensors").write_bytes(b"weights")
+    local = Path(download_model(f"file://{remote}"))
+    assert local != remote and (local / "model.safetensors").read_bytes() == b"weights"
+    (remote / "model.safetensors").write_bytes(b"changed")  # the copy is reused, not fetched again
+    assert download_model(f"file://{remote}") == str(local) and (local / "model.safetensors").read_bytes() == b"weights"
