@@ -35,9 +35,9 @@ def _fence(text: str, tag: str = "answer") -> str:
     return re.sub(rf"<(/?\s*{tag}\b[^>]*)>", r"‹\1›", text, flags=re.I)
 
 
-def judged_question(item: EvalItem, answers: list[str], turn: int, show_reference: bool = True) -> str:
-    """What a turn is graded on: the earlier turns (with this model's answers) as context, then the turn itself,
-    and that turn's reference answer where the item has one and its category shows references (MT-Bench)."""
+def judged_question(item: EvalItem, answers: list[str], turn: int, show_reference: bool = True) -> tuple[str, str]:
+    """(context, question) a turn is graded on: the earlier turns with this model's answers, then the turn itself
+    with its reference answer where the item has one and its category shows references (MT-Bench)."""
     parts = []
     if turn > 0:
         context = [f"User: {item.turns[t]}\n\nAssistant: {_fence(answers[t])}" for t in range(turn)]
