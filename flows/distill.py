@@ -14,8 +14,9 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.context import TaskRunContext
 from prefect.deployments import run_deployment
 from prefect.states import Scheduled
+from prefect.utilities.annotations import quote
 
-from flows.artifacts import ProgressArtifact, publish_run_summary, publish_stage
+from flows.artifacts import ProgressArtifact, publish_promotion, publish_run_summary, publish_stage
 from flows.params import DistillRequest, StageRequest
 from pipeline.core.graph import STAGES, fingerprint
 from pipeline.core.recipe import Recipe
@@ -177,12 +178,19 @@ def distill(request: DistillRequest = DistillRequest()) -> dict[str, Any]:  # no
     status = "failed"
     try:
         memo: dict[str, str] = {}
+        previous = None
         for stage in request.stages:
             fp = fingerprint(stage, recipe, memo)
+            # the task graph draws the chain: each stage waits for the one before it, and the recipe is quoted
+            # so Prefect does not take values inside it for results of earlier stages
             if STAGES[stage].gpu and pool:
-                reports[stage] = dispatch_stage(stage, snapshot, store.run_name, fp, request.force, pool)
+                state = dispatch_stage(stage, quote(snapshot), store.run_name, fp, request.force, pool,
+                                       wait_for=[previous] if previous else None, return_state=True)
             else:
-                reports[stage] = run_stage_task(stage, snapshot, store.run_name, fp, request.force)
+                state = run_stage_task(stage, quote(snapshot), store.run_name, fp, request.force,
+                                       wait_for=[previous] if previous else None, return_state=True)
+            reports[stage] = state.result()  # raises the stage's error
+            previous = state
         status = "completed"
     finally:
         publish_run_summary(store)
@@ -191,6 +199,7 @@ def distill(request: DistillRequest = DistillRequest()) -> dict[str, Any]:  # no
             entry = series.record(store, status, promotion=promotion)
             if promotion:
                 log.info("series %s: %s", series.name, promotion.get("reason", promotion))
+                publish_promotion(series.name, store, promotion)
             log.info("series %s: run %s recorded, model %s", series.name, store.run_name, entry.model)
     return {"run_name": store.run_name, "run_dir": store.url, "status": status, "stages": reports}
 

@@ -110,6 +110,49 @@ def test_series_second_run_ingests_only_new_prompts(prefect, tmp_path):
     assert len(json.loads((tmp_path / "runs" / "series" / "nightly-test" / "series.json").read_text())["runs"]) == 2
 
 
+def _task_graph(env: PrefectEnv, flow_run_id) -> dict[str, dict[str, list[str]]]:
+    """stage -> {input name: [upstream task run names]}: what the UI draws the flow run's task graph from."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    def read(client):
+        return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+
+    runs = _client_call(env, read)
+    names = {r.id: r.name for r in runs}
+    return {r.name: {k: [names.get(i.id, str(i.id)) for i in v] for k, v in r.task_inputs.items() if v} for r in runs}
+
+
+def test_series_runs_accumulate_data_chain_their_stages_and_show_the_gate(prefect, tmp_path):
+    prompts_file = tmp_path / "prompts.jsonl"
+    request = {"recipe_path": "configs/quickstart.yaml", "stages": ["generate", "sft"], "series": "grow",
+               "overrides": [f"storage.root={tmp_path / 'runs'}", f"prompts.source={prompts_file}",
+                             "generate.max_rounds=1", "sft.args.num_train_epochs=2"]}
+    _growing_prompts(prompts_file, 24)
+    run1 = _run(prefect, request, deployment="distill/nightly")
+    assert run1.state.is_completed(), prefect.logs()
+    _growing_prompts(prompts_file, 40)
+    run2 = _run(prefect, request, deployment="distill/nightly")
+    assert run2.state.is_completed(), prefect.logs()
+
+    index = json.loads((tmp_path / "runs" / "series" / "grow" / "series.json").read_text())
+    first, second = (RunStore.open_existing(r["run_dir"]) for r in index["runs"])
+    made = [s.stage_state("generate").counts["output"] for s in (first, second)]
+    # the second run's SFT trained on both runs' dialogues
+    assert second.stage_state("sft").counts == {"input": sum(made), "output": sum(made), "failed": 0,
+                                                "new": made[1], "earlier": made[0], "earlier_runs": 1}
+    assert index["runs"][1]["trained_on"] == [first.url] and index["runs"][1]["data"] == "accumulate"
+    # the first model became current; the second was not evaluated against it, so it is not promoted
+    assert index["current_model"] == first.join("sft", "model")
+    assert index["runs"][1]["promotion"]["promote"] is False and "evaluate" in index["runs"][1]["promotion"]["reason"]
+
+    assert _task_graph(prefect, run2.id) == {"generate": {}, "sft": {"wait_for": ["generate"]}}
+    artifacts = _client_call(prefect, lambda c: c.read_artifacts())
+    gates = [a for a in artifacts if a.key == "series-grow-promotion"]
+    assert len(gates) == 2 and any("not promoted" in a.data and "lower bound" in a.data for a in gates)
+    progress = {a.key: a.data for a in artifacts if a.key and a.key.endswith("-sft-progress")}
+    assert len(progress) == 2 and all(v == 100.0 for v in progress.values()), progress
+
+
 def test_teacher_key_from_a_secret_block_never_reaches_parameters_logs_or_artifacts(prefect, tmp_path):
     from prefect.blocks.system import Secret
 
@@ -190,7 +233,10 @@ def test_quickstart_through_deployments_dispatches_gpu_stages_to_the_gpu_pool(pr
     assert all(store.stage_state(s).status == "completed" for s in STAGE_NAMES)
     keys = {a.key for a in _client_call(prefect, lambda c: c.read_artifacts()) if a.key}
     assert {"e2e-summary", "e2e-costs", "e2e-run-dir", "e2e-generate-samples", "e2e-feedback-samples",
-            "e2e-generate-progress"} <= keys
+            "e2e-generate-progress", "e2e-sft-progress", "e2e-dpo-progress"} <= keys
+    summary = next(a for a in _client_call(prefect, lambda c: c.read_artifacts()) if a.key == "e2e-summary")
+    assert "data:image/png;base64," in summary.data and "| evaluate | running |" not in summary.data
+    assert "](scores.png)" not in summary.data  # no link the UI cannot follow
 
 
 @pytest.mark.slow

@@ -233,3 +233,45 @@ def test_custom_run_form_submits_a_typed_request(prefect_ui, tmp_path):
     records = list(store.read_records("generate"))
     assert 0 < len(records) <= 20
     assert not store.shard_paths("sft")
+
+
+def test_the_run_summary_shows_the_report_plots_in_the_ui(prefect_ui, tmp_path):
+    """The summary artifact embeds report.md; its plots are data: URIs, which the UI draws (a link to a PNG
+    next to the report, as report.md has it, has nothing to point at in the UI)."""
+    from playwright.sync_api import expect, sync_playwright
+    from prefect import flow, get_client
+    from test_report import finished_run
+
+    from flows.artifacts import publish_run_summary
+    from pipeline.stages.evaluate.report import write_report
+
+    store = finished_run(tmp_path / "runs")
+    plots = write_report(store)["plots"]
+    assert len(plots) >= 5
+
+    @flow(name="publish-summary")
+    def publish() -> None:
+        publish_run_summary(store)
+
+    with prefect_ui.client_settings():
+        publish()
+        with get_client(sync_client=True) as client:
+            artifact = next(a for a in client.read_artifacts() if a.key == "done-summary")
+    shot = tmp_path / "summary-artifact.png"
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1800})
+        page.set_default_timeout(TIMEOUT_MS)
+        try:
+            page.goto(f"{prefect_ui.ui_url}/artifacts/artifact/{artifact.id}", wait_until="domcontentloaded")
+            images = page.locator("img[src^='data:image/png;base64,']")
+            expect(images).to_have_count(len(plots), timeout=TIMEOUT_MS)
+            page.wait_for_function("Array.from(document.images).every(i => i.complete)")
+            drawn = page.evaluate("Array.from(document.images).filter(i => i.src.startsWith('data:image/png'))"
+                                  ".map(i => [i.alt, i.naturalWidth, i.naturalHeight])")
+            expect(page.locator("body")).to_contain_text("Cost and time per stage")
+            page.screenshot(path=str(shot), full_page=True)
+        finally:
+            browser.close()
+    assert sorted(alt for alt, _, _ in drawn) == sorted(plots)
+    assert all(w > 100 and h > 100 for _, w, h in drawn), drawn

@@ -7,6 +7,7 @@ import click
 from pipeline.cli import run as run_commands
 from pipeline.cli import runs, tools
 from pipeline.cli.common import setup_logging
+from pipeline.cli.export import export
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -18,5 +19,5 @@ def main(verbose: bool) -> None:
 
 
 for command in (run_commands.validate, run_commands.run, run_commands.stage, runs.status, runs.report,
-                tools.deploy, tools.serve, tools.teacher, tools.build_student):
+                tools.deploy, tools.serve, tools.teacher, tools.build_student, export):
     main.add_command(command)

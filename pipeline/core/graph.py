@@ -47,12 +47,17 @@ def _sample_section(recipe: Recipe) -> Any:
     return section
 
 
+def _earlier(recipe: Recipe) -> dict[str, Any]:
+    # a series run that trains on earlier runs' data too; absent otherwise, so other fingerprints do not move
+    return {"previous_runs": recipe.series.previous_runs} if recipe.series.previous_runs else {}
+
+
 STAGES: dict[str, StageSpec] = {spec.name: spec for spec in [
     StageSpec("generate", generate,
               lambda r: {"prompts": r.prompts.model_dump(mode="json"), "generate": r.generate.model_dump(mode="json"),
                          "teacher": r.teacher.identity(), "task": _task(r)},
               lambda r: [], ("generate_*",)),
-    StageSpec("sft", sft, lambda r: {"sft": r.sft.model_dump(mode="json"), "task": _task(r)},
+    StageSpec("sft", sft, lambda r: {"sft": r.sft.model_dump(mode="json"), "task": _task(r), **_earlier(r)},
               lambda r: ["generate"], gpu=True),
     StageSpec("sample", sample, _sample_section,
               lambda r: ["sft"] if _pool_uses_sft(r) else [], ("principle_*",), gpu=True),
@@ -60,7 +65,8 @@ STAGES: dict[str, StageSpec] = {spec.name: spec for spec in [
               lambda r: {"feedback": r.feedback.model_dump(mode="json"), "teacher": r.teacher.identity()},
               lambda r: ["sample", "sft"] if "on_policy" in r.feedback.sources else ["sample"],
               ("feedback_*",)),
-    StageSpec("dpo", dpo, lambda r: r.dpo.model_dump(mode="json"), lambda r: ["sft", "feedback"], gpu=True),
+    StageSpec("dpo", dpo, lambda r: {**r.dpo.model_dump(mode="json"), **_earlier(r)}, lambda r: ["sft", "feedback"],
+              gpu=True),
     StageSpec("evaluate", evaluate,
               lambda r: {"evaluate": r.evaluate.model_dump(mode="json"), "teacher": r.teacher.identity(),
                          "task": _task(r)},

@@ -137,8 +137,9 @@ class RunStore:
 
     # -- records ---------------------------------------------------------------------------------
     def shard_writer(self, stage: str, name: str = "data", shard_size: int = 1000,
-                     id_key: str = "prompt_id") -> ShardWriter:
-        return ShardWriter(self, self.stage_dir(stage), name, shard_size, id_key)
+                     id_key: str = "prompt_id", schema: pa.Schema | None = None) -> ShardWriter:
+        """A writer of `<stage>/<name>-NNNNN.parquet`; with a `schema` every shard has exactly those columns and types."""
+        return ShardWriter(self, self.stage_dir(stage), name, shard_size, id_key, schema)
 
     def shard_paths(self, stage: str, name: str = "data") -> list[str]:
         return _list_shards(self.fs, self.join(stage), name)
@@ -181,12 +182,15 @@ def _list_shards(fs: fsspec.AbstractFileSystem, directory: str, name: str) -> li
 class ShardWriter:
     """Buffers records and publishes them as numbered parquet shards, each written atomically.
 
-    A killed process loses only its unpublished buffer; `done_ids` tells a rerun what is finished.
+    A killed process loses only its unpublished buffer; `done_ids` tells a rerun what is finished. With a
+    schema every shard carries the same types, so a column that is all null in one shard (an aspect rated N/A
+    throughout) is not typed `null` there and `double` in the next, which readers such as `datasets` reject.
     """
 
-    def __init__(self, store: RunStore, directory: str, name: str, shard_size: int, id_key: str):
+    def __init__(self, store: RunStore, directory: str, name: str, shard_size: int, id_key: str,
+                 schema: pa.Schema | None = None):
         self.store, self.directory, self.name = store, directory, name
-        self.shard_size, self.id_key = shard_size, id_key
+        self.shard_size, self.id_key, self.schema = shard_size, id_key, schema
         self._buffer: list[dict[str, Any]] = []
         existing = _list_shards(store.fs, directory, name)
         self._next_index = (int(re.search(r"(\d{5})\.parquet$", existing[-1]).group(1)) + 1) if existing else 0
@@ -201,6 +205,7 @@ class ShardWriter:
 
     def add(self, record: dict[str, Any], flush: bool = True) -> None:
         """Buffer a record; a full buffer is published as a shard (unless the caller does that itself)."""
+        self._check(record)
         self._buffer.append(record)
         if flush and self.full:
             self.flush()
@@ -220,9 +225,18 @@ class ShardWriter:
         path = f"{self.directory}/{self.name}-{self._next_index:05d}.parquet"
         self._next_index += 1
         sink = io.BytesIO()
-        pq.write_table(pa.Table.from_pylist(records), sink)
+        pq.write_table(self._table(records), sink)
         self.store.write_bytes(path, sink.getvalue())
         return path
+
+    def _table(self, records: list[dict[str, Any]]) -> pa.Table:
+        return pa.Table.from_pylist(records, schema=self.schema)
+
+    def _check(self, record: dict[str, Any]) -> None:
+        unknown = sorted(set(record) - set(self.schema.names)) if self.schema is not None else []
+        if unknown:  # from_pylist would drop them without a word
+            raise StoreError(f"{self.directory}/{self.name}: a record holds columns {unknown} that the stage's "
+                             "schema does not declare; add them to the schema")
 
     def close(self) -> None:
         self.flush()

@@ -54,6 +54,8 @@ def device_args(device: str, user_args: dict[str, Any], section: str) -> dict[st
 def resolve_base_model(recipe: Recipe, store: RunStore) -> str:
     """The student to start from: the built-in tiny student (built once into <run>/base/model) or a path/id."""
     if recipe.sft.model != BUILTIN_STUDENT:
+        if "://" in recipe.sft.model:  # e.g. a series' current model on shared storage (series.warm_start)
+            return download_model(recipe.sft.model)
         path = Path(recipe.sft.model).expanduser()
         return str(path.resolve()) if path.exists() else recipe.sft.model
     if store.is_local:
@@ -65,6 +67,23 @@ def resolve_base_model(recipe: Recipe, store: RunStore) -> str:
     build_tiny_student(local, recipe)  # nothing to do when the copy was built from the same recipe data
     if store.read_json(f"{remote}/student.json") != json.loads((local / "student.json").read_text()):
         store.fs.put(str(local) + "/", remote + "/", recursive=True)
+    return str(local)
+
+
+def download_model(url: str) -> str:
+    """A model directory at an fsspec URL, copied once into the local temp dir."""
+    import hashlib
+
+    import fsspec
+
+    local = Path(tempfile.gettempdir()) / "zephyr-distill" / "models" / hashlib.sha256(url.encode()).hexdigest()[:16]
+    if not (local / "config.json").is_file():
+        fs, path = fsspec.core.url_to_fs(url)
+        part = local.with_name(local.name + ".part")
+        for stale in (part, local):  # left by a copy that was killed
+            shutil.rmtree(stale, ignore_errors=True)
+        fs.get(path.rstrip("/") + "/", str(part) + "/", recursive=True)
+        part.rename(local)  # whole or absent: a half copy is never taken for the model
     return str(local)
 
 

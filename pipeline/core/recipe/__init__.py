@@ -18,6 +18,7 @@ from pipeline.core.recipe.load import (
     recipe_from_dict,
 )
 from pipeline.core.recipe.model import ComputeConfig, Recipe, StorageConfig
+from pipeline.core.recipe.series import SeriesConfig
 from pipeline.core.recipe.teacher import TeacherConfig
 from pipeline.core.recipe.training import DPOStageConfig, LoraConfig, SFTStageConfig, TinyStudentConfig
 
@@ -25,6 +26,7 @@ __all__ = [
     "BUILTIN_STUDENT", "BUILTIN_TEACHER", "TASK_PROMPTS", "ComputeConfig", "DPOStageConfig", "DecontamConfig",
     "EvaluateConfig", "FeedbackConfig", "FilterConfig", "GenerateConfig", "LoraConfig", "PairsConfig", "PoolModel",
     "PromptSource", "Recipe", "RecipeError", "SFTStageConfig", "SampleConfig", "Section", "SelfInstructConfig",
+    "SeriesConfig",
     "StorageConfig", "TeacherConfig", "TinyStudentConfig", "apply_overrides", "load_recipe", "load_recipe_text",
     "parse_override", "recipe_from_dict",
 ]

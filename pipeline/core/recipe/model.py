@@ -10,6 +10,7 @@ from pipeline.core.recipe.aif import FeedbackConfig, SampleConfig
 from pipeline.core.recipe.base import Section
 from pipeline.core.recipe.evaluate import EvaluateConfig
 from pipeline.core.recipe.generate import GenerateConfig, PromptSource
+from pipeline.core.recipe.series import SeriesConfig
 from pipeline.core.recipe.teacher import TeacherConfig
 from pipeline.core.recipe.training import DPOStageConfig, SFTStageConfig
 from pipeline.core.task import TaskError, load_callable, load_task
@@ -43,6 +44,7 @@ class Recipe(Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     compute: ComputeConfig = Field(default_factory=ComputeConfig)
+    series: SeriesConfig = Field(default_factory=SeriesConfig)
 
     @model_validator(mode="after")
     def _task_supplies_what_is_asked(self) -> Recipe:

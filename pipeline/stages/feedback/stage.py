@@ -16,8 +16,10 @@ from pipeline.core.recipe import Recipe
 from pipeline.core.sources import SeedPrompt
 from pipeline.core.stage import ItemStream, StageReport, conclude
 from pipeline.core.store import RunStore
-from pipeline.stages.feedback.rate import ON_POLICY, Answer, Item, Outcome, judge_item
+from pipeline.stages.feedback.rate import ON_POLICY, Answer, Item, Outcome, judge_item, rated_aspects
 from pipeline.stages.feedback.report import feedback_report, report_markdown
+from pipeline.stages.feedback.schema import RATINGS, pairs_schema
+from pipeline.stages.sample.schema import COMPLETIONS
 from pipeline.stages.sample.stage import NO_PRINCIPLE, Assignment, sample_responses, unique_prompts
 from pipeline.teacher.client import teacher_session
 
@@ -96,7 +98,8 @@ def sample_on_policy(recipe: Recipe, store: RunStore, prompts: list[SeedPrompt])
     """k answers per prompt from this run's student, into feedback/on_policy-*.parquet (resumable)."""
     cfg = recipe.feedback
     sampler = cfg.on_policy_sampler
-    writer = store.shard_writer(STAGE, name=ON_POLICY, shard_size=cfg.shard_size, id_key="completion_id")
+    writer = store.shard_writer(STAGE, name=ON_POLICY, shard_size=cfg.shard_size, id_key="completion_id",
+                                schema=COMPLETIONS)
     done = writer.done_ids()
     todo = [a for p in prompts for i in range(cfg.on_policy_k)
             if (a := Assignment(p, sampler.name, NO_PRINCIPLE, i, cfg.seed)).completion_id not in done]
@@ -113,10 +116,11 @@ class Outbox:
     """Finished items' ratings, pairs and dropped lines, published together and ratings first: an item that
     counts as done (a pair or a dropped line) always has its ratings on disk; a rerun skips ratings it has."""
 
-    def __init__(self, store: RunStore, shard_size: int):
+    def __init__(self, store: RunStore, shard_size: int, aspects: list[str]):
         never = 10**12  # published by flush() only, so the three stay in step
-        self.ratings = store.shard_writer(STAGE, "ratings", shard_size=never, id_key="rating_id")
-        self.pairs = store.shard_writer(STAGE, "pairs", shard_size=never, id_key="pair_id")
+        self.ratings = store.shard_writer(STAGE, "ratings", shard_size=never, id_key="rating_id", schema=RATINGS)
+        self.pairs = store.shard_writer(STAGE, "pairs", shard_size=never, id_key="pair_id",
+                                        schema=pairs_schema(aspects))
         self.dropped = store.ledger(STAGE, "dropped")
         self.shard_size = shard_size
         self._rating_ids = self.ratings.done_ids()
@@ -156,7 +160,7 @@ class Outbox:
 async def judge_all(recipe: Recipe, store: RunStore, items: list[Item], stop: str) -> tuple[str, dict[str, float]]:
     """Judge every item not yet done, streaming; a stop drains what is in flight and starts nothing new."""
     async with teacher_session(recipe, store) as client:
-        with Outbox(store, recipe.feedback.shard_size) as outbox:
+        with Outbox(store, recipe.feedback.shard_size, rated_aspects(recipe.feedback)) as outbox:
             done = outbox.done_items()
             todo = []
             for item in items if not stop else []:

@@ -20,6 +20,7 @@ from pipeline.core.stage import ItemDropped, ItemStream, StageReport, conclude
 from pipeline.core.store import RunStore
 from pipeline.core.templates import render
 from pipeline.stages.generate.filters import DialogueFilters, truecase
+from pipeline.stages.generate.schema import DIALOGUES
 from pipeline.stages.generate.self_instruct import expand
 from pipeline.stages.generate.textsim import NearDuplicateIndex, NgramIndex
 from pipeline.teacher.client import TeacherClient, teacher_session
@@ -169,7 +170,7 @@ async def simulate_all(recipe: Recipe, store: RunStore, client: TeacherClient, t
     user_system = render("generate_user_simulator.jinja", persona=None)
     bar = progress(STAGE, len(todo), "dialogue")
     stream = ItemStream(store.ledger(STAGE), lambda s: s.prompt_id, dropped=dropped, progress=bar)
-    with store.shard_writer(STAGE, shard_size=cfg.shard_size) as writer:
+    with store.shard_writer(STAGE, shard_size=cfg.shard_size, schema=DIALOGUES) as writer:
         # Twice the teacher's concurrency in dialogues: a request slot freed by one is taken at once by a
         # dialogue already waiting on the client's semaphore (measured: 10% more requests/s than 1x).
         async for seed, dialogue in stream.results(

@@ -17,6 +17,7 @@ from pipeline.core.sources import SeedPrompt, iter_prompts
 from pipeline.core.stage import StageReport, conclude
 from pipeline.core.store import FailureLedger, RunStore, ShardWriter
 from pipeline.core.templates import render, template_names
+from pipeline.stages.sample.schema import COMPLETIONS as COMPLETIONS_SCHEMA
 
 log = logging.getLogger(__name__)
 STAGE = "sample"
@@ -155,7 +156,8 @@ def run(recipe: Recipe, store: RunStore) -> StageReport:
     check_principles(cfg)
     prompts = unique_prompts(recipe)
     plan = assign_models(prompts, cfg)
-    writer = store.shard_writer(STAGE, name=COMPLETIONS, shard_size=cfg.shard_size, id_key="completion_id")
+    writer = store.shard_writer(STAGE, name=COMPLETIONS, shard_size=cfg.shard_size, id_key="completion_id",
+                                schema=COMPLETIONS_SCHEMA)
     failures = store.ledger(STAGE)
     done = writer.done_ids()
     stop, cost = "", Counter()
