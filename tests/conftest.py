@@ -31,3 +31,20 @@ def write_recipe(tmp_path: Path):
         return path
 
     return _write
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster(tmp_path_factory):
+    """One PostgreSQL cluster for the session; each Prefect server gets a database of its own."""
+    import shutil
+
+    from prefect_env import local_postgres
+
+    pg = local_postgres()
+    pg.start()
+    try:
+        yield pg
+    finally:
+        pg.stop()
+        shutil.rmtree(pg.data_dir.parent, ignore_errors=True)
+

@@ -8,7 +8,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from prefect_env import PrefectEnv
+from prefect_env import PrefectEnv, database_url
 
 from pipeline.core.sources import prompt_id
 from pipeline.core.stage import STAGE_NAMES
@@ -18,9 +18,10 @@ from pipeline.tasks.toy.teacher_server import ToyTeacher, ToyTeacherConfig
 DISTILL = str(Path(sys.executable).parent / "distill")
 
 
-@pytest.fixture(scope="module")
-def prefect(tmp_path_factory):
-    env = PrefectEnv(tmp_path_factory.mktemp("prefect"))
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def prefect(request, tmp_path_factory):
+    """A server on SQLite (`distill server`, hardened) and one on PostgreSQL: every flow test runs on both."""
+    env = PrefectEnv(tmp_path_factory.mktemp(f"prefect-{request.param}"), database_url=database_url(request))
     env.start_server()
     try:
         res = env.run(DISTILL, "deploy", "--cron", "0 2 * * *")
