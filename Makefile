@@ -34,9 +34,9 @@ quickstart: $(STAMP)
 browser:
 	bash tests/ui/install_browser.sh
 
-# Debian's PostgreSQL for the Prefect-on-PostgreSQL tests and prefect-postgres.
+# Debian's PostgreSQL (Prefect on PostgreSQL, prefect-postgres) and docker-compose (the compose file check).
 postgres:
-	bash tests/install_postgres.sh
+	bash tests/install_packages.sh
 
 # A local PostgreSQL for the Prefect server; prints PREFECT_API_DATABASE_CONNECTION_URL to export.
 prefect-postgres: $(STAMP) postgres

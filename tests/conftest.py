@@ -48,3 +48,23 @@ def postgres_cluster(tmp_path_factory):
         pg.stop()
         shutil.rmtree(pg.data_dir.parent, ignore_errors=True)
 
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A moto S3 server for the session; this process and the subprocesses it starts talk to it (the
+    endpoint and dummy keys are in the environment, as a worker on another machine would have them)."""
+    from s3_env import MotoS3
+
+    server = MotoS3(tmp_path_factory.mktemp("s3")).start()
+    saved = {k: os.environ.get(k) for k in server.env}
+    os.environ.update(server.env)
+    try:
+        yield server
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        server.stop()

@@ -46,6 +46,7 @@ class PrefectEnv:
             "PREFECT_LOGGING_LEVEL": "INFO",
             "HF_HUB_OFFLINE": "1",
             "TQDM_DISABLE": "1",
+            "ZEPHYR_DISTILL_GPUS": "2",  # what the GPU limit is sized when a flow has to create it
             "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
         }
         self.procs: list[tuple[subprocess.Popen, object]] = []
