@@ -211,6 +211,9 @@ def test_ui_retry_of_a_failed_run_reruns_only_dpo(prefect, tmp_path):
         assert store.stage_state("evaluate").status == "pending"
         before = toy.stats()
         (root / "retry" / "dpo").unlink()
+        # a person presses Retry after the failed run's process has exited; retried while the worker still
+        # tracks it, Prefect's process worker crashes ("this borrower is already holding ... tokens")
+        _wait_for_process_exit(run.infrastructure_pid)
         # what the UI's Retry button does
         _client_call(prefect, lambda c: c.set_flow_run_state(run.id, Scheduled(name="AwaitingRetry"), force=True))
         from flows.distill import wait_for_final_state
@@ -235,6 +238,22 @@ def test_ui_retry_of_a_failed_run_reruns_only_dpo(prefect, tmp_path):
                                                          "evaluate/gpu": 1}
     assert by_dep["dpo/gpu"][0].run_count == 2 and by_dep["sft/gpu"][0].run_count == 1
     assert all(store.stage_state(s).status == "completed" for s in STAGE_NAMES)
+
+
+def _wait_for_process_exit(infrastructure_pid: str | None, timeout_s: float = 120) -> None:
+    """Wait until a process worker's flow-run process (`host:pid`) is gone, and the worker has reaped it."""
+    import os
+    import time
+
+    pid = int(str(infrastructure_pid).rsplit(":", 1)[-1]) if infrastructure_pid else None
+    deadline = time.monotonic() + timeout_s
+    while pid and time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.5)
+    time.sleep(3)  # the worker releases the run's slot once it has waited for the process
 
 
 def test_gpu_limit_is_created_by_the_flow_when_missing_and_counts_gpus(prefect, tmp_path):
