@@ -17,6 +17,7 @@ from prefect.states import Scheduled
 from prefect.utilities.annotations import quote
 
 from flows.artifacts import ProgressArtifact, publish_promotion, publish_run_summary, publish_stage
+from flows.gpus import GPU_CONCURRENCY_LIMIT, check_fits, ensure_gpu_limit, gpus_needed
 from flows.params import DistillRequest, StageRequest
 from pipeline.core.graph import STAGES, fingerprint
 from pipeline.core.recipe import Recipe
@@ -25,8 +26,6 @@ from pipeline.core.stage import StageReport
 from pipeline.core.store import RunStore
 from pipeline.series.promotion import promotion_for_run, with_current_baseline
 from pipeline.series.series import NothingNew, Series
-
-GPU_CONCURRENCY_LIMIT = "zephyr-distill-gpu"
 
 
 def export_teacher_key(recipe: Recipe) -> None:
@@ -101,8 +100,10 @@ def _stage_flow(stage: str, request: StageRequest) -> dict[str, Any]:
         return _execute(stage, recipe, request.run_name, request.force)
     from prefect.concurrency.sync import concurrency
 
-    # One GPU stage at a time per slot of the global limit, so two runs never share a GPU.
-    with concurrency(GPU_CONCURRENCY_LIMIT, occupy=1, strict=False):
+    # a stage occupies as many slots of the limit as it uses GPUs, so two runs never share one
+    needed = gpus_needed(recipe)
+    check_fits(needed, ensure_gpu_limit())
+    with concurrency(GPU_CONCURRENCY_LIMIT, occupy=needed, strict=True):
         return _execute(stage, recipe, request.run_name, request.force)
 
 

@@ -8,19 +8,22 @@ import uuid
 from pathlib import Path
 
 import pytest
-from prefect_env import PrefectEnv
+from prefect_env import PrefectEnv, database_url
 
+from pipeline.core.recipe import load_recipe
 from pipeline.core.sources import prompt_id
 from pipeline.core.stage import STAGE_NAMES
 from pipeline.core.store import RunStore
 from pipeline.tasks.toy.teacher_server import ToyTeacher, ToyTeacherConfig
 
 DISTILL = str(Path(sys.executable).parent / "distill")
+QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 
 
-@pytest.fixture(scope="module")
-def prefect(tmp_path_factory):
-    env = PrefectEnv(tmp_path_factory.mktemp("prefect"))
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def prefect(request, tmp_path_factory):
+    """A server on SQLite (`distill server`, hardened) and one on PostgreSQL: every flow test runs on both."""
+    env = PrefectEnv(tmp_path_factory.mktemp(f"prefect-{request.param}"), database_url=database_url(request))
     env.start_server()
     try:
         res = env.run(DISTILL, "deploy", "--cron", "0 2 * * *")
@@ -254,6 +257,9 @@ def test_ui_retry_of_a_failed_run_reruns_only_dpo(prefect, tmp_path):
         assert store.stage_state("evaluate").status == "pending"
         before = toy.stats()
         (root / "retry" / "dpo").unlink()
+        # a person presses Retry after the failed run's process has exited; retried while the worker still
+        # tracks it, Prefect's process worker crashes ("this borrower is already holding ... tokens")
+        _wait_for_process_exit(run.infrastructure_pid)
         # what the UI's Retry button does
         _client_call(prefect, lambda c: c.set_flow_run_state(run.id, Scheduled(name="AwaitingRetry"), force=True))
         from flows.distill import wait_for_final_state
@@ -278,3 +284,48 @@ def test_ui_retry_of_a_failed_run_reruns_only_dpo(prefect, tmp_path):
                                                          "evaluate/gpu": 1}
     assert by_dep["dpo/gpu"][0].run_count == 2 and by_dep["sft/gpu"][0].run_count == 1
     assert all(store.stage_state(s).status == "completed" for s in STAGE_NAMES)
+
+
+def _wait_for_process_exit(infrastructure_pid: str | None, timeout_s: float = 120) -> None:
+    """Wait until a process worker's flow-run process (`host:pid`) is gone, and the worker has reaped it."""
+    import os
+    import time
+
+    pid = int(str(infrastructure_pid).rsplit(":", 1)[-1]) if infrastructure_pid else None
+    deadline = time.monotonic() + timeout_s
+    while pid and time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.5)
+    time.sleep(3)  # the worker releases the run's slot once it has waited for the process
+
+
+def test_gpu_limit_is_created_by_the_flow_when_missing_and_counts_gpus(prefect, tmp_path):
+    """`prefect deploy --all` creates no limit: the first GPU stage does, sized $ZEPHYR_DISTILL_GPUS; a stage
+    takes compute.num_gpus slots, and one needing more GPUs than the limit has fails at once, saying so."""
+    from prefect.exceptions import ObjectNotFound
+
+    def limit(client):
+        try:
+            return client.read_global_concurrency_limit_by_name("zephyr-distill-gpu").limit
+        except ObjectNotFound:
+            return None
+
+    _client_call(prefect, lambda c: c.delete_global_concurrency_limit_by_name("zephyr-distill-gpu"))
+    assert _client_call(prefect, limit) is None
+    base = {"storage": {"root": str(tmp_path / "runs")}}
+    recipe = {**load_recipe(QUICKSTART).snapshot(), **base}
+    # sft of a run without generate data: the stage fails after taking its GPU slot, which is all we need
+    run = _run(prefect, {"recipe": recipe, "run_name": "no-data"}, deployment="sft/gpu", timeout=300)
+    assert run.state.is_failed() and "generate" in (run.state.message or ""), run.state.message
+    assert _client_call(prefect, limit) == 2  # the workers' ZEPHYR_DISTILL_GPUS
+    big = {**recipe, "compute": {**recipe["compute"], "num_gpus": 3}}
+    run = _run(prefect, {"recipe": big, "run_name": "too-big"}, deployment="sft/gpu", timeout=300)
+    assert run.state.is_failed() and "needs 3 GPUs" in (run.state.message or ""), run.state.message
+    res = prefect.run(DISTILL, "deploy", "--gpus", "4")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert _client_call(prefect, limit) == 4
+    res = prefect.run(DISTILL, "deploy", "--cron", "0 2 * * *")  # back to the module's setup: one GPU
+    assert res.returncode == 0 and _client_call(prefect, limit) == 1

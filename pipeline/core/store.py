@@ -159,12 +159,41 @@ class RunStore:
                 total += pq.ParquetFile(fh).metadata.num_rows
         return total
 
+    # -- directories (models, checkpoints) --------------------------------------------------------
+    def upload_dir(self, local: str | os.PathLike[str], *parts: str) -> None:
+        """Copy a local directory into the run, its completion markers last.
+
+        An object store has no rename, so a directory is committed by the files its readers look for:
+        `config.json` (a model is whole: local_model) and `trainer_state.json` (a checkpoint is whole:
+        last_checkpoint) go up after every other file. A kill mid-upload leaves a directory without its
+        marker, which readers treat as absent; each single file is one PUT, visible whole or not at all.
+        """
+        local = Path(local)
+        files = sorted((p for p in local.rglob("*") if p.is_file()),
+                       key=lambda p: (p.name in COMMIT_MARKERS, str(p)))
+        for path in files:
+            target = self.join(*parts, *path.relative_to(local).parts)
+            if self.is_local:
+                self.write_bytes(target, path.read_bytes())
+            else:
+                self.fs.put_file(str(path), target)
+
+    def download_dir(self, local: str | os.PathLike[str], *parts: str) -> bool:
+        """Copy `<run>/<parts>` to a local directory; False when there is nothing there."""
+        remote = self.join(*parts)
+        if not self.fs.exists(remote):
+            return False
+        self.fs.get(remote.rstrip("/") + "/", str(local).rstrip("/") + "/", recursive=True)
+        return True
+
     def ledger(self, stage: str, name: str = "failures") -> FailureLedger:
         """`failures.jsonl` (items that did not make it) or another ledger such as `dropped.jsonl`."""
         return FailureLedger(self, stage, name)
 
 
 _SHARD_RE = r"{name}-(\d{{5}})\.parquet"
+# what says "this model / checkpoint / built student is whole" (readers look for them)
+COMMIT_MARKERS = ("config.json", "trainer_state.json", "student.json")
 
 
 def _list_shards(fs: fsspec.AbstractFileSystem, directory: str, name: str) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -17,6 +18,7 @@ from pipeline.core.store import RunStore
 from pipeline.train.student import build_tiny_student
 
 log = logging.getLogger("pipeline.train")
+STAGE_DIR_ENV = "DISTILL_STAGE_DIR"  # the local stage dir a multi-process run's parent hands its ranks
 
 
 class TrainingError(RuntimeError):
@@ -63,10 +65,10 @@ def resolve_base_model(recipe: Recipe, store: RunStore) -> str:
     local = Path(tempfile.gettempdir()) / "zephyr-distill" / store.run_name / "base" / "model"
     remote = store.join("base", "model")
     if not (local / "student.json").is_file() and store.fs.exists(f"{remote}/student.json"):
-        store.fs.get(remote + "/", str(local) + "/", recursive=True)
+        store.download_dir(local, "base", "model")
     build_tiny_student(local, recipe)  # nothing to do when the copy was built from the same recipe data
     if store.read_json(f"{remote}/student.json") != json.loads((local / "student.json").read_text()):
-        store.fs.put(str(local) + "/", remote + "/", recursive=True)
+        store.upload_dir(local, "base", "model")
     return str(local)
 
 
@@ -132,19 +134,22 @@ def peft_config(lora: LoraConfig | None) -> Any:
 
 @contextmanager
 def local_stage_dir(store: RunStore, stage: str) -> Iterator[Path]:
-    """The stage dir itself for a local store; for a remote one a local copy, uploaded when done or stopped."""
+    """The stage dir itself for a local store; for a remote one a local copy (its checkpoints downloaded),
+    uploaded when the stage ends or stops. A rank of a multi-process run gets its parent's copy and uploads
+    nothing: the parent uploads once, after every rank has finished (no rank races another's upload)."""
     if store.is_local:
         yield Path(store.stage_dir(stage))
         return
+    if os.environ.get(STAGE_DIR_ENV):
+        yield Path(os.environ[STAGE_DIR_ENV])
+        return
     local = Path(tempfile.mkdtemp(prefix=f"distill-{stage}-"))
-    remote = store.join(stage)
-    if store.fs.exists(f"{remote}/checkpoints"):
-        store.fs.get(f"{remote}/checkpoints/", f"{local}/checkpoints/", recursive=True)
+    store.download_dir(local / "checkpoints", stage, "checkpoints")
     try:
         yield local
     finally:
         t0 = time.perf_counter()
-        store.fs.put(f"{local}/", f"{remote}/", recursive=True)
+        store.upload_dir(local, stage)
         log.info("%s: uploaded %s to %s in %.1fs", stage, local, store.url, time.perf_counter() - t0)
         shutil.rmtree(local, ignore_errors=True)
 
@@ -157,5 +162,5 @@ def local_model(store: RunStore, stage: str) -> str:
     if store.is_local:
         return remote
     local = Path(tempfile.mkdtemp(prefix=f"distill-{stage}-model-"))
-    store.fs.get(f"{remote}/", f"{local}/", recursive=True)
+    store.download_dir(local, stage, "model")
     return str(local)
