@@ -1,0 +1,34 @@
+"""The top-level `decontamination` section: evaluation sets no prompt that reaches training may overlap."""
+
+from __future__ import annotations
+
+from pydantic import Field, field_validator
+
+from pipeline.core.recipe.base import Section, existing_path
+
+
+class DecontamConfig(Section):
+    """Word n-gram overlap with evaluation sets (every turn of every item); used by generate and sample.
+
+    A prompt sharing an `ngram`-word sequence with an evaluation text is dropped; an evaluation text shorter
+    than `ngram` words (but at least `min_words`) matches where it appears whole.
+    """
+
+    eval_files: list[str] = Field(default_factory=list)
+    ngram: int = Field(13, ge=1)  # lm-evaluation-harness uses 13-grams
+    min_words: int = Field(3, ge=1)  # shorter evaluation texts ("Hi", "Why?") would match everything
+
+    @field_validator("eval_files")
+    @classmethod
+    def _files_are_evaluation_sets(cls, files: list[str]) -> list[str]:
+        from pipeline.core.evalsets import EvalSetError, read_eval_rows
+
+        resolved = [existing_path(f, "an evaluation set file") for f in files]
+        for path in resolved:
+            if "://" in path:
+                continue  # remote sets are read (and checked) when a stage starts
+            try:
+                read_eval_rows(path)  # an unknown shape fails here, before anything is written
+            except EvalSetError as exc:
+                raise ValueError(str(exc)) from None
+        return resolved
