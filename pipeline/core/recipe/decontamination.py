@@ -21,14 +21,14 @@ class DecontamConfig(Section):
     @field_validator("eval_files")
     @classmethod
     def _files_are_evaluation_sets(cls, files: list[str]) -> list[str]:
-        from pipeline.core.evalsets import EvalSetError, read_eval_rows
+        from pipeline.core.evalsets import EvalSetError, cached_eval_rows
 
         resolved = [existing_path(f, "an evaluation set file") for f in files]
         for path in resolved:
             if "://" in path:
                 continue  # remote sets are read (and checked) when a stage starts
             try:
-                read_eval_rows(path)  # an unknown shape fails here, before anything is written
+                cached_eval_rows(path)  # an unknown shape fails here, before anything is written
             except EvalSetError as exc:
                 raise ValueError(str(exc)) from None
         return resolved
