@@ -43,43 +43,64 @@ class Match:
 
 
 class Decontaminator:
-    """Every `n`-word sequence of the evaluation turns; a text shorter than `n` words matches where it appears
-    whole (if it has at least `min_words` words). Lookups hash the prompt's windows: O(prompt length)."""
+    """A prompt is contaminated when it shares a run of `n` words with an evaluation turn; where either text is
+    shorter than `n` words (but has at least `min_words`), when it appears whole inside the other; and always
+    when the two are the same words. Lookups hash the prompt's windows: O(prompt length)."""
 
-    def __init__(self, files: Iterable[str], n: int = 13, min_words: int = 3):
+    def __init__(self, files: Iterable[str], n: int = 13, min_words: int = 5):
         self.n, self.min_words = n, min_words
         self.files = list(files)
         self._items: list[tuple[str, EvalRow]] = []
-        self._grams: dict[int, dict[tuple[str, ...], int]] = {}  # window length -> words -> item index
+        self._turns: list[tuple[tuple[str, ...], int]] = []  # every evaluation turn's words, and its item
+        self._exact: dict[tuple[str, ...], int] = {}
+        self._grams: dict[int, dict[tuple[str, ...], int]] = {}  # run length -> words -> item
+        self._whole: dict[int, dict[tuple[str, ...], int]] = {}  # short evaluation turns, by length
         for path in self.files:
             for row in cached_eval_rows(path):
-                self._add(path, row)
+                self._items.append((path, row))
+                for turn in row.turns:
+                    toks = tuple(ngram_words(turn))
+                    self._turns.append((toks, len(self._items) - 1))
+                    self._exact.setdefault(toks, len(self._items) - 1)
+                    if self.min_words <= len(toks) < self.n:
+                        self._whole.setdefault(len(toks), {}).setdefault(toks, len(self._items) - 1)
+        self._runs(self.n)
 
-    def _add(self, path: str, row: EvalRow) -> None:
-        index = len(self._items)
-        self._items.append((path, row))
-        for turn in row.turns:
-            toks = ngram_words(turn)
-            if len(toks) >= self.n:
-                table = self._grams.setdefault(self.n, {})
-                for i in range(len(toks) - self.n + 1):
-                    table.setdefault(tuple(toks[i:i + self.n]), index)
-            elif len(toks) >= self.min_words:
-                self._grams.setdefault(len(toks), {}).setdefault(tuple(toks), index)
+    def _runs(self, size: int) -> dict[tuple[str, ...], int]:
+        """Every `size`-word run of the evaluation turns (built the first time a prompt of that length asks)."""
+        if size not in self._grams:
+            table: dict[tuple[str, ...], int] = {}
+            for toks, index in self._turns:
+                for i in range(len(toks) - size + 1):
+                    table.setdefault(toks[i:i + size], index)
+            self._grams[size] = table
+        return self._grams[size]
 
     def __bool__(self) -> bool:
         return bool(self.files)
 
     def match(self, text: str) -> Match | None:
-        """The first evaluation item the text overlaps (earliest window, longest first), or None."""
-        toks = ngram_words(text)
-        for size in sorted(self._grams, reverse=True):
-            table = self._grams[size]
+        """The evaluation item the text overlaps (its earliest, longest shared run), or None."""
+        toks = tuple(ngram_words(text))
+        found = self._find(toks)
+        if found is None:
+            return None
+        index, gram = found
+        path, row = self._items[index]
+        return Match(path, row.item_id, row.where, " ".join(gram))
+
+    def _find(self, toks: tuple[str, ...]) -> tuple[int, tuple[str, ...]] | None:
+        if not self.files or not toks:
+            return None
+        if (index := self._exact.get(toks)) is not None:
+            return index, toks
+        tables = [(self.n, self._grams[self.n])] + sorted(self._whole.items(), reverse=True)
+        for size, table in tables:
             for i in range(len(toks) - size + 1):
-                gram = tuple(toks[i:i + size])
-                if (index := table.get(gram)) is not None:
-                    path, row = self._items[index]
-                    return Match(path, row.item_id, row.where, " ".join(gram))
+                if (index := table.get(toks[i:i + size])) is not None:
+                    return index, toks[i:i + size]
+        if self.min_words <= len(toks) < self.n and (index := self._runs(len(toks)).get(toks)) is not None:
+            return index, toks  # the whole (short) prompt inside a longer evaluation turn
         return None
 
 

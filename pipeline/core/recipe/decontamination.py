@@ -10,13 +10,14 @@ from pipeline.core.recipe.base import Section, existing_path
 class DecontamConfig(Section):
     """Word n-gram overlap with evaluation sets (every turn of every item); used by generate and sample.
 
-    A prompt sharing an `ngram`-word sequence with an evaluation text is dropped; an evaluation text shorter
-    than `ngram` words (but at least `min_words`) matches where it appears whole.
+    A prompt sharing an `ngram`-word run with an evaluation turn is dropped; where either is shorter than
+    `ngram` words (but has at least `min_words`), it is dropped when one appears whole inside the other; and
+    always when the two are the same words.
     """
 
     eval_files: list[str] = Field(default_factory=list)
     ngram: int = Field(13, ge=1)  # lm-evaluation-harness uses 13-grams
-    min_words: int = Field(3, ge=1)  # shorter evaluation texts ("Hi", "Why?") would match everything
+    min_words: int = Field(5, ge=1)  # a shorter run ("write a poem") says nothing about contamination
 
     @field_validator("eval_files")
     @classmethod
