@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pipeline.core.evalsets import EvalRow, cached_eval_rows
 from pipeline.core.recipe import DecontamConfig
 
@@ -45,7 +47,10 @@ class Match:
 class Decontaminator:
     """A prompt is contaminated when it shares a run of `n` words with an evaluation turn; where either text is
     shorter than `n` words (but has at least `min_words`), when it appears whole inside the other; and always
-    when the two are the same words. Lookups hash the prompt's windows: O(prompt length)."""
+    when the two are the same words.
+
+    Runs are kept as sorted 64-bit hashes (16 bytes a run with the item index), so an evaluation set of
+    millions of words fits in memory; a lookup hashes the prompt's windows: O(prompt length)."""
 
     def __init__(self, files: Iterable[str], n: int = 13, min_words: int = 5):
         self.n, self.min_words = n, min_words
@@ -53,8 +58,8 @@ class Decontaminator:
         self._items: list[tuple[str, EvalRow]] = []
         self._turns: list[tuple[tuple[str, ...], int]] = []  # every evaluation turn's words, and its item
         self._exact: dict[tuple[str, ...], int] = {}
-        self._grams: dict[int, dict[tuple[str, ...], int]] = {}  # run length -> words -> item
-        self._whole: dict[int, dict[tuple[str, ...], int]] = {}  # short evaluation turns, by length
+        self._runs_of: dict[int, _Runs] = {}  # run length -> every run of that length in the evaluation turns
+        self._whole: dict[int, dict[tuple[str, ...], int]] = {}  # evaluation turns shorter than n, by length
         for path in self.files:
             for row in cached_eval_rows(path):
                 self._items.append((path, row))
@@ -64,17 +69,15 @@ class Decontaminator:
                     self._exact.setdefault(toks, len(self._items) - 1)
                     if self.min_words <= len(toks) < self.n:
                         self._whole.setdefault(len(toks), {}).setdefault(toks, len(self._items) - 1)
-        self._runs(self.n)
+        if self.files:
+            self._runs(self.n)
 
-    def _runs(self, size: int) -> dict[tuple[str, ...], int]:
+    def _runs(self, size: int) -> _Runs:
         """Every `size`-word run of the evaluation turns (built the first time a prompt of that length asks)."""
-        if size not in self._grams:
-            table: dict[tuple[str, ...], int] = {}
-            for toks, index in self._turns:
-                for i in range(len(toks) - size + 1):
-                    table.setdefault(toks[i:i + size], index)
-            self._grams[size] = table
-        return self._grams[size]
+        if size not in self._runs_of:
+            self._runs_of[size] = _Runs((toks[i:i + size], index) for toks, index in self._turns
+                                        for i in range(len(toks) - size + 1))
+        return self._runs_of[size]
 
     def __bool__(self) -> bool:
         return bool(self.files)
@@ -94,14 +97,40 @@ class Decontaminator:
             return None
         if (index := self._exact.get(toks)) is not None:
             return index, toks
-        tables = [(self.n, self._grams[self.n])] + sorted(self._whole.items(), reverse=True)
-        for size, table in tables:
+        if len(toks) >= self.n and (hit := self._runs(self.n).first(toks, self.n)) is not None:
+            return hit
+        for size, table in sorted(self._whole.items(), reverse=True):
             for i in range(len(toks) - size + 1):
                 if (index := table.get(toks[i:i + size])) is not None:
                     return index, toks[i:i + size]
-        if self.min_words <= len(toks) < self.n and (index := self._runs(len(toks)).get(toks)) is not None:
-            return index, toks  # the whole (short) prompt inside a longer evaluation turn
+        if self.min_words <= len(toks) < self.n and (hit := self._runs(len(toks)).first(toks, len(toks))):
+            return hit  # the whole (short) prompt inside a longer evaluation turn
         return None
+
+
+class _Runs:
+    """Word runs as a sorted array of 64-bit hashes beside the item each came from first."""
+
+    def __init__(self, runs: Iterable[tuple[tuple[str, ...], int]]):
+        hashes, items = [], []
+        for gram, index in runs:
+            hashes.append(hash(gram))
+            items.append(index)
+        h = np.array(hashes, dtype=np.int64)
+        order = np.argsort(h, kind="stable")  # stable: of equal runs, the first file and item comes first
+        self.hashes, self.items = h[order], np.array(items, dtype=np.int64)[order]
+
+    def first(self, toks: tuple[str, ...], size: int) -> tuple[int, tuple[str, ...]] | None:
+        """The earliest window of `toks` that is a run, with its item."""
+        if len(toks) < size or not len(self.hashes):
+            return None
+        keys = np.array([hash(toks[i:i + size]) for i in range(len(toks) - size + 1)], dtype=np.int64)
+        pos = np.minimum(np.searchsorted(self.hashes, keys), len(self.hashes) - 1)
+        hits = np.flatnonzero(self.hashes[pos] == keys)
+        if not len(hits):
+            return None
+        i = int(hits[0])
+        return int(self.items[pos[i]]), toks[i:i + size]
 
 
 def load_decontaminator(cfg: DecontamConfig) -> Decontaminator:
