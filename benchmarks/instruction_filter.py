@@ -15,6 +15,8 @@ import itertools
 import random
 import time
 
+from datasketch import MinHash, MinHashLSH
+
 from pipeline.core.recipe import InstructionFilterConfig
 from pipeline.stages.generate.instruction_filter import Candidate, InstructionFilter
 from pipeline.stages.generate.textsim import rouge_l, words
@@ -155,11 +157,42 @@ class BruteForce:
         self.kept.append(toks)
 
 
-def run_filter(texts: list[str], brute: bool = False) -> tuple[list[bool], float, int]:
-    """Keep/drop decisions, seconds, and the pairs compared (brute force only)."""
+class MinHashCandidates:
+    """The alternative the issue names: datasketch MinHash LSH over words (counted with repeats) retrieves
+    candidates, exact ROUGE-L checks them. F > 0.7 implies a multiset Jaccard > 0.7/1.3, so LSH is tuned
+    for 0.5; it is approximate, the inverted index is not."""
+
+    def __init__(self, threshold: float, lsh_threshold: float = 0.5, num_perm: int = 128):
+        self.threshold, self.num_perm = threshold, num_perm
+        self.lsh = MinHashLSH(threshold=lsh_threshold, num_perm=num_perm)
+        template = MinHash(num_perm=num_perm)
+        self.perm, self.scheme, self.kept = template.permutations, template.scheme, []
+
+    def _sig(self, toks: list[str]) -> MinHash:
+        seen: dict[str, int] = {}
+        feats = []
+        for t in toks:
+            seen[t] = seen.get(t, 0) + 1
+            feats.append(f"{t}#{seen[t]}".encode())
+        sig = MinHash(num_perm=self.num_perm, permutations=self.perm, scheme=self.scheme)
+        sig.update_batch(feats)
+        return sig
+
+    def too_similar(self, toks: list[str]) -> bool:
+        return any(rouge_l(toks, self.kept[i]) > self.threshold for i in self.lsh.query(self._sig(toks)))
+
+    def add(self, toks: list[str]) -> None:
+        self.lsh.insert(len(self.kept), self._sig(toks))
+        self.kept.append(toks)
+
+
+def run_filter(texts: list[str], brute: bool = False, lsh: bool = False) -> tuple[list[bool], float, int]:
+    """Keep/drop decisions, CPU seconds, and the pairs compared (brute force only)."""
     filt = InstructionFilter(InstructionFilterConfig(), [])
     if brute:
         filt.index = BruteForce(filt.cfg.rouge_threshold)
+    if lsh:
+        filt.index = MinHashCandidates(filt.cfg.rouge_threshold)
     t0 = time.process_time()
     decisions = [filt.offer(Candidate(t)) for t in texts]
     return decisions, time.process_time() - t0, getattr(filt.index, "pairs", 0)
@@ -171,6 +204,7 @@ def main() -> None:
     parser.add_argument("--large", type=int, default=100_000)
     parser.add_argument("--sample", type=int, default=2_000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lsh", action="store_true", help="also measure datasketch MinHash LSH candidates")
     args = parser.parse_args()
     texts = synthetic_instructions(args.large, args.seed)
     print(f"{len(texts)} synthetic instructions, {len(set(texts))} distinct, "
@@ -181,10 +215,16 @@ def main() -> None:
     large, t_large, _ = run_filter(texts)
     print(f"index  {args.large:>7} instructions: {t_large:7.2f} s  ({t_large / args.large * 1e6:6.1f} µs each), "
           f"kept {sum(large)}")
-    sample = random.Random(args.seed + 1).sample(texts, args.sample)
+    sample = random.Random(args.seed + 1).sample(texts, args.sample)  # its own kept set, starting empty
     fast, t_fast, _ = run_filter(sample)
     slow, t_slow, pairs = run_filter(sample, brute=True)
     agree = sum(a == b for a, b in zip(fast, slow, strict=True)) / len(sample)
+    if args.lsh:
+        approx, t_lsh, _ = run_filter(sample, lsh=True)
+        _, t_lsh_small, _ = run_filter(texts[:args.small], lsh=True)
+        lsh_agree = sum(a == b for a, b in zip(approx, slow, strict=True)) / len(sample)
+        print(f"minhash-lsh candidates: sample agreement {lsh_agree:.3f}, "
+              f"{args.small} instructions in {t_lsh_small:.2f} s (index: {t_small:.2f} s)")
     print(f"sample {args.sample:>7} instructions: index {t_fast:.2f} s, brute force {t_slow:.2f} s, "
           f"kept {sum(fast)} vs {sum(slow)}")
     kept_so_far = sum(itertools.accumulate(large))  # brute force compares each candidate with every kept one

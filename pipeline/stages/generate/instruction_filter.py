@@ -5,7 +5,8 @@ Similarity is checked against an inverted index instead of every kept instructio
 and LCS <= the words two texts share (counted with repeats), so F > t needs at least o = ⌊t·m/(2−t)⌋ + 1
 shared words: any m − o + 1 of the new text's words must hit such a neighbour (pigeonhole). Probing the
 rarest ones finds every candidate through short posting lists; a bound on the shared words then prunes
-them, and the exact ROUGE-L runs on the few left. The decisions equal brute force (benchmarks/instruction_filter.py).
+them, and the exact ROUGE-L runs on the few left. The decisions equal brute force; MinHash LSH candidates
+agreed on 96 % and ran 1.6x slower (benchmarks/instruction_filter.py --lsh).
 """
 
 from __future__ import annotations
