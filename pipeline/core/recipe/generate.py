@@ -66,6 +66,9 @@ class SelfInstructConfig(Section):
             if isinstance(data, dict) and key in data:
                 raise ValueError(f"generate.self_instruct.{key} moved to generate.instruction_filter.{key} "
                                  "(one filter for self_instruct and self_prompting)")
+        if isinstance(data, dict) and "max_rounds" in data:
+            raise ValueError("generate.self_instruct.max_rounds moved to generate.self_instruct.exhaustion.max_rounds "
+                             "(no cap by default: proposing stops at the target or when it stops paying)")
         return data
 
 
