@@ -13,6 +13,7 @@ import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -166,3 +167,17 @@ def read_eval_rows(path: str | Path) -> list[EvalRow]:
     if not rows:
         raise EvalSetError(f"{path}: no evaluation items in it")
     return rows
+
+
+def cached_eval_rows(path: str) -> tuple[EvalRow, ...]:
+    """`read_eval_rows`, parsed once per process while a local file is unchanged (recipe validation and the
+    stages that decontaminate all read the same files)."""
+    if "://" in str(path):
+        return tuple(read_eval_rows(path))
+    st = Path(path).stat()
+    return _rows_of(str(path), st.st_size, st.st_mtime_ns)
+
+
+@lru_cache(maxsize=32)
+def _rows_of(path: str, size: int, mtime_ns: int) -> tuple[EvalRow, ...]:
+    return tuple(read_eval_rows(path))

@@ -9,9 +9,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline import __version__
-from pipeline.core.recipe import BUILTIN_TEACHER, Recipe
+from pipeline.core.filehash import contents_hash
+from pipeline.core.recipe import BUILTIN_TEACHER, PromptSource, Recipe
 from pipeline.core.stage import STAGE_NAMES, StageReport
 from pipeline.core.store import RunStore
+from pipeline.core.task import load_task
 from pipeline.core.templates import templates_hash
 from pipeline.stages.dpo.stage import run as dpo
 from pipeline.stages.evaluate.stage import run as evaluate
@@ -39,9 +41,31 @@ def _task(recipe: Recipe) -> str | None:
     return recipe.task
 
 
+def _read_files(recipe: Recipe, prompts: PromptSource | None = None, decontaminated: bool = False,
+                *more: str | None) -> dict[str, str]:
+    """Content hashes of the files a stage reads: appending a prompt to a prompts file changes its fingerprint."""
+    paths = [p for p in more if p]
+    if prompts is not None and not prompts.from_task:
+        paths.append(prompts.source)
+    if decontaminated:
+        paths += recipe.decontamination.eval_files
+    if recipe.task is not None:
+        paths += load_task(recipe.task).data_files()
+    return contents_hash(paths)
+
+
+def _generate_section(recipe: Recipe) -> Any:
+    return {"prompts": recipe.prompts.model_dump(mode="json"), "generate": recipe.generate.model_dump(mode="json"),
+            "decontamination": recipe.decontamination.model_dump(mode="json"), "teacher": recipe.teacher.identity(),
+            "task": _task(recipe), "files": _read_files(recipe, recipe.prompts, True)}
+
+
 def _sample_section(recipe: Recipe) -> Any:
+    prompts = recipe.sample.prompts or recipe.prompts
     section = {"sample": recipe.sample.model_dump(mode="json", exclude={"prompts"}),
-               "prompts": (recipe.sample.prompts or recipe.prompts).model_dump(mode="json"), "task": _task(recipe)}
+               "prompts": prompts.model_dump(mode="json"), "task": _task(recipe),
+               "decontamination": recipe.decontamination.model_dump(mode="json"),
+               "files": _read_files(recipe, prompts, True)}
     if any(m.backend == "openai" and m.base_url in (None, BUILTIN_TEACHER) for m in recipe.sample.pool):
         section["teacher"] = recipe.teacher.identity()  # that pool member is the teacher's endpoint
     return section
@@ -53,10 +77,7 @@ def _earlier(recipe: Recipe) -> dict[str, Any]:
 
 
 STAGES: dict[str, StageSpec] = {spec.name: spec for spec in [
-    StageSpec("generate", generate,
-              lambda r: {"prompts": r.prompts.model_dump(mode="json"), "generate": r.generate.model_dump(mode="json"),
-                         "teacher": r.teacher.identity(), "task": _task(r)},
-              lambda r: [], ("generate_*",)),
+    StageSpec("generate", generate, _generate_section, lambda r: [], ("generate_*",)),
     StageSpec("sft", sft, lambda r: {"sft": r.sft.model_dump(mode="json"), "task": _task(r), **_earlier(r)},
               lambda r: ["generate"], gpu=True),
     StageSpec("sample", sample, _sample_section,
@@ -69,14 +90,15 @@ STAGES: dict[str, StageSpec] = {spec.name: spec for spec in [
               gpu=True),
     StageSpec("evaluate", evaluate,
               lambda r: {"evaluate": r.evaluate.model_dump(mode="json"), "teacher": r.teacher.identity(),
-                         "task": _task(r)},
+                         "task": _task(r), "files": _read_files(r, None, False, r.evaluate.prompts)},
               lambda r: ["sft", "dpo"], ("judge_*",), gpu=True),
 ]}
 assert tuple(STAGES) == STAGE_NAMES, "the graph and STAGE_NAMES list the stages in the same order"
 
 
 def fingerprint(stage: str, recipe: Recipe, _memo: dict[str, str] | None = None) -> str:
-    """Hash of the stage's own section, its inputs' fingerprints, its templates and the package version."""
+    """Hash of the stage's own section (with the content of the files it reads), its inputs' fingerprints, its
+    templates and the package version."""
     memo = {} if _memo is None else _memo
     if stage in memo:
         return memo[stage]

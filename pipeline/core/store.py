@@ -285,6 +285,7 @@ class Failure:
     reason: str
     attempts: int = 1
     at: float = field(default_factory=time.time)
+    detail: dict[str, Any] | None = None  # what a filter matched (e.g. the evaluation file, item and n-gram)
 
 
 class FailureLedger:
@@ -294,12 +295,14 @@ class FailureLedger:
         self.store, self.stage = store, stage
         self.path = f"{store.stage_dir(stage)}/{name}.jsonl"
 
-    def record(self, item_id: str, reason: str, attempts: int = 1) -> None:
-        self.record_many([(item_id, reason, attempts)])
+    def record(self, item_id: str, reason: str, attempts: int = 1, detail: dict[str, Any] | None = None) -> None:
+        self.record_many([(item_id, reason, attempts, detail)])
 
-    def record_many(self, entries: Iterable[tuple[str, str, int]]) -> None:
-        """Append entries as whole lines (a killed process leaves at most one cut line, which readers skip)."""
-        data = "".join(json.dumps(asdict(Failure(i, self.stage, r, a))) + "\n" for i, r, a in entries)
+    def record_many(self, entries: Iterable[tuple]) -> None:
+        """Append (item_id, reason, attempts[, detail]) entries as whole lines (a killed process leaves at most
+        one cut line, which readers skip)."""
+        data = "".join(json.dumps(_entry(Failure(e[0], self.stage, e[1], e[2], detail=e[3] if len(e) > 3 else None)))
+                       + "\n" for e in entries)
         if not data:
             return
         if self.store.is_local:
@@ -338,7 +341,15 @@ class FailureLedger:
     def compact(self, succeeded: set[str]) -> dict[str, Failure]:
         """Keep one entry per item still failing (items that later succeeded leave the ledger)."""
         remaining = {k: v for k, v in self.latest().items() if k not in succeeded}
-        data = "".join(json.dumps(asdict(f)) + "\n" for f in remaining.values()).encode()
+        data = "".join(json.dumps(_entry(f)) + "\n" for f in remaining.values()).encode()
         if remaining or self.store.fs.exists(self.path):
             self.store.write_bytes(self.path, data)
         return remaining
+
+
+def _entry(failure: Failure) -> dict[str, Any]:
+    """A ledger line; `detail` only where a filter left one."""
+    entry = asdict(failure)
+    if entry["detail"] is None:
+        del entry["detail"]
+    return entry

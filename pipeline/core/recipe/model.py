@@ -8,6 +8,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from pipeline.core.recipe.aif import FeedbackConfig, SampleConfig
 from pipeline.core.recipe.base import Section
+from pipeline.core.recipe.decontamination import DecontamConfig
 from pipeline.core.recipe.evaluate import EvaluateConfig
 from pipeline.core.recipe.generate import GenerateConfig, PromptSource
 from pipeline.core.recipe.series import SeriesConfig
@@ -37,6 +38,7 @@ class Recipe(Section):
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     prompts: PromptSource = Field(default_factory=PromptSource)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    decontamination: DecontamConfig = Field(default_factory=DecontamConfig)  # generate's and sample's prompts
     sft: SFTStageConfig = Field(default_factory=SFTStageConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
     feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)

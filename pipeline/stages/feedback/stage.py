@@ -25,6 +25,7 @@ from pipeline.teacher.client import teacher_session
 
 log = logging.getLogger(__name__)
 STAGE = "feedback"
+SAMPLE_DROPPED = "prompt_dropped_by_sample"  # e.g. contaminated: see sample/dropped.jsonl
 ANSWER_COLUMNS = ["completion_id", "prompt_id", "prompt", "prompt_source", "model", "model_path", "completion",
                   "sample_index"]
 
@@ -40,13 +41,14 @@ def run(recipe: Recipe, store: RunStore) -> StageReport:
     pool = read_answers(store, "sample", "completions", [m.name for m in recipe.sample.pool])
     if not pool:
         raise FeedbackError(f"no sampled answers in {store.url}/sample; run `distill stage sample` first")
+    excluded = {pid: e.reason for pid, e in store.ledger("sample", "dropped").latest().items()}  # contaminated
     stop, cost = "", {}
     on_policy: dict[str, list[dict]] = {}
     if ON_POLICY in recipe.feedback.sources:
-        stop, cost = sample_on_policy(recipe, store, prompts)
+        stop, cost = sample_on_policy(recipe, store, [p for p in prompts if p.prompt_id not in excluded])
         on_policy = read_answers(store, STAGE, ON_POLICY, [])
     items = build_items(recipe, prompts, pool, on_policy)
-    stop, rated = asyncio.run(judge_all(recipe, store, items, stop))
+    stop, rated = asyncio.run(judge_all(recipe, store, items, stop, set(excluded)))
     total = {k: rated.get(k, 0.0) + cost.get(k, 0.0) for k in set(rated) | set(cost)}
     return account_feedback(recipe, store, items, total, stop)
 
@@ -157,8 +159,10 @@ class Outbox:
         self.flush()  # what finished is kept even when the stage stops
 
 
-async def judge_all(recipe: Recipe, store: RunStore, items: list[Item], stop: str) -> tuple[str, dict[str, float]]:
-    """Judge every item not yet done, streaming; a stop drains what is in flight and starts nothing new."""
+async def judge_all(recipe: Recipe, store: RunStore, items: list[Item], stop: str,
+                    excluded: set[str] = frozenset()) -> tuple[str, dict[str, float]]:
+    """Judge every item not yet done, streaming; a stop drains what is in flight and starts nothing new.
+    Items of `excluded` prompts (sample dropped them, e.g. contaminated) are dropped with that reason."""
     async with teacher_session(recipe, store) as client:
         with Outbox(store, recipe.feedback.shard_size, rated_aspects(recipe.feedback)) as outbox:
             done = outbox.done_items()
@@ -166,7 +170,9 @@ async def judge_all(recipe: Recipe, store: RunStore, items: list[Item], stop: st
             for item in items if not stop else []:
                 if item.item_id in done:
                     continue
-                if not item.answers or (item.source != "correction" and len(item.answers) < 2):
+                if item.prompt_id in excluded:
+                    outbox.add(item, Outcome(dropped=SAMPLE_DROPPED))
+                elif not item.answers or (item.source != "correction" and len(item.answers) < 2):
                     outbox.add(item, Outcome(dropped="no_student_answer" if item.source == "correction"
                                              else "fewer_than_2_answers"))
                 else:
