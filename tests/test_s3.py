@@ -133,6 +133,18 @@ def test_a_whole_run_on_s3_survives_sigkill_and_resumes(s3, tmp_path: Path) -> N
     assert "generate: completed earlier with the same fingerprint" in res.stderr  # not redone after the kill
     report = json.loads(store.fs.cat(store.join("evaluate", "report.json")))
     assert report["evaluation"]["models"]["dpo"]["accuracy"]["n"] == 16
+    # the run's data sets export straight from the bucket
+    out = tmp_path / "export"
+    res = subprocess.run([sys.executable, "-m", "pipeline.cli", "export", "s3run", str(out), "--root", root],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    from datasets import load_from_disk
+
+    splits = load_from_disk(str(out))
+    assert set(splits) == {"train_sft", "test_sft", "train_gen", "test_gen", "train_prefs", "test_prefs"}
+    assert len(splits["train_sft"]) + len(splits["test_sft"]) == store.count_records("generate")
+    assert len(splits["train_prefs"]) + len(splits["test_prefs"]) == store.count_records("feedback", "pairs")
+    assert (out / "README.md").exists()
 
 
 @pytest.mark.slow
