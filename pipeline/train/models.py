@@ -14,13 +14,10 @@ from typing import Any
 
 from pipeline.core.recipe import BUILTIN_STUDENT, ComputeConfig, LoraConfig, Recipe
 from pipeline.core.store import RunStore
+from pipeline.train.errors import TrainingError
 from pipeline.train.student import build_tiny_student
 
 log = logging.getLogger("pipeline.train")
-
-
-class TrainingError(RuntimeError):
-    """A training stage cannot start or finish; the message says where and what to do."""
 
 
 def detect_device(compute: ComputeConfig) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -39,16 +40,19 @@ def run(recipe: Recipe, store: RunStore) -> StageReport:
 
 
 def read_pairs(store: RunStore) -> tuple[int, list[dict[str, Any]], dict[str, str]]:
-    """(records read, pairs in TRL's explicit prompt/chosen/rejected form, {prompt_id: reason} for the rest)."""
-    total, pairs, failures = 0, [], {}
+    """(records read, pairs in TRL's explicit prompt/chosen/rejected form, {prompt_id: reason} for the rest).
+
+    In pair_id order: `feedback` writes pairs as the rater finishes them, and the trainer's seeded shuffle only
+    gives the same batches when it starts from the same order."""
+    total, keyed, failures = 0, [], {}
     for record in store.read_records("feedback", "pairs"):
         total += 1
         pair = to_explicit_preference(record)
         if isinstance(pair, str):
             failures[record.get("prompt_id", f"#{total}")] = f"dpo: {pair}"
-        else:
-            pairs.append(pair)
-    return total, pairs, failures
+        else:  # pairs without an id (imported ones) are ordered by their content
+            keyed.append((str(record.get("pair_id") or ""), json.dumps(pair, sort_keys=True), pair))
+    return total, [pair for *_, pair in sorted(keyed, key=lambda k: k[:2])], failures
 
 
 def to_explicit_preference(record: dict[str, Any]) -> dict[str, Any] | str:
