@@ -99,6 +99,14 @@ def resolve_chat_format(tokenizer: Any, model: str, override: str | None = None,
     return ChatFormat(native, training, variant, origin, system)
 
 
+def saved_template(tokenizer: Any, model: str, override: str | None = None, replace: bool = False) -> str | None:
+    """The chat template the sft stage saves this student with; None where sft would refuse to train it."""
+    try:
+        return resolve_chat_format(tokenizer, model, override, replace).native_text
+    except ChatTemplateError:
+        return None
+
+
 def training_variant(tokenizer: Any, native: str) -> tuple[str | None, str]:
     """(a marked template that renders like `native` on every probe conversation, where it came from)."""
     from trl.chat_template_utils import get_training_chat_template, has_generation_markers
