@@ -9,7 +9,6 @@ import sys
 import types
 import weakref
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -153,6 +152,6 @@ def test_sample_stage_with_two_vllm_models_releases_each_engine_and_ledgers_what
     assert placement == {"mistral": "user", "llama": "system"}
     principle = render("principle_honesty.jinja")
     assert all(text.startswith(f"<s>[INST] {principle}\n\n") for text, _ in fake_vllm[0]["prompts"])
-    assert all(f"<|start_header_id|>system<|end_header_id|>\n\n" in text and principle in text
+    assert all("<|start_header_id|>system<|end_header_id|>\n\n" in text and principle in text
                for text, _ in fake_vllm[1]["prompts"])
     assert {r["completion"] for r in rows} == {f"answer {r['seed']}" for r in rows}
