@@ -145,3 +145,13 @@ def test_sft_chat_template_override_takes_a_format_name_a_file_or_text(family_di
     assert (own.variant, own.training, own.native_text) == ("own-markers", marked, marked)
     with pytest.raises(ChatTemplateError, match="'llama9' is not a chat format name"):
         resolve_chat_format(tokenizer, "m", override="llama9")
+
+
+def test_an_unknown_chat_format_name_fails_at_validate_before_anything_is_paid():
+    from pipeline.core.recipe import recipe_from_dict
+    from pipeline.train.configs import check_trl_args
+    from pipeline.train.models import TrainingError
+
+    recipe = recipe_from_dict({"task": "toy", "sft": {"chat_template": "llama9"}})
+    with pytest.raises(TrainingError, match=r"sft\.chat_template: 'llama9' is not a chat format name \(llama3, "):
+        check_trl_args(recipe)

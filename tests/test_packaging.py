@@ -89,8 +89,8 @@ def test_the_core_package_alone_in_a_fresh_venv_runs_the_quickstarts_generate_an
     try:
         sh(getattr(sys, "_base_executable", sys.executable), "-m", "venv", venv)
         # CPU torch first, pinned: an unpinned resolve would pull CUDA wheels (gigabytes)
-        sh(python, "-m", "pip", "install", "-q", "torch==2.13.0")
-        sh(python, "-m", "pip", "install", "-q", ROOT)
+        sh(python, "-m", "pip", "install", "-q", "--no-compile", "torch==2.13.0")
+        sh(python, "-m", "pip", "install", "-q", "--no-compile", ROOT)
         missing = subprocess.run([python, "-c", "import peft"], capture_output=True, env=env)
         assert missing.returncode != 0  # the lora extra is not there: sft must not need it
         sh(venv / "bin" / "distill", "run", ROOT / "configs" / "quickstart.yaml", "--no-prefect",

@@ -24,7 +24,7 @@ def chat_template_for(model: PoolModel, recipe: Recipe, path: str) -> str | None
     from pipeline.train import models, templates
 
     if model.chat_template is not None:
-        return templates.template_text(model.chat_template)
+        return templates.template_text(model.chat_template, f"sample.pool.{model.name}.chat_template")
     if model.model != "base":
         return None
     return templates.saved_template(models.load_tokenizer(path), path, recipe.sft.chat_template,

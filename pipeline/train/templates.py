@@ -57,8 +57,8 @@ def family_template(family: str, training: bool = False) -> str:
     return (TEMPLATE_DIR / f"{family}.jinja").read_text(encoding="utf-8")
 
 
-def template_text(value: str) -> str:
-    """`sft.chat_template`: a family name, template text, or a file (the recipe loader reads files already)."""
+def template_text(value: str, key: str = "sft.chat_template") -> str:
+    """A recipe's chat template (`key`): a family name, template text, or a file (the loader reads files)."""
     if value in FAMILIES:
         return family_template(value)
     if "{{" in value or "{%" in value:
@@ -66,7 +66,7 @@ def template_text(value: str) -> str:
     path = Path(value).expanduser()
     if path.is_file():
         return path.read_text(encoding="utf-8")
-    raise ChatTemplateError(f"sft.chat_template: '{value}' is not a chat format name ({', '.join(FAMILIES)}), "
+    raise ChatTemplateError(f"{key}: '{value}' is not a chat format name ({', '.join(FAMILIES)}), "
                             "a Jinja template or an existing file")
 
 
