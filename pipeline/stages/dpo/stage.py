@@ -78,6 +78,7 @@ def _message(message: dict[str, Any]) -> dict[str, str]:
 def train_dpo(recipe: Recipe, store: RunStore, pairs: list[dict[str, Any]]) -> dict[str, Any]:
     """Train (resuming from the last checkpoint), save the model, metrics.json and the model card."""
     from datasets import Dataset
+    from transformers import set_seed
     from trl import DPOConfig, DPOTrainer
 
     t0 = time.perf_counter()
@@ -91,6 +92,7 @@ def train_dpo(recipe: Recipe, store: RunStore, pairs: list[dict[str, Any]]) -> d
                                        user_args.get("per_device_train_batch_size"))
         args = configs.build_trl_config(DPOConfig, "dpo", user_args, defaults, stage_dir / "checkpoints", device)
         reference = reference_model(recipe.dpo, args, sft_model, device, init_kwargs)
+        set_seed(args.seed)  # TRL adds the LoRA adapters before the Trainer seeds itself: seed their init too
         trainer = DPOTrainer(model=model, ref_model=reference,
                              args=args, processing_class=tokenizer, train_dataset=Dataset.from_list(pairs),
                              peft_config=models.peft_config(recipe.dpo.lora))

@@ -92,6 +92,7 @@ def train_sft(recipe: Recipe, store: RunStore, dialogues: dict[str, list[dict[st
     """Train (resuming from the last checkpoint), save the model in its own chat format, metrics.json, the
     chat format report and the model card."""
     from datasets import Dataset
+    from transformers import set_seed
     from trl import SFTConfig, SFTTrainer
 
     t0 = time.perf_counter()
@@ -105,6 +106,7 @@ def train_sft(recipe: Recipe, store: RunStore, dialogues: dict[str, list[dict[st
                                        user_args.get("per_device_train_batch_size"))
         args = configs.build_trl_config(SFTConfig, "sft", user_args, defaults,
                                        stage_dir / "checkpoints", device)
+        set_seed(args.seed)  # TRL adds the LoRA adapters before the Trainer seeds itself: seed their init too
         trainer = SFTTrainer(model=model, args=args, processing_class=tokenizer,
                              train_dataset=Dataset.from_list([{"messages": m} for m in dialogues.values()]),
                              peft_config=models.peft_config(recipe.sft.lora))
