@@ -53,6 +53,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
     Family("qwen3", "qwen3", CHATML, "<|im_end|>", "<|im_end|>", pad="<|endoftext|>",
            stop=("<|im_end|>", "<|endoftext|>"), added=("<think>", "</think>")),
     Family("mistral", "mistral", SENTENCEPIECE, "</s>", "</s>", bos="<s>"),
+    Family("mistral_v3", "mistral", (*SENTENCEPIECE, "[INST]", "[/INST]"), "</s>", "</s>", bos="<s>"),
     Family("gemma", "gemma2", GEMMA, "<eos>", "<end_of_turn>", bos="<bos>", pad="<pad>",
            stop=("<eos>", "<end_of_turn>")),
     Family("gemma3", "gemma3", GEMMA, "<eos>", "<end_of_turn>", bos="<bos>", pad="<pad>",

@@ -37,9 +37,10 @@ def family_dir(tmp_path_factory):
 
 
 def conversations(fmt_system: str) -> list[list[dict[str, str]]]:
-    """The probe conversations and a plain dialogue, without a system turn where the template refuses one."""
+    """The probe conversations and a plain dialogue; a system turn folded into the user turn, as sft does,
+    unless the template gives it a turn of its own."""
     convs = [*probe_conversations(), DIALOGUE]
-    return [c for c in convs if fmt_system != REJECTED or c[0]["role"] != "system"]
+    return convs if fmt_system == SYSTEM else [fold_system(c) for c in convs]
 
 
 def expected_answer(family: Family, messages: list[dict[str, str]], turn: int) -> str:
@@ -55,6 +56,8 @@ def expected_answer(family: Family, messages: list[dict[str, str]], turn: int) -
             thought = ""
         if turn > last_query:
             content = f"<think>\n{thought}\n</think>\n\n{content}"
+    if family.name == "mistral_v3":  # it writes a space after [/INST], then the trimmed answer
+        return " " + content.strip() + family.eot
     return (content.strip() if family.name in TRIMMED else content) + family.eot
 
 
@@ -101,10 +104,11 @@ def test_qwen3_shows_no_empty_thinking_block_on_earlier_answers(family_dir):
 
 def test_system_turns_are_taken_folded_or_refused_as_each_template_does(family_dir):
     support = {}
-    for name in ("llama3_1", "mistral", "gemma", "gemma3", "qwen2_5"):
+    for name in ("llama3_1", "mistral", "mistral_v3", "gemma", "gemma3", "qwen2_5"):
         tokenizer = load_tokenizer(family_dir(name))
         support[name] = system_support(lambda m, t=tokenizer: render(t, t.chat_template, m, generation_prompt=True))
-    assert support == {"llama3_1": SYSTEM, "mistral": REJECTED, "gemma": REJECTED, "gemma3": USER, "qwen2_5": SYSTEM}
+    assert support == {"llama3_1": SYSTEM, "mistral": REJECTED, "mistral_v3": USER, "gemma": REJECTED,
+                       "gemma3": USER, "qwen2_5": SYSTEM}
     messages = [{"role": "system", "content": "Be honest."}, *DIALOGUE]
     folded = fold_system(messages)
     assert folded[0] == {"role": "user", "content": "Be honest.\n\nWhat is 2 + 3?"} and folded[1:] == DIALOGUE[1:]

@@ -17,7 +17,8 @@ from pipeline.train.templates import family_template, render
 
 TWO_TURNS = [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "It is 5."},
              {"role": "user", "content": "And 4 + 4?"}, {"role": "assistant", "content": "8"}]
-TRAINED = ["llama3_1", "llama3_2", "qwen2_5", "qwen3", "mistral", "gemma", "gemma3", "phi3", "phi4", "zephyr"]
+TRAINED = ["llama3_1", "llama3_2", "qwen2_5", "qwen3", "mistral", "mistral_v3", "gemma", "gemma3", "phi3", "phi4",
+           "zephyr"]
 
 
 @pytest.mark.parametrize("name", TRAINED)

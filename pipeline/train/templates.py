@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.chat import REJECTED, system_support
+from pipeline.core.chat import SYSTEM, system_support
 from pipeline.train.errors import TrainingError
 
 log = logging.getLogger("pipeline.train")
@@ -19,7 +19,7 @@ DEFAULT_FAMILY = "zephyr"  # a base model without a chat template trains (and is
 # own template text comes from: TRL's package data, or chat_templates/<family>.jinja written from the model card.
 FAMILIES: dict[str, str] = {
     "llama3": "trl", "llama3_1": "trl", "llama3_2": "trl", "qwen2": "ours", "qwen2_5": "trl", "qwen3": "trl",
-    "mistral": "ours", "gemma": "trl", "gemma3": "trl", "phi3": "trl", "phi3_5": "trl", "phi4": "ours",
+    "mistral": "ours", "mistral_v3": "ours", "gemma": "trl", "gemma3": "trl", "phi3": "trl", "phi3_5": "trl", "phi4": "ours",
     "zephyr": "ours", "chatml": "ours",
 }
 OWN_MARKERS, TRL_VARIANT = "own-markers", "trl"
@@ -37,7 +37,7 @@ class ChatFormat:
     training: str
     variant: str  # the family whose training variant matched, OWN_MARKERS, or TRL_VARIANT
     origin: str  # model | sft.chat_template | default (the model had none) | replaced (sft.replace_template)
-    system: str  # pipeline.core.chat: system | user (the template folds it) | rejected (folded before training)
+    system: str  # pipeline.core.chat: system | user (the template moves it) | rejected; folded unless `system`
 
     @property
     def native_text(self) -> str:
@@ -188,7 +188,10 @@ def check_dialogues(tokenizer: Any, fmt: ChatFormat, dialogues: dict[str, list[d
 
 
 def needs_folding(fmt: ChatFormat) -> bool:
-    return fmt.system == REJECTED
+    """Fold a system turn into the first user turn before training unless the template gives it a turn of its
+    own: where it refuses one, and where it moves one itself (Mistral v0.3 drops it unless the last message is
+    the user's, so training would lose what inference shows)."""
+    return fmt.system != SYSTEM
 
 
 def _default_text(template: Any) -> str:
