@@ -93,6 +93,9 @@ def test_the_core_package_alone_in_a_fresh_venv_runs_the_quickstarts_generate_an
         sh(python, "-m", "pip", "install", "-q", "--no-compile", ROOT)
         missing = subprocess.run([python, "-c", "import peft"], capture_output=True, env=env)
         assert missing.returncode != 0  # the lora extra is not there: sft must not need it
+        shipped = sh(python, "-c", "import pipeline.train.templates as t; print(t.__file__); "
+                     "print(all(t.family_template(f, training=True) for f in t.FAMILIES), t.family_template('mistral')[:2])")
+        assert str(venv) in shipped.stdout and "True {#" in shipped.stdout  # chat templates are package data
         sh(venv / "bin" / "distill", "run", ROOT / "configs" / "quickstart.yaml", "--no-prefect",
            "--stages", "generate,sft", "--run-name", "core", "--set", f"storage.root={tmp_path / 'runs'}",
            "--set", "prompts.count=48", "--set", "sft.args.num_train_epochs=1", "--set", "sft.args.max_steps=3")
