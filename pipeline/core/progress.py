@@ -28,3 +28,8 @@ def set_progress_factory(factory: Callable[[str, int | None, str], ProgressSink]
 
 def progress(stage: str, total: int | None, unit: str = "item") -> ProgressSink:
     return _factory(stage, total, unit)
+
+
+def has_sink() -> bool:
+    """Whether a sink other than the terminal bar is installed (a trainer draws its own bar in the terminal)."""
+    return _factory is not _tqdm

@@ -8,8 +8,10 @@ from pydantic import Field, ValidationError, model_validator
 
 from pipeline.core.recipe.aif import FeedbackConfig, SampleConfig
 from pipeline.core.recipe.base import Section
+from pipeline.core.recipe.decontamination import DecontamConfig
 from pipeline.core.recipe.evaluate import EvaluateConfig
 from pipeline.core.recipe.generate import GenerateConfig, PromptSource
+from pipeline.core.recipe.series import SeriesConfig
 from pipeline.core.recipe.teacher import TeacherConfig
 from pipeline.core.recipe.training import DPOStageConfig, SFTStageConfig
 from pipeline.core.task import TaskError, load_callable, load_task
@@ -36,6 +38,7 @@ class Recipe(Section):
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     prompts: PromptSource = Field(default_factory=PromptSource)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    decontamination: DecontamConfig = Field(default_factory=DecontamConfig)  # generate's and sample's prompts
     sft: SFTStageConfig = Field(default_factory=SFTStageConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
     feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
@@ -43,6 +46,7 @@ class Recipe(Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     compute: ComputeConfig = Field(default_factory=ComputeConfig)
+    series: SeriesConfig = Field(default_factory=SeriesConfig)
 
     @model_validator(mode="after")
     def _task_supplies_what_is_asked(self) -> Recipe:
