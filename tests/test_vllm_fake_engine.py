@@ -143,7 +143,8 @@ def test_sample_stage_with_two_vllm_models_releases_each_engine_and_ledgers_what
     store = open_run(recipe, "vllm")
     report = run_stage("sample", recipe, store)
     assert report.status == "completed"
-    assert report.counts == {"input": 14, "prompts": 7, "output": 12, "failed": 2, "pending": 0}
+    assert report.counts == {"input": 14, "prompts": 7, "output": 12, "failed": 2, "pending": 0,
+                             "dropped_prompts": 0}
     assert [e["model"] for e in fake_vllm] == [str(mistral), str(llama)] and all(e["shutdown"] for e in fake_vllm)
     failed = store.ledger("sample").latest()
     assert len(failed) == 2 and all("leaves no room in max_model_len=256" in f.reason for f in failed.values())
