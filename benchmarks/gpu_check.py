@@ -1,6 +1,6 @@
 """GPU readiness, one part per call (benchmarks/gpu_check.sh runs them, each under its own time limit):
 
-    python benchmarks/gpu_check.py env|build|sft|dpo|sample|vllm|summary --out DIR [--smoke]
+    python benchmarks/gpu_check.py preflight|env|build|sft|dpo|sample|vllm|summary --out DIR [--smoke]
 
 `build` makes a ~0.5B Qwen2-architecture model from its config (Qwen2.5-0.5B's shape, random weights, bf16) and a
 byte-level BPE tokenizer trained here with Qwen's special tokens and chat template (no downloads). `sft` and `dpo`
@@ -101,7 +101,8 @@ def sft(out: Path, smoke: bool, seconds: float) -> dict[str, Any]:
     device = "cpu" if smoke else "cuda"
     model = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32 if smoke else torch.bfloat16)
     batch, seq = (4, 256) if smoke else (16, 1024)
-    data = Dataset.from_list([{"messages": m} for m in dialogues(batch * (20 if smoke else 200), 60 if smoke else 220)])
+    # 64 batches, cycled until the time is up: tokenizing more only delays the start
+    data = Dataset.from_list([{"messages": m} for m in dialogues(batch * (20 if smoke else 64), 60 if smoke else 220)])
     box = _TimeBox(seconds, warmup=1 if smoke else 3)
     args = _trl_args(SFTConfig, out / "sft-ckpt", smoke, per_device_train_batch_size=batch, max_length=seq,
                      assistant_only_loss=True)
@@ -134,7 +135,7 @@ def dpo(out: Path, smoke: bool, seconds: float) -> dict[str, Any]:
     rng = random.Random(1)
     pairs = [{"prompt": [{"role": "user", "content": text(rng, words)}],
               "chosen": [{"role": "assistant", "content": text(rng, words)}],
-              "rejected": [{"role": "assistant", "content": text(rng, words)}]} for _ in range(batch * 200)]
+              "rejected": [{"role": "assistant", "content": text(rng, words)}]} for _ in range(batch * 64)]
     box = _TimeBox(seconds, warmup=1 if smoke else 3)
     args = _trl_args(DPOConfig, out / "dpo-ckpt", smoke, per_device_train_batch_size=batch, max_length=seq,
                      beta=0.1, learning_rate=5e-7)
@@ -187,7 +188,9 @@ def sample(out: Path, smoke: bool, seconds: float) -> dict[str, Any]:
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in _prompts(n)))
     pool = [{"name": "student", "backend": "transformers", "model": str(source), "max_tokens": max_tokens,
              "batch_size": 64, "device": "cpu" if smoke else "cuda", "temperature": 1.0}]
-    recipe = recipe_from_dict({"name": "gpu-check", "task": "toy", "prompts": {"source": str(prompts)},
+    # the task by module path: the package may be on PYTHONPATH without being installed (no entry points)
+    recipe = recipe_from_dict({"name": "gpu-check", "task": "pipeline.tasks.toy.plugin:ArithmeticTask",
+                               "prompts": {"source": str(prompts)},
                                "sample": {"k": 1, "pool": pool, "principles": {"default": ["helpfulness"]}},
                                "storage": {"root": str(out / "runs")}})
     store = open_run(recipe, "gpu-check")
@@ -263,8 +266,25 @@ def environment(out: Path, smoke: bool, seconds: float) -> dict[str, Any]:
             "peak_bf16_tflops": peak_tflops(gpu or ""), "versions": versions}
 
 
-def summary(out: Path) -> str:
-    """One table of every part: status and its numbers."""
+def preflight(smoke: bool) -> str | None:
+    """Why the check cannot measure anything here (a missing library, no CUDA), or None."""
+    import importlib.util
+
+    missing = [m for m in ("torch", "transformers", "trl", "datasets", "accelerate")
+               if importlib.util.find_spec(m) is None]
+    if missing:
+        return f"{sys.executable} cannot import {', '.join(missing)}; install them (or set PYTHON=...)"
+    import torch
+
+    if not smoke and not torch.cuda.is_available():
+        return (f"CUDA is not available (torch {torch.__version__}, built for CUDA {torch.version.cuda}, "
+                f"{torch.cuda.device_count()} devices): this check needs a GPU; GPU_CHECK_SMOKE=1 checks the "
+                f"script on the CPU")
+    return None
+
+
+def summary(out: Path) -> tuple[str, bool]:
+    """(one table of every part: status and its numbers, whether every part ran: ok or skipped)."""
     rows = []
     for part in PARTS:
         path = out / f"{part}.json"
@@ -277,7 +297,7 @@ def summary(out: Path) -> str:
     lines = [f"GPU check: {env.get('gpu')} x{env.get('gpus')} ({versions})", "",
              f"{'part':<8} {'status':<10} numbers", f"{'-' * 8} {'-' * 10} {'-' * 60}"]
     lines += [f"{part:<8} {status:<10} {numbers}" for part, status, numbers in rows]
-    return "\n".join(lines)
+    return "\n".join(lines), all(status in ("ok", "skipped") for _, status, _ in rows)
 
 
 RUNNERS = {"env": environment, "build": lambda out, smoke, seconds: build(out, smoke), "sft": sft, "dpo": dpo,
@@ -286,15 +306,21 @@ RUNNERS = {"env": environment, "build": lambda out, smoke, seconds: build(out, s
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=(*PARTS, "summary"))
+    parser.add_argument("part", choices=(*PARTS, "preflight", "summary"))
     parser.add_argument("--out", type=Path, required=True, help="working directory shared by the parts")
     parser.add_argument("--seconds", type=float, default=45.0, help="training time per training part")
     parser.add_argument("--smoke", action="store_true", help="a tiny model on the CPU: checks the script itself")
     opts = parser.parse_args(argv)
+    if opts.part == "preflight":
+        problem = preflight(opts.smoke)
+        if problem:
+            print(f"gpu_check: {problem}", file=sys.stderr)
+        return 2 if problem else 0
     opts.out.mkdir(parents=True, exist_ok=True)
     if opts.part == "summary":
-        print(summary(opts.out))
-        return 0
+        table, complete = summary(opts.out)
+        print(table)
+        return 0 if complete else 1
     t0 = time.perf_counter()
     try:
         result = {"status": "ok", **RUNNERS[opts.part](opts.out, opts.smoke, opts.seconds)}

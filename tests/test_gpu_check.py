@@ -19,15 +19,25 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from gpu_model import QWEN2_05B, SMOKE, flops_per_token, model_config, parameter_count  # noqa: E402
 
 # What a lean GPU image may lack: the recipe's and the teacher's dependencies (the check must not need them)
-LEAN_BLOCKED = ("pydantic", "openai", "prefect", "starlette", "uvicorn", "click")
+# (everything pyproject declares beyond torch, transformers, trl, datasets, accelerate and their own dependencies)
+LEAN_BLOCKED = ("pydantic", "openai", "prefect", "fastapi", "sqlalchemy", "starlette", "uvicorn", "click",
+                "matplotlib", "datasketch", "rapidfuzz", "peft", "vllm")
 LEAN_BOOT = """
 import runpy, sys
 from importlib.abc import MetaPathFinder
-class Blocked(MetaPathFinder):
+class Lean(MetaPathFinder):  # the path finder, blind to the blocked packages: find_spec says None, import fails
+    def __init__(self, inner):
+        self.inner = inner
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in {blocked!r}:
-            raise ModuleNotFoundError(f"No module named {{name!r}} (blocked: a lean GPU image)", name=name)
-sys.meta_path.insert(0, Blocked())
+            return None
+        return self.inner.find_spec(name, path, target)
+    def find_distributions(self, *args, **kwargs):
+        return (d for d in self.inner.find_distributions(*args, **kwargs)
+                if (d.metadata["Name"] or "").lower().replace("-", "_") not in {blocked!r})
+    def invalidate_caches(self):
+        self.inner.invalidate_caches()
+sys.meta_path[:] = [Lean(f) if getattr(f, "__name__", "") == "PathFinder" else f for f in sys.meta_path]
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
@@ -56,6 +66,15 @@ def test_flops_per_token_match_what_torch_counts_for_a_training_step():
     counted = counter.get_total_flops()
     predicted = flops_per_token(config, parameter_count(config), seq, passes=3) * batch * seq
     assert abs(predicted - counted) / counted < 0.02
+
+
+def test_gpu_check_without_cuda_fails_at_once_saying_so(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "GPU_CHECK_SMOKE")}
+    env.update(PYTHON=sys.executable, CUDA_VISIBLE_DEVICES="", GPU_CHECK_DIR=str(tmp_path / "check"))
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and "gpu_check: CUDA is not available" in done.stderr, done.stderr[-2000:]
+    assert "GPU_CHECK_SMOKE=1" in done.stderr and not (tmp_path / "check").exists()
 
 
 @pytest.mark.slow
