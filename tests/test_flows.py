@@ -329,3 +329,30 @@ def test_gpu_limit_is_created_by_the_flow_when_missing_and_counts_gpus(prefect, 
     assert _client_call(prefect, limit) == 4
     res = prefect.run(DISTILL, "deploy", "--cron", "0 2 * * *")  # back to the module's setup: one GPU
     assert res.returncode == 0 and _client_call(prefect, limit) == 1
+
+
+@pytest.mark.slow
+def test_an_inline_recipe_from_the_form_with_learning_rate_2e_5_trains(prefect, tmp_path):
+    # YAML 1.1 (yaml.safe_load) reads 2e-5 as a string; the form's recipe goes through the recipe loader
+    recipe_yaml = f"""
+name: inline-lr
+task: toy
+teacher: {{base_url: builtin, model: toy-teacher, api_key_env: null}}
+prompts: {{source: task, count: 40}}
+generate: {{max_rounds: 1, temperature: 0.0, max_tokens: 64}}
+sft:
+  student: {{hidden_size: 32, num_layers: 1}}
+  args:
+    learning_rate: 2e-5
+    max_steps: 4
+    per_device_train_batch_size: 8
+    logging_steps: 1
+storage: {{root: {tmp_path / 'runs'}}}
+"""
+    run = _run(prefect, {"recipe_yaml": recipe_yaml, "stages": ["generate", "sft"], "run_name": "inline-lr"})
+    assert run.state.is_completed(), prefect.logs()
+    store = RunStore(tmp_path / "runs", "inline-lr")
+    assert store.read_manifest()["recipe"]["sft"]["args"]["learning_rate"] == 2e-5
+    metrics = json.loads((tmp_path / "runs" / "inline-lr" / "sft" / "metrics.json").read_text())
+    rates = [h["learning_rate"] for h in metrics["history"] if "learning_rate" in h]
+    assert metrics["global_step"] == 4 and rates and 0 < max(rates) <= 2e-5

@@ -31,8 +31,8 @@ from pipeline.train.student import build_student
 TEACHER = {"model": "toy-teacher", "api_key_env": None, "timeout_s": 5.0, "max_retries": 3, "backoff_base_s": 0.05,
            "backoff_max_s": 0.2, "max_concurrency": 4}
 COLUMNS = {"completion_id", "prompt_id", "prompt", "prompt_source", "model", "backend", "model_path", "principle",
-           "system_prompt", "completion", "finish_reason", "sample_index", "seed", "temperature", "top_p",
-           "max_tokens", "prompt_tokens", "completion_tokens"}
+           "system_prompt", "system_prompt_in", "completion", "finish_reason", "sample_index", "seed", "temperature",
+           "top_p", "max_tokens", "prompt_tokens", "completion_tokens"}
 
 
 @pytest.fixture(scope="module")

@@ -58,18 +58,20 @@ def test_dialogues_without_an_assistant_answer_are_rejected_with_a_reason() -> N
     assert "unknown role" in dialogue_problem([{"role": "bot", "content": "x"}])
 
 
-def test_student_without_generation_markers_gets_a_template_that_trains_end_of_turn(tmp_path: Path) -> None:
+def test_student_without_generation_markers_is_refused_unless_its_template_may_be_replaced(tmp_path: Path) -> None:
     from trl.chat_template_utils import is_chat_template_stop_token_trained
 
     from pipeline.tasks.toy.task import corpus
-    from pipeline.train.student import train_tokenizer
+    from pipeline.train.student import CHAT_TEMPLATE, train_tokenizer
 
     tokenizer = train_tokenizer(corpus(50, 0))
+    own = templates.resolve_chat_format(tokenizer, "tiny")  # the built-in student's template carries markers
+    assert (own.variant, own.training, own.native) == ("own-markers", CHAT_TEMPLATE, CHAT_TEMPLATE)
     tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{{ eos_token }}{% endfor %}"
-    assert templates.ensure_training_template(tokenizer) == "generic"
-    assert is_chat_template_stop_token_trained(tokenizer)
-    tokenizer.save_pretrained(tmp_path)
-    assert models.load_tokenizer(str(tmp_path)).chat_template == templates.GENERIC_TRAINING_TEMPLATE
+    with pytest.raises(models.TrainingError, match="tiny: no training variant"):
+        templates.resolve_chat_format(tokenizer, "tiny")
+    fmt = templates.resolve_chat_format(tokenizer, "tiny", replace=True)
+    assert fmt.origin == "replaced" and is_chat_template_stop_token_trained(tokenizer, fmt.training)
 
 
 def test_unknown_student_option_is_an_error() -> None:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from pipeline.core.recipe import PoolModel
+if TYPE_CHECKING:  # the local backends stay importable without the recipe's dependencies (GPU check scripts)
+    from pipeline.core.recipe import PoolModel
 
 
 class BackendError(RuntimeError):
@@ -37,6 +38,7 @@ class Completion:
     completion_tokens: int = 0
     error: str | None = None  # this request failed for good (it goes to the failure ledger)
     attempts: int = 1
+    system_prompt_in: str = "none"  # where the system prompt went: `system` (its own turn), `user` (folded), `none`
 
 
 class BackendStopped(RuntimeError):

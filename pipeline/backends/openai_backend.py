@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import fields
 from typing import TYPE_CHECKING
 
 from pipeline.backends.base import BackendStopped, Completion, GenerationRequest, SamplingParams
+from pipeline.core.chat import NONE, SYSTEM, USER, fold_system, has_system
 from pipeline.core.recipe import BUILTIN_TEACHER, PoolModel, TeacherConfig
 from pipeline.core.work import stream_map
 from pipeline.teacher.cache import ResponseCache, cache_path
@@ -16,6 +18,8 @@ from pipeline.teacher.messages import ChatRequest, Usage
 if TYPE_CHECKING:
     from pipeline.core.recipe import Recipe
     from pipeline.core.store import RunStore
+
+log = logging.getLogger(__name__)
 
 
 def pool_client_config(model: PoolModel, teacher: TeacherConfig) -> TeacherConfig:
@@ -38,6 +42,7 @@ class OpenAIBackend:
         self.cfg, self.cache = cfg, cache
         self.usage = Usage()
         self._spent_before = spent_usd
+        self.refuses_system = False  # learnt from a 400 that went away with the system turn folded
 
     @classmethod
     def for_pool_model(cls, model: PoolModel, recipe: Recipe, store: RunStore) -> OpenAIBackend:
@@ -55,10 +60,7 @@ class OpenAIBackend:
         stopped: list[str] = []  # why it stopped; once set, no new request starts
 
         async def one(index: int) -> Completion:
-            r = requests[index]
-            reply = await client.chat(ChatRequest(r.messages, params.temperature, params.max_tokens, params.top_p,
-                                                  seed=r.seed))
-            return Completion(reply.text, reply.finish_reason, reply.prompt_tokens, reply.completion_tokens)
+            return await self._answer(client, requests[index], params)
 
         try:
             async for index, result in stream_map(range(len(requests)), one, self.cfg.max_concurrency,
@@ -78,6 +80,32 @@ class OpenAIBackend:
         if stopped:
             raise BackendStopped(stopped[0], results)
         return results  # type: ignore[return-value]  # every index is filled when nothing stopped
+
+    async def _answer(self, client: TeacherClient, r: GenerationRequest, params: SamplingParams) -> Completion:
+        """One answer; a server that refuses the system turn (HTTP 400, as Mistral's or Gemma 2's template makes
+        vLLM answer) gets it folded into the first user turn, and every later request of this model too."""
+        folded = self.refuses_system and has_system(r.messages)
+        try:
+            reply = await client.chat(self._request(r, params, folded))
+        except TeacherError as refused:
+            if folded or not has_system(r.messages) or not refused.reason.startswith("HTTP 400"):
+                raise
+            try:
+                reply = await client.chat(self._request(r, params, True))
+            except TeacherError as again:
+                raise TeacherError(refused.reason, refused.attempts + again.attempts) from None
+            if not self.refuses_system:
+                log.info("sample: %s refused a system turn (%s); folding it into the user turn from now on",
+                         self.cfg.model, refused.reason)
+            self.refuses_system = folded = True
+        placement = NONE if not has_system(r.messages) else USER if folded else SYSTEM
+        return Completion(reply.text, reply.finish_reason, reply.prompt_tokens, reply.completion_tokens,
+                          system_prompt_in=placement)
+
+    @staticmethod
+    def _request(r: GenerationRequest, params: SamplingParams, fold: bool) -> ChatRequest:
+        messages = fold_system(r.messages) if fold else r.messages
+        return ChatRequest(messages, params.temperature, params.max_tokens, params.top_p, seed=r.seed)
 
     def cost(self) -> dict[str, float]:
         return self.usage.as_cost()

@@ -18,6 +18,19 @@ def resolve_model_path(model: PoolModel, recipe: Recipe, store: RunStore) -> str
     return model.model
 
 
+def chat_template_for(model: PoolModel, recipe: Recipe, path: str) -> str | None:
+    """The pool model's `chat_template` (a format name or Jinja text); for this run's untrained student (`base`)
+    the format `sft` trains and saves it in, so that `base` and `sft` answer in the same format."""
+    from pipeline.train import models, templates
+
+    if model.chat_template is not None:
+        return templates.template_text(model.chat_template, f"sample.pool.{model.name}.chat_template")
+    if model.model != "base":
+        return None
+    return templates.saved_template(models.load_tokenizer(path), path, recipe.sft.chat_template,
+                                    recipe.sft.replace_template)
+
+
 def make_backend(model: PoolModel, recipe: Recipe, store: RunStore) -> Backend:
     """Load one pool model behind its backend (a local model is loaded here, once)."""
     if model.backend == "openai":
@@ -25,12 +38,13 @@ def make_backend(model: PoolModel, recipe: Recipe, store: RunStore) -> Backend:
 
         return OpenAIBackend.for_pool_model(model, recipe, store)
     path = resolve_model_path(model, recipe, store)
+    template = chat_template_for(model, recipe, path)
     if model.backend == "transformers":
         from pipeline.backends.transformers_backend import TransformersBackend
 
-        return TransformersBackend(model, path)
+        return TransformersBackend(model, path, template)
     if model.backend == "vllm":
         from pipeline.backends.vllm_backend import VLLMBackend
 
-        return VLLMBackend(model, path)
+        return VLLMBackend(model, path, template)
     raise BackendError(f"pool model '{model.name}': unknown backend '{model.backend}'")

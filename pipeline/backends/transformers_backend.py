@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.backends.base import BackendError, Completion, GenerationRequest, SamplingParams
-from pipeline.core.recipe import PoolModel
+from pipeline.backends.chat import PromptRenderer, stop_token_ids
+
+if TYPE_CHECKING:
+    from pipeline.core.recipe import PoolModel
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +35,7 @@ def _dtype(wanted: str, device: str) -> Any:
 class TransformersBackend:
     """One model loaded once; `generate` runs it in batches of `batch_size`."""
 
-    def __init__(self, model: PoolModel, path: str):
+    def __init__(self, model: PoolModel, path: str, chat_template: str | None = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.spec, self.path = model, path
@@ -42,56 +45,62 @@ class TransformersBackend:
             self.model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(model.dtype, self.device))
         except (OSError, ValueError) as exc:
             raise BackendError(f"pool model '{model.name}': cannot load '{path}' with transformers ({exc})") from None
-        if not self.tokenizer.chat_template:
+        if not (chat_template or self.tokenizer.chat_template):
             raise BackendError(f"pool model '{model.name}': the tokenizer at '{path}' has no chat template; "
                                "use a chat (instruction-tuned) model")
+        self.renderer = PromptRenderer(self.tokenizer, chat_template)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.stop_ids = stop_token_ids(self.tokenizer, self.model.generation_config.eos_token_id)
         self.model.to(self.device).eval()
         self.limit = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
-        log.info("sample: loaded %s (%s) on %s", model.name, path, self.device)
-
-    def _render(self, messages: list[dict[str, str]]) -> str:
-        try:
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        except Exception:  # noqa: BLE001 - some templates refuse a system turn: fold it into the user turn
-            if messages[0]["role"] != "system":
-                raise
-            system, user, *rest = messages
-            merged = {"role": "user", "content": f"{system['content']}\n\n{user['content']}"}
-            return self.tokenizer.apply_chat_template([merged, *rest], tokenize=False, add_generation_prompt=True)
+        log.info("sample: loaded %s (%s) on %s; stops on token ids %s; system turns: %s",
+                 model.name, path, self.device, self.stop_ids, self.renderer.system)
 
     def generate(self, requests: list[GenerationRequest], params: SamplingParams) -> list[Completion]:
-        out: list[Completion] = []
+        """One completion per request; a prompt the template refuses or the model cannot hold fails alone."""
+        out: list[Completion | None] = [None] * len(requests)
+        ready: list[tuple[int, list[int], str, int]] = []  # (index, prompt ids, system placement, seed)
+        for i, r in enumerate(requests):
+            try:
+                text, placement = self.renderer.render(r.messages)
+            except Exception as exc:  # noqa: BLE001 - a template refusing this conversation fails this item only
+                out[i] = Completion(error=f"chat template: {type(exc).__name__}: {exc}")
+                continue
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if self.limit is not None and len(ids) >= self.limit:
+                out[i] = Completion(error=f"prompt of {len(ids)} tokens leaves no room in the model's "
+                                          f"{self.limit} positions")
+            else:
+                ready.append((i, ids, placement, r.seed))
         size = self.spec.batch_size
-        for start in range(0, len(requests), size):
-            out += self._batch(requests[start:start + size], params)
-        return out
+        for start in range(0, len(ready), size):
+            batch = ready[start:start + size]
+            for (i, *_), done in zip(batch, self._batch(batch, params), strict=True):
+                out[i] = done
+        return out  # type: ignore[return-value]  # every index is filled above
 
-    def _batch(self, batch: list[GenerationRequest], params: SamplingParams) -> list[Completion]:
+    def _batch(self, batch: list[tuple[int, list[int], str, int]], params: SamplingParams) -> list[Completion]:
         import torch
 
-        texts = [self._render(r.messages) for r in batch]
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        enc = self.tokenizer.pad({"input_ids": [ids for _, ids, _, _ in batch]}, return_tensors="pt").to(self.device)
         width = enc["input_ids"].shape[1]
         max_new = params.max_tokens if self.limit is None else min(params.max_tokens, self.limit - width)
-        if max_new <= 0:
-            why = f"prompt of {width} tokens leaves no room in the model's {self.limit} positions"
-            return [Completion(error=why) for _ in batch]
         sampling: dict[str, Any] = {"do_sample": False}
         if params.temperature > 0:
             sampling = {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p}
-        torch.manual_seed(batch[0].seed)
-        eos = self.tokenizer.eos_token_id
+        torch.manual_seed(batch[0][3])
         with torch.no_grad():
-            generated = self.model.generate(**enc, max_new_tokens=max_new, pad_token_id=self.tokenizer.pad_token_id,
-                                            eos_token_id=eos, **sampling)
+            generated = self.model.generate(**enc, max_new_tokens=max(1, max_new),
+                                            pad_token_id=self.tokenizer.pad_token_id,
+                                            eos_token_id=self.stop_ids, **sampling)
         out = []
-        for row, mask in zip(generated[:, width:].tolist(), enc["attention_mask"].tolist(), strict=True):
-            stop = row.index(eos) if eos in row else None
+        for row, (_, ids, placement, _) in zip(generated[:, width:].tolist(), batch, strict=True):
+            stop = next((k for k, token in enumerate(row) if token in self.stop_ids), None)
             tokens = row[:stop] if stop is not None else row
             text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
-            out.append(Completion(text, "stop" if stop is not None else "length", int(sum(mask)), len(tokens)))
+            out.append(Completion(text, "stop" if stop is not None else "length", len(ids), len(tokens),
+                                  system_prompt_in=placement))
         return out
 
     def cost(self) -> dict[str, float]:

@@ -67,12 +67,19 @@ def _checked_value(hint: Any, value: Any, key: str) -> Any:
 
 
 def check_trl_args(recipe: Recipe) -> None:
-    """Build trl.SFTConfig and trl.DPOConfig from `sft.args` and `dpo.args` (no model needed), so that a typo
-    or a bad value fails at `distill validate`, not hours later when training starts."""
+    """Build trl.SFTConfig and trl.DPOConfig from `sft.args` and `dpo.args` (no model needed), and look up the
+    chat formats named, so that a typo or a bad value fails at `distill validate`, not hours later."""
     import tempfile
 
     from trl import DPOConfig, SFTConfig
 
+    from pipeline.train.templates import template_text
+
+    named = {"sft.chat_template": recipe.sft.chat_template,
+             **{f"sample.pool.{m.name}.chat_template": m.chat_template for m in recipe.sample.pool}}
+    for key, chat_template in named.items():
+        if chat_template is not None:
+            template_text(chat_template, key)  # a format name that does not exist fails here, not after generate
     for section, cls, raw in (("sft", SFTConfig, recipe.sft.args), ("dpo", DPOConfig, recipe.dpo.trl_args())):
         args, _ = split_model_init_kwargs(raw)
         args = checked_args(cls, section, args)

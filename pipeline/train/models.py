@@ -15,14 +15,11 @@ from typing import Any
 
 from pipeline.core.recipe import BUILTIN_STUDENT, ComputeConfig, LoraConfig, Recipe
 from pipeline.core.store import RunStore
+from pipeline.train.errors import TrainingError
 from pipeline.train.student import build_tiny_student
 
 log = logging.getLogger("pipeline.train")
 STAGE_DIR_ENV = "DISTILL_STAGE_DIR"  # the local stage dir a multi-process run's parent hands its ranks
-
-
-class TrainingError(RuntimeError):
-    """A training stage cannot start or finish; the message says where and what to do."""
 
 
 def detect_device(compute: ComputeConfig) -> str:

@@ -49,6 +49,30 @@ def save_final_model(trainer: Any, tokenizer: Any, model_dir: Path, base_path: s
     tokenizer.save_pretrained(str(model_dir))
 
 
+def write_chat_format(trainer: Any, tokenizer: Any, stage_dir: Path, fmt: Any, checked: int) -> None:
+    """chat_format.json: which template the model keeps and trained with, and the first training example as
+    TRL tokenized it, cut into the spans the loss was (`trained`) and was not taken on."""
+    if not trainer.is_world_process_zero():
+        return
+    row = trainer.train_dataset[0]
+    ids, labels = list(row["input_ids"]), list(row["labels"])
+    segments: list[dict[str, Any]] = []
+    for token, label in zip(ids, labels, strict=True):
+        trained = label != -100
+        if segments and segments[-1]["trained"] == trained:
+            segments[-1]["ids"].append(token)
+        else:
+            segments.append({"trained": trained, "ids": [token]})
+    report = {
+        "origin": fmt.origin, "training_variant": fmt.variant, "system_turn": fmt.system,
+        "dialogues_checked_against_native_rendering": checked,
+        "native_template": fmt.native_text, "training_template": fmt.training,
+        "example": {"input_ids": ids, "segments": [{"trained": s["trained"], "text": tokenizer.decode(s["ids"])}
+                                                   for s in segments]},
+    }
+    (stage_dir / "chat_format.json").write_text(json.dumps(report, indent=2))
+
+
 def write_metrics(trainer: Any, stage_dir: Path, extra: dict[str, Any]) -> dict[str, Any]:
     """metrics.json: the final summary, the last logged values (loss, rewards, logps) and the history."""
     history = trainer.state.log_history
@@ -83,7 +107,8 @@ def write_model_card(model_dir: Path, stage: str, recipe: Recipe, store: RunStor
         f"- **Steps:** {metrics['global_step']} ({metrics['epoch']:.2f} epochs)", "",
         "## Final logged metrics", "", "```json", json.dumps(final, indent=2, sort_keys=True), "```", "",
         f"## Recipe section `{stage}`", "", "```yaml", yaml.safe_dump(section, sort_keys=True).rstrip(), "```", "",
-        "The chat template saved with this model is the one it was trained with.", "",
+        "The model keeps its own chat template; training rendered every conversation identically (see "
+        "chat_format.json next to the stage's metrics).", "",
     ])
     (model_dir / "README.md").write_text(card)
 

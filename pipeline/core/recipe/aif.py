@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -27,6 +27,9 @@ class PoolModel(Section):
     tensor_parallel_size: int = Field(1, ge=1)
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     max_model_len: int | None = Field(None, ge=1)
+    engine_args: dict[str, Any] = Field(default_factory=dict)  # more vllm.LLM arguments (enforce_eager, ...)
+    # local backends: a chat template for a model without one (a format name, Jinja text); `base` gets sft's
+    chat_template: str | None = None
     principles: bool = True  # False: no principle system prompt (a student never trained with a system turn)
 
 

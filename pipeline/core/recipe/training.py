@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
-from pipeline.core.recipe.base import BUILTIN_STUDENT, Section, local_path_or_id
+from pipeline.core.recipe.base import BUILTIN_STUDENT, Section, existing_path, local_path_or_id
 
 
 class LoraConfig(Section):
@@ -43,8 +44,19 @@ class SFTStageConfig(Section):
     student: TinyStudentConfig = Field(default_factory=TinyStudentConfig)
     args: dict[str, Any] = Field(default_factory=dict)  # checked against trl.SFTConfig by `distill validate`
     lora: LoraConfig | None = None
+    # The chat format to train and save the student in instead of its own: a format name (chatml, zephyr,
+    # llama3_1, ...), Jinja text, or a .jinja file (read here, so the fingerprint covers its content).
+    chat_template: str | None = None
+    replace_template: bool = False  # a template no training variant renders identically: use Zephyr's instead
 
     _model_path = field_validator("model")(classmethod(lambda cls, v: local_path_or_id(v)))
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template_file(cls, value: str | None) -> str | None:
+        if value is None or "{{" in value or "{%" in value or not value.endswith((".jinja", ".j2")):
+            return value
+        return Path(existing_path(value, "the chat template file")).read_text(encoding="utf-8")
 
 
 class DPOStageConfig(Section):

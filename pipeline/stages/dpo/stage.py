@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -54,16 +55,19 @@ def read_pairs(store: RunStore) -> tuple[int, list[dict[str, Any]], dict[str, st
 
 def usable_pairs(records: Iterable[dict[str, Any]],
                  prefix: str = "") -> tuple[int, list[dict[str, Any]], dict[str, str]]:
-    """(records read, pairs in TRL's form, {prefix + prompt_id: reason} for the rest)."""
-    total, pairs, failures = 0, [], {}
+    """(records read, pairs in TRL's form in pair_id order, {prefix + prompt_id: reason} for the rest).
+
+    In pair_id order: `feedback` writes pairs as the rater finishes them, and the trainer's seeded shuffle only
+    gives the same batches when it starts from the same order."""
+    total, keyed, failures = 0, [], {}
     for record in records:
         total += 1
         pair = to_explicit_preference(record)
         if isinstance(pair, str):
             failures[prefix + record.get("prompt_id", f"#{total}")] = f"dpo: {pair}"
-        else:
-            pairs.append(pair)
-    return total, pairs, failures
+        else:  # pairs without an id (imported ones) are ordered by their content
+            keyed.append((str(record.get("pair_id") or ""), json.dumps(pair, sort_keys=True), pair))
+    return total, [pair for *_, pair in sorted(keyed, key=lambda k: k[:2])], failures
 
 
 def series_pairs(recipe: Recipe, store: RunStore) -> tuple[int, list[dict[str, Any]], dict[str, str]]:
@@ -110,6 +114,7 @@ def _message(message: dict[str, Any]) -> dict[str, str]:
 def train_dpo(recipe: Recipe, store: RunStore, pairs: list[dict[str, Any]]) -> dict[str, Any]:
     """Train (resuming from the last checkpoint), save the model, metrics.json and the model card."""
     from datasets import Dataset
+    from transformers import set_seed
     from trl import DPOConfig, DPOTrainer
 
     t0 = time.perf_counter()
@@ -123,6 +128,7 @@ def train_dpo(recipe: Recipe, store: RunStore, pairs: list[dict[str, Any]]) -> d
                                        user_args.get("per_device_train_batch_size"))
         args = configs.build_trl_config(DPOConfig, "dpo", user_args, defaults, stage_dir / "checkpoints", device)
         reference = reference_model(recipe.dpo, args, sft_model, device, init_kwargs)
+        set_seed(args.seed)  # TRL adds the LoRA adapters before the Trainer seeds itself: seed their init too
         trainer = DPOTrainer(model=model, ref_model=reference,
                              args=args, processing_class=tokenizer, train_dataset=Dataset.from_list(pairs),
                              peft_config=models.peft_config(recipe.dpo.lora), callbacks=training_callbacks("dpo"))

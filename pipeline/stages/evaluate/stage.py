@@ -120,7 +120,9 @@ def generate_answers(model: EvalModel, items: list[EvalItem], eval_set: EvalSet,
     """Load one model, answer its items chunk by chunk (a finished chunk is published and never redone)."""
     cfg = recipe.evaluate
     path = resolve_model(model.spec, recipe, store)
-    spec = PoolModel(name=model.label, backend=cfg.backend, model=path, temperature=0.0, max_tokens=cfg.max_tokens,
+    # `base` by name: the pool gives the untrained student the chat format sft trains it in
+    spec = PoolModel(name=model.label, backend=cfg.backend, model="base" if model.spec == "base" else path,
+                     temperature=0.0, max_tokens=cfg.max_tokens,
                      batch_size=cfg.batch_size, device=recipe.compute.device, principles=False)
     backend = make_backend(spec, recipe, store)
     params = SamplingParams(temperature=0.0, top_p=1.0, max_tokens=cfg.max_tokens)  # greedy

@@ -100,7 +100,9 @@ def completion_row(a: Assignment, model: PoolModel, messages: list[dict[str, str
     return {
         "completion_id": a.completion_id, "prompt_id": a.prompt.prompt_id, "prompt": a.prompt.prompt,
         "prompt_source": a.prompt.source, "model": a.model, "backend": model.backend, "model_path": model.model,
-        "principle": a.principle if system else NO_PRINCIPLE, "system_prompt": system, "completion": c.text,
+        "principle": a.principle if system else NO_PRINCIPLE, "system_prompt": system,
+        # where the model saw the principle: its own system turn, or the user turn (a template refusing system)
+        "system_prompt_in": c.system_prompt_in if system else NO_PRINCIPLE, "completion": c.text,
         "finish_reason": c.finish_reason, "sample_index": a.sample_index, "seed": a.sample_seed,
         "temperature": model.temperature, "top_p": model.top_p, "max_tokens": model.max_tokens,
         "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,

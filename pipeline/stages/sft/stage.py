@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+from pipeline.core.chat import fold_system
 from pipeline.core.recipe import Recipe
 from pipeline.core.stage import StageReport
 from pipeline.core.store import RunStore
@@ -26,7 +27,7 @@ def run(recipe: Recipe, store: RunStore) -> StageReport:
     total, dialogues, failures = read_dialogues(store)
     new = len(dialogues)
     earlier_total, earlier, earlier_failures = series_dialogues(recipe, store)
-    total, dialogues, failures = total + earlier_total, dialogues + earlier, {**failures, **earlier_failures}
+    total, dialogues, failures = total + earlier_total, {**dialogues, **earlier}, {**failures, **earlier_failures}
     if not is_launched_rank():
         outputs.record_new_failures(store, "sft", failures)
     if not dialogues:
@@ -48,39 +49,43 @@ def run(recipe: Recipe, store: RunStore) -> StageReport:
                 f"final loss {metrics['final'].get('loss', float('nan')):.4f}")
 
 
-def read_dialogues(store: RunStore) -> tuple[int, list[list[dict[str, str]]], dict[str, str]]:
-    """(records read, usable message lists, {prompt_id: reason} for the rest)."""
+def read_dialogues(store: RunStore) -> tuple[int, dict[str, list[dict[str, str]]], dict[str, str]]:
+    """(records read, {prompt_id: usable message list} in prompt_id order, {prompt_id: reason} for the rest)."""
     return usable_dialogues(store.read_records("generate"))
 
 
 def usable_dialogues(records: Iterable[dict[str, Any]],
-                     prefix: str = "") -> tuple[int, list[list[dict[str, str]]], dict[str, str]]:
-    """(records read, usable message lists, {prefix + prompt_id: reason} for the rest)."""
-    total, dialogues, failures = 0, [], {}
+                     prefix: str = "") -> tuple[int, dict[str, list[dict[str, str]]], dict[str, str]]:
+    """(records read, {prefix + prompt_id: usable message list} in id order, {prefix + prompt_id: reason}).
+
+    Sorted by id: `generate` writes dialogues in the order the teacher finished them, and the trainer's seeded
+    shuffle only gives the same batches when it starts from the same order."""
+    total, dialogues, failures = 0, {}, {}
     for record in records:
         total += 1
+        item_id = prefix + (record.get("prompt_id") or f"#{total}")
         messages = [{"role": m.get("role"), "content": m.get("content")} for m in record.get("messages") or []]
         problem = dialogue_problem(messages)
         if problem:
-            failures[prefix + record.get("prompt_id", f"#{total}")] = f"sft: {problem}"
+            failures[item_id] = f"sft: {problem}"
         else:
-            dialogues.append(messages)
-    return total, dialogues, failures
+            dialogues[item_id] = messages
+    return total, dict(sorted(dialogues.items())), failures
 
 
-def series_dialogues(recipe: Recipe, store: RunStore) -> tuple[int, list[list[dict[str, str]]], dict[str, str]]:
+def series_dialogues(recipe: Recipe, store: RunStore) -> tuple[int, dict[str, list[dict[str, str]]], dict[str, str]]:
     """The dialogues of the series' earlier runs (`series.previous_runs`) for prompts this run has not."""
     if not recipe.series.previous_runs:
-        return 0, [], {}
+        return 0, {}, {}
     seen = {r["prompt_id"] for r in store.read_records("generate", columns=["prompt_id"])}
-    total, dialogues, failures = 0, [], {}
+    total, dialogues, failures = 0, {}, {}
     for run_name, record in earlier_records(recipe, "generate"):
         if record["prompt_id"] in seen:
             continue
         seen.add(record["prompt_id"])
         n, usable, problems = usable_dialogues([record], prefix=f"{run_name}:")
         total += n
-        dialogues.extend(usable)
+        dialogues.update(usable)
         failures.update(problems)
     return total, dialogues, failures
 
@@ -99,34 +104,53 @@ def dialogue_problem(messages: list[dict[str, Any]]) -> str | None:
     return None
 
 
+def chat_format(recipe: Recipe, base: str, dialogues: dict[str, list[dict[str, str]]]) -> tuple[Any, Any, int]:
+    """(tokenizer carrying the training template, the chat format, dialogues checked against the model's own
+    rendering); a system turn the template refuses is folded into the first user turn, as sampling does."""
+    tokenizer = models.load_tokenizer(base)
+    fmt = templates.resolve_chat_format(tokenizer, base, recipe.sft.chat_template, recipe.sft.replace_template)
+    if templates.needs_folding(fmt):
+        for item_id, messages in dialogues.items():
+            dialogues[item_id] = fold_system(messages)
+    checked = templates.check_dialogues(tokenizer, fmt, dialogues)
+    tokenizer.chat_template = fmt.training
+    log.info("sft: training in %s's chat format (%s template, training variant: %s)",
+             base, fmt.origin, fmt.variant)
+    return tokenizer, fmt, checked
 
-def train_sft(recipe: Recipe, store: RunStore, dialogues: list[list[dict[str, str]]]) -> dict[str, Any]:
-    """Train (resuming from the last checkpoint), save the model, metrics.json and the model card."""
+
+def train_sft(recipe: Recipe, store: RunStore, dialogues: dict[str, list[dict[str, str]]]) -> dict[str, Any]:
+    """Train (resuming from the last checkpoint), save the model in its own chat format, metrics.json, the
+    chat format report and the model card."""
     from datasets import Dataset
+    from transformers import set_seed
     from trl import SFTConfig, SFTTrainer
 
     t0 = time.perf_counter()
     device = models.detect_device(recipe.compute)
     base = models.resolve_base_model(recipe, store)
     with models.local_stage_dir(store, "sft") as stage_dir:
-        tokenizer = models.load_tokenizer(base)
-        template = templates.ensure_training_template(tokenizer)
+        tokenizer, fmt, checked = chat_format(recipe, base, dialogues)
         user_args, init_kwargs = configs.split_model_init_kwargs(recipe.sft.args)
         model = models.load_model(base, device, recipe.sft.lora, init_kwargs)
         defaults = zephyr_sft_defaults(len(dialogues), configs.max_positions(model, 2048),
                                        user_args.get("per_device_train_batch_size"))
         args = configs.build_trl_config(SFTConfig, "sft", user_args, defaults,
                                        stage_dir / "checkpoints", device)
+        set_seed(args.seed)  # TRL adds the LoRA adapters before the Trainer seeds itself: seed their init too
         trainer = SFTTrainer(model=model, args=args, processing_class=tokenizer,
-                             train_dataset=Dataset.from_list([{"messages": m} for m in dialogues]),
+                             train_dataset=Dataset.from_list([{"messages": m} for m in dialogues.values()]),
                              peft_config=models.peft_config(recipe.sft.lora), callbacks=training_callbacks("sft"))
         resume = outputs.last_checkpoint(stage_dir / "checkpoints")
         if resume:
             log.info("sft: resuming from %s", resume)
         trainer.train(resume_from_checkpoint=resume)
+        tokenizer.chat_template = fmt.native  # the model keeps its own format; the markers were for the loss
         outputs.save_final_model(trainer, tokenizer, stage_dir / "model", base)
+        outputs.write_chat_format(trainer, tokenizer, stage_dir, fmt, checked)
         metrics = outputs.write_metrics(trainer, stage_dir, {
-            "stage": "sft", "base_model": base, "chat_template": template, "examples": len(dialogues),
+            "stage": "sft", "base_model": base, "chat_template": fmt.origin, "chat_template_variant": fmt.variant,
+            "examples": len(dialogues),
             "resumed_from_step": outputs.checkpoint_step(resume), "launched": is_launched_rank(),
             "device": device, "wall_seconds": time.perf_counter() - t0})
         if trainer.is_world_process_zero():

@@ -45,6 +45,9 @@ class ToyTeacherOptions(BaseModel):
     fault_seed: int = 0
     retry_after_s: float = Field(1.0, ge=0)
     hang_s: float = Field(600.0, ge=0)
+    # answer a request holding a system turn with HTTP 400, as a server whose model's chat template refuses
+    # one does (vLLM serving Mistral-Instruct or Gemma 2)
+    refuse_system: bool = False
 
     @model_validator(mode="after")
     def _rates_add_up(self) -> ToyTeacherOptions:

@@ -125,6 +125,9 @@ class ToyTeacherApp:
         except (ValueError, KeyError, TypeError) as exc:
             self.outcomes["400"] += 1
             return _error(400, f"Bad chat-completions request: {exc}", "invalid_request_error")
+        if self.config.refuse_system and any(m.get("role") == "system" for m in messages):
+            self.outcomes["400_system"] += 1
+            return _error(400, "System role not supported", "invalid_request_error")
         return JSONResponse(self._complete(body, messages, n))
 
     def _complete(self, body: dict[str, Any], messages: list[dict[str, Any]], n: int) -> dict[str, Any]:

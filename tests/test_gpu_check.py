@@ -1,0 +1,102 @@
+"""The GPU readiness check's CPU-runnable parts: the ~0.5B Qwen2 model built from its config, the FLOPs per token
+its MFU divides by (against what torch counts), and the whole script in smoke mode on a lean interpreter."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from gpu_model import QWEN2_05B, SMOKE, flops_per_token, model_config, parameter_count  # noqa: E402
+
+# What a lean GPU image may lack: the recipe's and the teacher's dependencies (the check must not need them)
+# (everything pyproject declares beyond torch, transformers, trl, datasets, accelerate and their own dependencies)
+LEAN_BLOCKED = ("pydantic", "openai", "prefect", "fastapi", "sqlalchemy", "starlette", "uvicorn", "click",
+                "matplotlib", "datasketch", "rapidfuzz", "peft", "vllm")
+LEAN_BOOT = """
+import runpy, sys
+from importlib.abc import MetaPathFinder
+class Lean(MetaPathFinder):  # the path finder, blind to the blocked packages: find_spec says None, import fails
+    def __init__(self, inner):
+        self.inner = inner
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {blocked!r}:
+            return None
+        return self.inner.find_spec(name, path, target)
+    def find_distributions(self, *args, **kwargs):
+        return (d for d in self.inner.find_distributions(*args, **kwargs)
+                if (d.metadata["Name"] or "").lower().replace("-", "_") not in {blocked!r})
+    def invalidate_caches(self):
+        self.inner.invalidate_caches()
+sys.meta_path[:] = [Lean(f) if getattr(f, "__name__", "") == "PathFinder" else f for f in sys.meta_path]
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_the_check_model_has_qwen2_5_0_5b_shape_and_parameter_count():
+    config = model_config(QWEN2_05B, {"eos": 1, "pad": 0})
+    assert (config.model_type, config.num_hidden_layers, config.hidden_size, config.num_key_value_heads,
+            config.vocab_size, config.tie_word_embeddings) == ("qwen2", 24, 896, 2, 151936, True)
+    assert parameter_count(config) == 494_032_768  # Qwen2.5-0.5B's published size
+
+
+def test_flops_per_token_match_what_torch_counts_for_a_training_step():
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import AutoModelForCausalLM
+
+    config = model_config(SMOKE, {"eos": 1, "pad": 0})
+    config._attn_implementation = "eager"  # attention as matmuls, which the counter sees on the CPU
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    batch, seq = 2, 96
+    ids = torch.randint(0, config.vocab_size, (batch, seq))
+    with FlopCounterMode(display=False) as counter:
+        model(input_ids=ids, labels=ids).loss.backward()
+    counted = counter.get_total_flops()
+    predicted = flops_per_token(config, parameter_count(config), seq, passes=3) * batch * seq
+    assert abs(predicted - counted) / counted < 0.02
+
+
+def test_gpu_check_without_cuda_fails_at_once_saying_so(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "GPU_CHECK_SMOKE")}
+    env.update(PYTHON=sys.executable, CUDA_VISIBLE_DEVICES="", GPU_CHECK_DIR=str(tmp_path / "check"))
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and "gpu_check: CUDA is not available" in done.stderr, done.stderr[-2000:]
+    assert "GPU_CHECK_SMOKE=1" in done.stderr and not (tmp_path / "check").exists()
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_whole_in_smoke_mode_on_an_interpreter_without_the_recipe_dependencies(tmp_path):
+    boot = tmp_path / "lean_boot.py"
+    boot.write_text(LEAN_BOOT.format(blocked=LEAN_BLOCKED))
+    lean = tmp_path / "lean-python"
+    lean.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{boot}" "$@"\n')
+    lean.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(lean), "GPU_CHECK_SMOKE": "1", "GPU_CHECK_SECONDS": "12",
+           "GPU_CHECK_DIR": str(tmp_path / "check")}
+    env.pop("PYTHONPATH", None)
+    t0 = time.monotonic()
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert time.monotonic() - t0 < 480
+    rows = dict(re.findall(r"^(env|build|sft|dpo|sample|vllm)\s+(\S+)", done.stdout, re.M))
+    assert rows == {"env": "ok", "build": "ok", "sft": "ok", "dpo": "ok", "sample": "ok", "vllm": "skipped"}, \
+        done.stdout + done.stderr[-3000:]
+    sft = json.loads((tmp_path / "check" / "sft.json").read_text())
+    assert sft["chat_format"] == "qwen2_5" and sft["tokens_per_s"] > 0 and sft["steps_timed"] >= 1
+    sample = json.loads((tmp_path / "check" / "sample.json").read_text())
+    assert sample["path"] == "backend only (no pydantic)" and sample["tokens"] > 0 and sample["failed"] == 0
+    assert not (tmp_path / "check" / "model").exists()  # the weights are removed, the numbers kept
