@@ -154,9 +154,9 @@ def mean_length(tokenizer: Any, conversations: list[list[dict[str, str]]]) -> in
     return round(sum(lengths) / len(lengths))
 
 
-def _pool_model(name: str, path: Path, smoke: bool, **kwargs: Any) -> Any:
+def _pool_model(name: str, backend: str, path: Path, smoke: bool, **kwargs: Any) -> Any:
     """A recipe PoolModel where the recipe's dependencies import, else an object with the same fields."""
-    fields = {"name": name, "model": str(path), "temperature": 1.0, "top_p": 1.0, "max_tokens": 128,
+    fields = {"name": name, "backend": backend, "model": str(path), "temperature": 1.0, "top_p": 1.0, "max_tokens": 128,
               "batch_size": 64, "device": "cpu" if smoke else "cuda", "dtype": "auto", "tensor_parallel_size": 1,
               "gpu_memory_utilization": 0.4, "max_model_len": 2048, "engine_args": {}, "chat_template": None,
               "principles": True, **kwargs}
@@ -208,7 +208,7 @@ def _sample_backend(source: Path, smoke: bool, n: int, max_tokens: int) -> dict[
     from pipeline.backends.base import GenerationRequest, SamplingParams
     from pipeline.backends.transformers_backend import TransformersBackend
 
-    backend = TransformersBackend(_pool_model("student", source, smoke), str(source))
+    backend = TransformersBackend(_pool_model("student", "transformers", source, smoke), str(source))
     requests = [GenerationRequest([{"role": "user", "content": p}], seed=i) for i, p in enumerate(_prompts(n))]
     t0 = time.perf_counter()
     done = backend.generate(requests, SamplingParams(1.0, 1.0, max_tokens))
@@ -230,7 +230,8 @@ def vllm_part(out: Path, smoke: bool, seconds: float) -> dict[str, Any]:
 
     source = out / "sft" if (out / "sft" / "config.json").is_file() else out / "model"
     t0 = time.perf_counter()
-    backend = VLLMBackend(_pool_model("student", source, smoke, engine_args={"enforce_eager": True}), str(source))
+    member = _pool_model("student", "vllm", source, smoke, engine_args={"enforce_eager": True})
+    backend = VLLMBackend(member, str(source))
     started = time.perf_counter() - t0
     requests = [GenerationRequest([{"role": "user", "content": p}], seed=i) for i, p in enumerate(_prompts(256))]
     t1 = time.perf_counter()

@@ -100,3 +100,17 @@ def test_gpu_check_runs_whole_in_smoke_mode_on_an_interpreter_without_the_recipe
     sample = json.loads((tmp_path / "check" / "sample.json").read_text())
     assert sample["path"] == "backend only (no pydantic)" and sample["tokens"] > 0 and sample["failed"] == 0
     assert not (tmp_path / "check" / "model").exists()  # the weights are removed, the numbers kept
+
+
+def test_sample_backend_path_builds_a_valid_pool_member_where_pydantic_imports(tmp_path):
+    """The GPU image has pydantic but not the teacher's packages: the backend-only sample path then builds a
+    real PoolModel, which must name its backend."""
+    built = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "build", "--smoke",
+                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr[-3000:]
+    import gpu_check
+
+    member = gpu_check._pool_model("student", "transformers", tmp_path / "model", True)
+    assert type(member).__name__ == "PoolModel" and member.backend == "transformers"
+    result = gpu_check._sample_backend(tmp_path / "model", True, 4, 8)
+    assert result["answers"] == 4 and result["failed"] == 0 and result["tokens"] > 0
