@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline import __version__
-from pipeline.core.recipe import BUILTIN_TEACHER, Recipe
+from pipeline.core.recipe import Recipe, stage_endpoint_identities
 from pipeline.core.stage import STAGE_NAMES, StageReport
 from pipeline.core.store import RunStore
 from pipeline.core.templates import templates_hash
@@ -39,30 +39,34 @@ def _task(recipe: Recipe) -> str | None:
     return recipe.task
 
 
+def _endpoints(stage: str) -> Callable[[Recipe], Any]:
+    """Only the endpoints of the roles the stage plays: a new judge re-runs evaluate alone."""
+    return lambda recipe: stage_endpoint_identities(recipe, stage)
+
+
 def _sample_section(recipe: Recipe) -> Any:
-    section = {"sample": recipe.sample.model_dump(mode="json", exclude={"prompts"}),
-               "prompts": (recipe.sample.prompts or recipe.prompts).model_dump(mode="json"), "task": _task(recipe)}
-    if any(m.backend == "openai" and m.base_url in (None, BUILTIN_TEACHER) for m in recipe.sample.pool):
-        section["teacher"] = recipe.teacher.identity()  # that pool member is the teacher's endpoint
-    return section
+    # which endpoint a member is sent to is in `endpoints` (its identity), not its name
+    pool = recipe.sample.model_dump(mode="json", exclude={"prompts": True, "pool": {"__all__": {"endpoint"}}})
+    return {"sample": pool, "prompts": (recipe.sample.prompts or recipe.prompts).model_dump(mode="json"),
+            "task": _task(recipe), "endpoints": _endpoints("sample")(recipe)}
 
 
 STAGES: dict[str, StageSpec] = {spec.name: spec for spec in [
     StageSpec("generate", generate,
               lambda r: {"prompts": r.prompts.model_dump(mode="json"), "generate": r.generate.model_dump(mode="json"),
-                         "teacher": r.teacher.identity(), "task": _task(r)},
+                         "endpoints": _endpoints("generate")(r), "task": _task(r)},
               lambda r: [], ("generate_*",)),
     StageSpec("sft", sft, lambda r: {"sft": r.sft.model_dump(mode="json"), "task": _task(r)},
               lambda r: ["generate"], gpu=True),
     StageSpec("sample", sample, _sample_section,
               lambda r: ["sft"] if _pool_uses_sft(r) else [], ("principle_*",), gpu=True),
     StageSpec("feedback", feedback,
-              lambda r: {"feedback": r.feedback.model_dump(mode="json"), "teacher": r.teacher.identity()},
+              lambda r: {"feedback": r.feedback.model_dump(mode="json"), "endpoints": _endpoints("feedback")(r)},
               lambda r: ["sample", "sft"] if "on_policy" in r.feedback.sources else ["sample"],
               ("feedback_*",)),
     StageSpec("dpo", dpo, lambda r: r.dpo.model_dump(mode="json"), lambda r: ["sft", "feedback"], gpu=True),
     StageSpec("evaluate", evaluate,
-              lambda r: {"evaluate": r.evaluate.model_dump(mode="json"), "teacher": r.teacher.identity(),
+              lambda r: {"evaluate": r.evaluate.model_dump(mode="json"), "endpoints": _endpoints("evaluate")(r),
                          "task": _task(r)},
               lambda r: ["sft", "dpo"], ("judge_*",), gpu=True),
 ]}

@@ -2,6 +2,14 @@
 
 from pipeline.core.recipe.aif import FeedbackConfig, PairsConfig, PoolModel, SampleConfig
 from pipeline.core.recipe.base import BUILTIN_STUDENT, BUILTIN_TEACHER, TASK_PROMPTS, RecipeError, Section
+from pipeline.core.recipe.endpoints import (
+    DEFAULT_ENDPOINT,
+    ROLES,
+    BudgetConfig,
+    EstimateConfig,
+    ReplyTokens,
+    RolesConfig,
+)
 from pipeline.core.recipe.evaluate import EvaluateConfig
 from pipeline.core.recipe.generate import (
     DecontamConfig,
@@ -18,11 +26,22 @@ from pipeline.core.recipe.load import (
     recipe_from_dict,
 )
 from pipeline.core.recipe.model import ComputeConfig, Recipe, StorageConfig
+from pipeline.core.recipe.roles import (
+    STAGE_ROLES,
+    all_endpoints,
+    endpoint_key,
+    pool_endpoint,
+    role_endpoint,
+    stage_endpoint_identities,
+    unpriced_pool_members,
+)
 from pipeline.core.recipe.teacher import TeacherConfig
 from pipeline.core.recipe.training import DPOStageConfig, LoraConfig, SFTStageConfig, TinyStudentConfig
 
 __all__ = [
-    "BUILTIN_STUDENT", "BUILTIN_TEACHER", "TASK_PROMPTS", "ComputeConfig", "DPOStageConfig", "DecontamConfig",
+    "BUILTIN_STUDENT", "BUILTIN_TEACHER", "DEFAULT_ENDPOINT", "ROLES", "STAGE_ROLES", "TASK_PROMPTS", "BudgetConfig",
+    "ComputeConfig", "EstimateConfig", "ReplyTokens", "RolesConfig", "all_endpoints", "endpoint_key", "pool_endpoint",
+    "role_endpoint", "stage_endpoint_identities", "unpriced_pool_members", "DPOStageConfig", "DecontamConfig",
     "EvaluateConfig", "FeedbackConfig", "FilterConfig", "GenerateConfig", "LoraConfig", "PairsConfig", "PoolModel",
     "PromptSource", "Recipe", "RecipeError", "SFTStageConfig", "SampleConfig", "Section", "SelfInstructConfig",
     "StorageConfig", "TeacherConfig", "TinyStudentConfig", "apply_overrides", "load_recipe", "load_recipe_text",

@@ -10,7 +10,7 @@ from importlib import resources
 from typing import Any
 
 from pipeline.core.evalsets import EvalRow, EvalSetError, parse_row, read_eval_rows
-from pipeline.core.recipe import EvaluateConfig, Recipe
+from pipeline.core.recipe import EvaluateConfig, Recipe, role_endpoint
 from pipeline.core.task import load_callable, load_task
 
 STAGE = "evaluate"
@@ -142,4 +142,4 @@ def plan_record(recipe: Recipe, eval_set: EvalSet, models: list[EvalModel]) -> d
                        "reference": it.reference} for it in items],
             "models": [{"label": m.label, "spec": m.spec} for m in models], "baseline": baseline.label,
             "baseline_spec": baseline.spec, "candidate": candidate_model(cfg),
-            "promote_min_win_rate": cfg.promote_min_win_rate, "judge": recipe.teacher.model}
+            "promote_min_win_rate": cfg.promote_min_win_rate, "judge": role_endpoint(recipe, "judge")[1].model}

@@ -30,7 +30,7 @@ from pipeline.stages.evaluate.records import (
     plan_record,
 )
 from pipeline.stages.evaluate.report import write_report
-from pipeline.teacher.client import teacher_session
+from pipeline.teacher.session import teacher_session
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,8 @@ def generate_answers(model: EvalModel, items: list[EvalItem], eval_set: EvalSet,
 async def _judge(recipe: Recipe, store: RunStore, items: list[EvalItem], models: list[EvalModel],
                  answers: dict[str, dict[str, Any]]) -> tuple[str, dict[str, float]]:
     """Every planned judgment not yet in the store; (why it stopped early, if it did; the judge's cost)."""
-    async with teacher_session(recipe, store) as client:
+    async with teacher_session(recipe, store, STAGE) as session:
+        judge = session.for_role("judge")
         writers = {kind: store.shard_writer(STAGE, kind, id_key="judgment_id") for kind in (SINGLE, PAIRWISE)}
         done = writers[SINGLE].done_ids() | writers[PAIRWISE].done_ids()
         todo = [j for j in plan_judgments(recipe.evaluate, items, models, answers) if j.judgment_id not in done]
@@ -146,11 +147,11 @@ async def _judge(recipe: Recipe, store: RunStore, items: list[EvalItem], models:
         stream = ItemStream(store.ledger(STAGE), lambda j: j.judgment_id, progress=bar,
                             reason_prefix=lambda j: f"{j.kind} judgment: ")
         with writers[SINGLE], writers[PAIRWISE]:
-            async for task, verdict in stream.results(todo, lambda j: j.obtain(client, recipe.evaluate),
-                                                      recipe.teacher.max_concurrency):
+            async for task, verdict in stream.results(todo, lambda j: j.obtain(judge, recipe.evaluate),
+                                                      session.concurrency("judge")):
                 writers[task.kind].add(verdict)
         bar.close()
-    return stream.stopped, client.usage.as_cost()
+    return stream.stopped, session.usage()
 
 
 def _finish(recipe: Recipe, store: RunStore, items: list[EvalItem], models: list[EvalModel],

@@ -13,8 +13,9 @@ from pipeline.core.recipe import SelfInstructConfig
 from pipeline.core.sources import SeedPrompt, prompt_id
 from pipeline.core.templates import render
 from pipeline.stages.generate.textsim import rouge_l, words
-from pipeline.teacher.client import BudgetExceeded, TeacherClient, TeacherError, TeacherFatal
+from pipeline.teacher.client import BudgetExceeded, TeacherError, TeacherFatal
 from pipeline.teacher.messages import ChatRequest
+from pipeline.teacher.session import RoleClient
 
 log = logging.getLogger(__name__)
 _TASK_LINE = re.compile(r"^\s*(?:\d+[.)]\s*)?\**task\**\s*\d*\s*[:.]\s*(.+?)\s*$", re.IGNORECASE)
@@ -67,7 +68,7 @@ class InstructionFilter:
         return True
 
 
-async def expand(client: TeacherClient, seeds: list[SeedPrompt], cfg: SelfInstructConfig,
+async def expand(client: RoleClient, seeds: list[SeedPrompt], cfg: SelfInstructConfig,
                  seed: int = 0) -> tuple[list[SeedPrompt], dict[str, int]]:
     """Grow the seed set to `target_count` prompts; returns the new prompts and filter counts.
 

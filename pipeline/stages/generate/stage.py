@@ -22,8 +22,8 @@ from pipeline.core.templates import render
 from pipeline.stages.generate.filters import DialogueFilters, truecase
 from pipeline.stages.generate.self_instruct import expand
 from pipeline.stages.generate.textsim import NearDuplicateIndex, NgramIndex
-from pipeline.teacher.client import TeacherClient, teacher_session
 from pipeline.teacher.messages import ChatRequest
+from pipeline.teacher.session import RoleClient, TeacherSession, teacher_session
 
 log = logging.getLogger(__name__)
 STAGE = "generate"
@@ -47,15 +47,15 @@ def _flip(messages: list[dict[str, str]], system: str) -> list[dict[str, str]]:
                                                       for m in messages]
 
 
-async def simulate_dialogue(client: TeacherClient, seed: SeedPrompt, cfg: GenerateConfig,
-                            filters: DialogueFilters, user_system: str) -> Dialogue:
-    """Alternate the teacher as assistant and as a user simulator for a drawn number of rounds."""
+async def simulate_dialogue(assistant: RoleClient, user_simulator: RoleClient, seed: SeedPrompt,
+                            cfg: GenerateConfig, filters: DialogueFilters, user_system: str) -> Dialogue:
+    """Alternate the assistant and the user simulator for a drawn number of rounds."""
     rounds = random.Random(f"{cfg.seed}:{seed.prompt_id}").randint(cfg.min_rounds, cfg.max_rounds)
     fix = truecase if cfg.filters.truecase else (lambda t: t)
     first = fix(seed.prompt)
     dlg = Dialogue([{"role": "user", "content": first}], rounds, truecased=int(first != seed.prompt))
     for r in range(rounds):
-        reply = await client.chat(ChatRequest(dlg.messages, cfg.temperature, cfg.max_tokens))
+        reply = await assistant.chat(ChatRequest(dlg.messages, cfg.temperature, cfg.max_tokens))
         dlg.prompt_tokens += reply.prompt_tokens
         dlg.completion_tokens += reply.completion_tokens
         text = reply.text.strip()
@@ -74,8 +74,8 @@ async def simulate_dialogue(client: TeacherClient, seed: SeedPrompt, cfg: Genera
         dlg.messages.append({"role": "assistant", "content": fixed})
         if r == rounds - 1:
             break
-        user = await client.chat(ChatRequest(_flip(dlg.messages, user_system), cfg.user_temperature,
-                                             cfg.max_tokens))
+        user = await user_simulator.chat(ChatRequest(_flip(dlg.messages, user_system), cfg.user_temperature,
+                                                     cfg.max_tokens))
         dlg.prompt_tokens += user.prompt_tokens
         dlg.completion_tokens += user.completion_tokens
         turn = user.text.strip()
@@ -132,10 +132,11 @@ def run(recipe: Recipe, store: RunStore) -> StageReport:
 async def _run(recipe: Recipe, store: RunStore) -> StageReport:
     cfg = recipe.generate
     extra: dict[str, Any] = {"seconds": {}}
-    async with teacher_session(recipe, store) as client:
+    async with teacher_session(recipe, store, STAGE) as session:
         seeds = list(iter_prompts(recipe.prompts, recipe.task))
         if cfg.self_instruct.enabled and cfg.self_instruct.target_count > len(seeds):
-            new, extra["self_instruct"] = await expand(client, seeds, cfg.self_instruct, cfg.seed)
+            new, extra["self_instruct"] = await expand(session.for_role("instruction_writer"), seeds,
+                                                       cfg.self_instruct, cfg.seed)
             store.write_bytes(store.join(STAGE, "instructions.jsonl"),
                               "".join(json.dumps({"prompt": s.prompt, "prompt_id": s.prompt_id}) + "\n"
                                       for s in new).encode())
@@ -144,9 +145,9 @@ async def _run(recipe: Recipe, store: RunStore) -> StageReport:
         todo = pending_prompts(store, seeds, cfg)
         extra["seconds"]["select_prompts"] = round(time.perf_counter() - t0, 3)
         t0 = time.perf_counter()
-        stop = await simulate_all(recipe, store, client, todo)
+        stop = await simulate_all(recipe, store, session, todo)
         extra["seconds"]["dialogues"] = round(time.perf_counter() - t0, 3)
-    return _finish(recipe, store, seeds, client.usage.as_cost(), extra, stop)
+    return _finish(recipe, store, seeds, session.usage(), extra, stop)
 
 
 def pending_prompts(store: RunStore, seeds: list[SeedPrompt], cfg: GenerateConfig) -> list[SeedPrompt]:
@@ -160,7 +161,7 @@ def pending_prompts(store: RunStore, seeds: list[SeedPrompt], cfg: GenerateConfi
     return [s for s in kept if s.prompt_id not in done and s.prompt_id not in already_dropped]
 
 
-async def simulate_all(recipe: Recipe, store: RunStore, client: TeacherClient, todo: list[SeedPrompt]) -> str:
+async def simulate_all(recipe: Recipe, store: RunStore, session: TeacherSession, todo: list[SeedPrompt]) -> str:
     """Simulate the dialogues and publish them shard by shard; returns why it stopped early, if it did."""
     cfg = recipe.generate
     dropped = store.ledger(STAGE, "dropped")
@@ -169,13 +170,14 @@ async def simulate_all(recipe: Recipe, store: RunStore, client: TeacherClient, t
     user_system = render("generate_user_simulator.jinja", persona=None)
     bar = progress(STAGE, len(todo), "dialogue")
     stream = ItemStream(store.ledger(STAGE), lambda s: s.prompt_id, dropped=dropped, progress=bar)
+    assistant, user_simulator = session.for_role("assistant"), session.for_role("user_simulator")
     with store.shard_writer(STAGE, shard_size=cfg.shard_size) as writer:
-        # Twice the teacher's concurrency in dialogues: a request slot freed by one is taken at once by a
+        # Twice the endpoints' concurrency in dialogues: a request slot freed by one is taken at once by a
         # dialogue already waiting on the client's semaphore (measured: 10% more requests/s than 1x).
         async for seed, dialogue in stream.results(
-                todo, lambda s: simulate_dialogue(client, s, cfg, filters, user_system),
-                2 * recipe.teacher.max_concurrency):
-            record = _record(seed, dialogue, recipe.teacher.model)
+                todo, lambda s: simulate_dialogue(assistant, user_simulator, s, cfg, filters, user_system),
+                session.concurrency("assistant", "user_simulator", live_factor=2)):
+            record = _record(seed, dialogue, assistant.cfg.model)
             if cfg.filters.dedup and record["dialogue_sha"] in seen_dialogues:
                 dropped.record(seed.prompt_id, "duplicate_dialogue")
                 continue
