@@ -11,7 +11,7 @@ from pipeline.core.recipe import PoolModel, pool_endpoint
 from pipeline.core.work import stream_map
 from pipeline.teacher.client import BudgetExceeded, TeacherError, TeacherFatal
 from pipeline.teacher.messages import ChatRequest, Usage
-from pipeline.teacher.session import teacher_session
+from pipeline.teacher.session import BATCH_ITEMS_IN_FLIGHT, teacher_session
 
 if TYPE_CHECKING:
     from pipeline.core.recipe import Recipe
@@ -46,7 +46,7 @@ class OpenAIBackend:
                                                       params.top_p, seed=r.seed))
                 return Completion(reply.text, reply.finish_reason, reply.prompt_tokens, reply.completion_tokens)
 
-            concurrency = self.cfg.batch_max_requests if self.cfg.batch else self.cfg.max_concurrency
+            concurrency = BATCH_ITEMS_IN_FLIGHT if self.cfg.batch else self.cfg.max_concurrency
             try:
                 async for index, result in stream_map(range(len(requests)), one, concurrency,
                                                       stop=lambda: bool(stopped)):

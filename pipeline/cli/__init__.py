@@ -7,6 +7,7 @@ import click
 from pipeline.cli import run as run_commands
 from pipeline.cli import runs, tools
 from pipeline.cli.common import setup_logging
+from pipeline.cli.estimate import estimate
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -17,6 +18,6 @@ def main(verbose: bool) -> None:
     setup_logging(verbose)
 
 
-for command in (run_commands.validate, run_commands.run, run_commands.stage, runs.status, runs.report,
+for command in (run_commands.validate, estimate, run_commands.run, run_commands.stage, runs.status, runs.report,
                 tools.deploy, tools.serve, tools.teacher, tools.build_student):
     main.add_command(command)

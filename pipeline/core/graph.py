@@ -14,11 +14,16 @@ from pipeline.core.stage import STAGE_NAMES, StageReport
 from pipeline.core.store import RunStore
 from pipeline.core.templates import templates_hash
 from pipeline.stages.dpo.stage import run as dpo
+from pipeline.stages.evaluate import estimate as evaluate_estimate
 from pipeline.stages.evaluate.stage import run as evaluate
+from pipeline.stages.feedback import estimate as feedback_estimate
 from pipeline.stages.feedback.stage import run as feedback
+from pipeline.stages.generate import estimate as generate_estimate
 from pipeline.stages.generate.stage import run as generate
+from pipeline.stages.sample import estimate as sample_estimate
 from pipeline.stages.sample.stage import run as sample
 from pipeline.stages.sft.stage import run as sft
+from pipeline.teacher.demand import Planner
 
 
 @dataclass(frozen=True)
@@ -29,6 +34,7 @@ class StageSpec:
     inputs: Callable[[Recipe], list[str]]  # stages whose outputs it reads
     templates: tuple[str, ...] = ()  # prompt template globs it renders
     gpu: bool = False  # dispatched to the gpu work pool when there is one
+    demand: Callable[[Recipe, Planner], None] | None = None  # the endpoint requests it expects (distill estimate)
 
 
 def _pool_uses_sft(recipe: Recipe) -> bool:
@@ -55,20 +61,21 @@ STAGES: dict[str, StageSpec] = {spec.name: spec for spec in [
     StageSpec("generate", generate,
               lambda r: {"prompts": r.prompts.model_dump(mode="json"), "generate": r.generate.model_dump(mode="json"),
                          "endpoints": _endpoints("generate")(r), "task": _task(r)},
-              lambda r: [], ("generate_*",)),
+              lambda r: [], ("generate_*",), demand=generate_estimate.demand),
     StageSpec("sft", sft, lambda r: {"sft": r.sft.model_dump(mode="json"), "task": _task(r)},
               lambda r: ["generate"], gpu=True),
     StageSpec("sample", sample, _sample_section,
-              lambda r: ["sft"] if _pool_uses_sft(r) else [], ("principle_*",), gpu=True),
+              lambda r: ["sft"] if _pool_uses_sft(r) else [], ("principle_*",), gpu=True,
+              demand=sample_estimate.demand),
     StageSpec("feedback", feedback,
               lambda r: {"feedback": r.feedback.model_dump(mode="json"), "endpoints": _endpoints("feedback")(r)},
               lambda r: ["sample", "sft"] if "on_policy" in r.feedback.sources else ["sample"],
-              ("feedback_*",)),
+              ("feedback_*",), demand=feedback_estimate.demand),
     StageSpec("dpo", dpo, lambda r: r.dpo.model_dump(mode="json"), lambda r: ["sft", "feedback"], gpu=True),
     StageSpec("evaluate", evaluate,
               lambda r: {"evaluate": r.evaluate.model_dump(mode="json"), "endpoints": _endpoints("evaluate")(r),
                          "task": _task(r)},
-              lambda r: ["sft", "dpo"], ("judge_*",), gpu=True),
+              lambda r: ["sft", "dpo"], ("judge_*",), gpu=True, demand=evaluate_estimate.demand),
 ]}
 assert tuple(STAGES) == STAGE_NAMES, "the graph and STAGE_NAMES list the stages in the same order"
 

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import openai
 
-from pipeline.core.progress import progress
+from pipeline.core.progress import describe, progress
 from pipeline.core.recipe import endpoint_key
 from pipeline.teacher.batch_journal import BatchJournal
 from pipeline.teacher.budget import BudgetExceeded
@@ -207,9 +207,7 @@ class BatchDriver:
                     shown = done
                 if batch.status != status:
                     status = batch.status
-                    describe = getattr(bar, "set_description", None)
-                    if describe is not None:
-                        describe(f"{self.stage} batch {self._batches} {status}")
+                    describe(bar, f"{self.stage} batch {self._batches} {status}")
                     log.info("%s: batch %s (endpoint '%s', %d requests): %s, %d done, %d failed", self.stage,
                              batch.id, self.client.name, len(entry["lines"]), status, counts.completed if counts else 0,
                              counts.failed if counts else 0)

@@ -23,6 +23,10 @@ from pipeline.teacher.cache import ResponseCache, cache_path
 from pipeline.teacher.client import Activity, TeacherClient
 from pipeline.teacher.messages import ChatRequest, ChatResult, Usage
 
+# Items a stage keeps in flight when a role's endpoint batches: every one of them joins the round, so a
+# round is this big at most (split into files by the provider's limits); more items wait for the next wave.
+BATCH_ITEMS_IN_FLIGHT = 100_000
+
 
 class RoleClient:
     """A client bound to a role: stages call `chat` on it; its requests are ledgered under the role."""
@@ -75,7 +79,7 @@ class TeacherSession:
         else `live_factor` times the largest max_concurrency."""
         cfgs = [role_endpoint(self.recipe, r)[1] for r in roles]
         if any(c.batch for c in cfgs):
-            return max(c.batch_max_requests for c in cfgs if c.batch)
+            return BATCH_ITEMS_IN_FLIGHT
         return live_factor * max(c.max_concurrency for c in cfgs)
 
     def usage(self) -> dict[str, float]:

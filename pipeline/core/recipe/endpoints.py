@@ -47,6 +47,10 @@ class EstimateConfig(Section):
 
     reply_tokens: ReplyTokens = Field(default_factory=ReplyTokens)
     reask_rate: float = Field(0.05, ge=0, le=1)  # share of rater/judge replies asked again (unparsable)
+    # share of student drafts the rater's rewrite leaves as they were (feedback source `correction`): not rated
+    correction_unchanged_rate: float = Field(0.0, ge=0, le=1)
+    # share of an evaluated model's answers identical to the baseline's: not compared, graded once
+    identical_answer_rate: float = Field(0.0, ge=0, le=1)
     self_instruct_keep_rate: float = Field(0.5, gt=0, le=1)  # share of proposed instructions the filters keep
 
 

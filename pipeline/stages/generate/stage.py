@@ -47,10 +47,15 @@ def _flip(messages: list[dict[str, str]], system: str) -> list[dict[str, str]]:
                                                       for m in messages]
 
 
+def dialogue_rounds(cfg: GenerateConfig, prompt_id: str) -> int:
+    """The number of rounds a seed prompt's dialogue is drawn to have (seeded by the prompt alone)."""
+    return random.Random(f"{cfg.seed}:{prompt_id}").randint(cfg.min_rounds, cfg.max_rounds)
+
+
 async def simulate_dialogue(assistant: RoleClient, user_simulator: RoleClient, seed: SeedPrompt,
                             cfg: GenerateConfig, filters: DialogueFilters, user_system: str) -> Dialogue:
     """Alternate the assistant and the user simulator for a drawn number of rounds."""
-    rounds = random.Random(f"{cfg.seed}:{seed.prompt_id}").randint(cfg.min_rounds, cfg.max_rounds)
+    rounds = dialogue_rounds(cfg, seed.prompt_id)
     fix = truecase if cfg.filters.truecase else (lambda t: t)
     first = fix(seed.prompt)
     dlg = Dialogue([{"role": "user", "content": first}], rounds, truecased=int(first != seed.prompt))
