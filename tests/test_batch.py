@@ -24,6 +24,7 @@ from pipeline.tasks.toy.teacher_server import ToyTeacher, ToyTeacherConfig
 from pipeline.teacher.ledger import SpendLedger
 
 DISTILL = [sys.executable, "-m", "pipeline.cli"]
+QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 QUICKSTART_TEACHER = {"error_rate": 0.3, "disclaimer_rate": 0.05, "drift_rate": 0.05}  # configs/quickstart.yaml
 PRICES = ["teacher.price_input_per_1k=1.0", "teacher.price_output_per_1k=2.0"]
 SMALL = ["prompts.count=120", "sft.args.num_train_epochs=8", "dpo.args.num_train_epochs=2",
@@ -45,12 +46,12 @@ def _ledger_rows(run_dir: Path) -> list:
 
 
 @pytest.fixture(scope="module")
-def batch_quickstart(tmp_path_factory, repo_root):
+def batch_quickstart(tmp_path_factory):
     """The quickstart (smaller) in batch mode with prices, its teacher on a port the test can ask for counts."""
     root = tmp_path_factory.mktemp("batchqs")
     overrides = [f"storage.root={root / 'runs'}", "teacher.batch=true", *PRICES, *SMALL]
     with ToyTeacher(ToyTeacherConfig(**QUICKSTART_TEACHER)) as toy:
-        cmd = [*DISTILL, "run", str(repo_root / "configs/quickstart.yaml"), "--no-prefect",
+        cmd = [*DISTILL, "run", str(QUICKSTART), "--no-prefect",
                *(f"--set={o}" for o in [f"teacher.base_url={toy.base_url}", *overrides])]
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, cwd=root)
         stats = toy.stats()
@@ -80,10 +81,10 @@ def test_the_quickstart_in_batch_mode_completes_with_no_live_chat_request(batch_
 
 
 @pytest.mark.slow
-def test_the_estimate_is_within_30_percent_of_what_the_run_paid_per_stage(batch_quickstart, repo_root):
+def test_the_estimate_is_within_30_percent_of_what_the_run_paid_per_stage(batch_quickstart):
     assert batch_quickstart["result"].returncode == 0
     run_dir, root = batch_quickstart["run_dir"], batch_quickstart["root"]
-    est = subprocess.run([*DISTILL, "estimate", str(repo_root / "configs/quickstart.yaml"), "--json",
+    est = subprocess.run([*DISTILL, "estimate", str(QUICKSTART), "--json",
                           *(f"--set={o}" for o in batch_quickstart["overrides"])],
                          capture_output=True, text=True, timeout=300, cwd=root)
     assert est.returncode == 0, est.stderr[-2000:]

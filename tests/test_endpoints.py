@@ -105,6 +105,7 @@ def _spend_recipe(gen_url: str, critic_url: str, cap: float | None = None) -> di
         "sample": {"k": 2, "pool": [{"name": "gen", "backend": "openai", "temperature": 0.7, "max_tokens": 32},
                                     {"name": "cheap", "backend": "openai", "endpoint": "cheap", "max_tokens": 32}]},
         "feedback": {"aspects": ["instruction_following", "helpfulness"], "shard_size": 10},
+        "estimate": {"reply_tokens": {"rating": 17, "answer": 9}, "reask_rate": 0.0},  # the toy's short replies
     }
 
 
@@ -117,8 +118,9 @@ def test_a_run_cap_inside_feedback_stops_cleanly_and_the_pool_members_spend_coun
         sample_usd = ledger.total()
         cheap = [c for c in ledger.rows() if c.endpoint == "cheap"]
         assert len(cheap) == 60 and all(c.role == "pool:cheap" and c.stage == "sample" for c in cheap)
-        assert sum(c.usd for c in cheap) == pytest.approx(sum(c.prompt_tokens + c.completion_tokens
-                                                              for c in cheap) * 0.5 / 1000) > 0
+        cheap_usd = sum(c.usd for c in cheap)
+        assert cheap_usd > 0 and cheap_usd == pytest.approx(sum(c.prompt_tokens + c.completion_tokens
+                                                                for c in cheap) * 0.5 / 1000)
         feedback_estimate = estimate(rec)["stages"]["feedback"]["usd"]
         cap = sample_usd + 0.4 * feedback_estimate  # falls inside feedback
         capped = load_recipe(write_recipe(_spend_recipe(gen.base_url, critic.base_url, cap)))
@@ -130,8 +132,8 @@ def test_a_run_cap_inside_feedback_stops_cleanly_and_the_pool_members_spend_coun
         assert len(rated) == _answered(critic) > 0  # stopped cleanly: every answer the rater gave is ledgered
         assert store.stage_state("feedback").status == "failed" and store.shard_paths("feedback", "pairs")
         assert not store.ledger("feedback").latest()  # items not rated yet are pending, not failed
-        run_stage("feedback", load_recipe(write_recipe(_spend_recipe(gen.base_url, critic.base_url, 10 * cap))),
-                  store)
+        raised = load_recipe(write_recipe(_spend_recipe(gen.base_url, critic.base_url, 10 * cap)))
+        run_stage("feedback", raised, open_run(raised, "spend"))  # as `distill stage` does: the new snapshot
         assert max(critic.stats()["ok_keys"].values()) == 1  # the rerun paid for nothing twice
         summary = json.loads(subprocess.run([*DISTILL, "status", store.url, "--json"], capture_output=True,
                                             text=True, check=True).stdout)

@@ -27,6 +27,7 @@ from pipeline.stages.evaluate.records import (
     pairwise_id,
     single_id,
 )
+from pipeline.teacher.spend import spend_summary
 
 log = logging.getLogger(__name__)
 DPO_CURVES = ("loss", "rewards/margins", "rewards/accuracies")
@@ -155,18 +156,19 @@ def pair_scores(store: RunStore) -> tuple[dict[str, Any] | None, dict[str, list[
 
 
 def stage_costs(store: RunStore) -> list[dict[str, Any]]:
-    """Status, items, failures, seconds and teacher cost per stage, from the manifest."""
+    """Status, items, failures and seconds per stage from the manifest; dollars and tokens from the spend ledger
+    (what every attempt paid, killed and reset ones included)."""
     stages = store.read_manifest().get("stages", {})
+    paid = spend_summary(store)["stages"]
     rows = []
     for name in STAGE_NAMES:
         st = stages.get(name) or {}
-        cost, seconds = dict(st.get("cost") or {}), float(st.get("seconds") or 0.0)
+        seconds = float(st.get("seconds") or 0.0)
         if name == STAGE and st.get("status") == "running":  # the stage writing this report: not yet recorded
             seconds = time.time() - float(st.get("started_at") or time.time())
-            cost = (_read_json(store, STAGE, "stats.json") or {}).get("teacher", cost)
         rows.append({"stage": name, "status": st.get("status", "pending"), "seconds": seconds,
-                     "cost_usd": float(cost.get("usd", 0.0)),
-                     "teacher_tokens": int(cost.get("prompt_tokens", 0) + cost.get("completion_tokens", 0)),
+                     "cost_usd": float(paid[name]["usd"]),
+                     "teacher_tokens": int(paid[name]["prompt_tokens"] + paid[name]["completion_tokens"]),
                      "items": (st.get("counts") or {}).get("output", 0),
                      "failures": (st.get("counts") or {}).get("failed", 0)})
     return rows

@@ -116,7 +116,7 @@ def generate_answers(model: EvalModel, items: list[EvalItem], eval_set: EvalSet,
     path = resolve_model(model.spec, recipe, store)
     spec = PoolModel(name=model.label, backend=cfg.backend, model=path, temperature=0.0, max_tokens=cfg.max_tokens,
                      batch_size=cfg.batch_size, device=recipe.compute.device, principles=False)
-    backend = make_backend(spec, recipe, store)
+    backend = make_backend(spec, recipe, store, STAGE)
     params = SamplingParams(temperature=0.0, top_p=1.0, max_tokens=cfg.max_tokens)  # greedy
     log.info("evaluate: %s (%s) answers %d prompts", model.label, path, len(items))
     try:
