@@ -66,7 +66,7 @@ def test_each_server_gets_only_its_roles_and_a_new_judge_reruns_evaluate_alone(w
         store, _ = run_pipeline(load_recipe(write_recipe(data)), "roles")
         gen_roles, critic_roles = set(gen.stats()["roles_ok"]), set(critic.stats()["roles_ok"])
         assert gen_roles == GEN_ROLES  # the openai pool member's answers are assistant requests too
-        assert {"rater", "single_judge", "pairwise_judge"} <= critic_roles <= CRITIC_ROLES
+        assert {"rater", "single_judge"} <= critic_roles <= CRITIC_ROLES  # pairwise: when two answers differ
         ledger = _ledger(store)
         by_stage = {(c.stage, c.endpoint) for c in ledger.rows()}
         ledger.close()
@@ -80,7 +80,7 @@ def test_each_server_gets_only_its_roles_and_a_new_judge_reruns_evaluate_alone(w
         assert [r.stage for r in reports if r.skipped] == ["generate", "sft", "sample", "feedback", "dpo"]
         assert not reports[-1].skipped and reports[-1].status == "completed"
         assert {"gen": _answered(gen), "critic": _answered(critic)} == before  # the first two: not one request
-        assert set(judge.stats()["roles_ok"]) == {"single_judge", "pairwise_judge"}
+        assert "single_judge" in set(judge.stats()["roles_ok"]) <= {"single_judge", "pairwise_judge"}
         judged = _answered(judge)
 
         data["roles"]["judge"] = "critic"  # switching back: evaluate runs again, every verdict from the cache

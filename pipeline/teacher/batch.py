@@ -234,10 +234,11 @@ class BatchDriver:
             else:
                 errors.setdefault(key, f"no result line (batch {batch.status})")
         counts = batch.request_counts
-        entry.update(status=batch.status, consumed=True,
-                     request_counts={"total": len(entry["lines"]), "completed": len(results), "failed": len(errors)},
-                     provider_counts=counts.model_dump() if counts else {})
-        self.journal.write(entry)
+        # a consumed entry keeps its counts, not its line list (a rerun never looks at it again)
+        self.journal.write({**entry, "status": batch.status, "consumed": True, "lines": {},
+                            "requests": len(entry["lines"]), "provider_counts": counts.model_dump() if counts else {},
+                            "request_counts": {"total": len(entry["lines"]), "completed": len(results),
+                                               "failed": len(errors)}})
         for key in entry["lines"]:
             self._open_ids.pop(key, None)
             for line in self._waiting.pop(key, []):

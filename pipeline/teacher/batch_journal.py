@@ -29,7 +29,7 @@ class BatchJournal:
         """An entry for a batch about to be created: `lines` maps each custom id to the role that asked it."""
         return {"submission": uuid.uuid4().hex, "endpoint": self.endpoint, "stage": stage, "model": model,
                 "input_file_id": input_file_id, "batch_id": None, "status": "submitting", "created_at": time.time(),
-                "consumed": False, "request_counts": {}, "lines": lines}
+                "consumed": False, "request_counts": {}, "requests": len(lines), "lines": lines}
 
     def write(self, entry: dict[str, Any]) -> None:
         self.store.write_json(f"{self.folder}/{entry['submission']}.json", entry)
@@ -57,5 +57,6 @@ class BatchJournal:
         for path in sorted(fs.ls(self.folder, detail=False)):
             if str(path).endswith(".json") and not str(path).rsplit("/", 1)[-1].startswith(".tmp-"):
                 entry = self.store.read_json(str(path), default=None) or {}
-                out.append({k: v for k, v in entry.items() if k != "lines"} | {"requests": len(entry.get("lines", {}))})
+                requests = entry.get("requests", len(entry.get("lines", {})))
+                out.append({k: v for k, v in entry.items() if k != "lines"} | {"requests": requests})
         return out
