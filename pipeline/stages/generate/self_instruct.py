@@ -82,7 +82,9 @@ async def expand(client: RoleClient, seeds: list[SeedPrompt], cfg: SelfInstructC
     rounds = 0
     while len(human) + len(generated) < cfg.target_count and rounds < cfg.max_rounds:
         need = cfg.target_count - len(human) - len(generated)
-        n_requests = max(1, min(client.cfg.max_concurrency, -(-need // cfg.tasks_per_request)))
+        # a round is as many requests as run at once (live) or fit in one batch file (Batch API)
+        per_round = client.cfg.batch_max_requests if client.cfg.batch else client.cfg.max_concurrency
+        n_requests = max(1, min(per_round, -(-need // cfg.tasks_per_request)))
         requests = [_request(human, generated, cfg, random.Random(f"{seed}:{rounds}:{i}"))
                     for i in range(n_requests)]
         results = await asyncio.gather(*(client.chat(r) for r in requests), return_exceptions=True)
