@@ -184,7 +184,7 @@ def test_a_round_larger_than_the_provider_limits_is_split(write_recipe):
         store = open_run(rec, "split")
         run_stage("generate", rec, store)
     sizes = [e["requests"] for e in _journal(Path(store.path))]
-    assert max(sizes) <= 30 and sizes[:4] == [30, 30, 30, 10]  # the first round: 100 requests in 4 files
+    assert max(sizes) <= 30 and sorted(sizes[:4]) == [10, 30, 30, 30]  # the first round: 100 requests, 4 files
 
 
 def test_batch_against_a_server_without_the_batch_api_is_a_clear_error(write_recipe):
