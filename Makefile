@@ -8,7 +8,7 @@ TORCH_CPU_INDEX ?=
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: setup quickstart test lint bench clean browser
+.PHONY: setup quickstart test lint bench clean browser postgres prefect-postgres
 
 setup: $(STAMP)
 
@@ -34,7 +34,15 @@ quickstart: $(STAMP)
 browser:
 	bash tests/ui/install_browser.sh
 
-test: $(STAMP) browser
+# Debian's PostgreSQL (Prefect on PostgreSQL, prefect-postgres) and docker-compose (the compose file check).
+postgres:
+	bash tests/install_packages.sh
+
+# A local PostgreSQL for the Prefect server; prints PREFECT_API_DATABASE_CONNECTION_URL to export.
+prefect-postgres: $(STAMP) postgres
+	$(BIN)/distill postgres start
+
+test: $(STAMP) browser postgres
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import itertools
 import re
@@ -106,6 +107,42 @@ def publish_stage(stage: str, store: RunStore, report: StageReport) -> None:
                               description=f"{sample[0]} from {store.run_name}")
 
 
+_IMAGE = re.compile(r"!\[([^\]]*)\]\(([\w.-]+\.png)\)")
+
+
+def inline_images(markdown: str, store: RunStore) -> str:
+    """report.md's plots as data: URIs: the UI has no route to files next to the report, but draws these."""
+    def embed(match: re.Match[str]) -> str:
+        path = store.join("evaluate", match.group(2))
+        if not store.fs.exists(path):
+            return match.group(0)
+        with store.fs.open(path, "rb") as fh:
+            return f"![{match.group(1)}](data:image/png;base64,{base64.b64encode(fh.read()).decode()})"
+
+    return _IMAGE.sub(embed, markdown)
+
+
+def publish_promotion(series: str, store: RunStore, decision: dict[str, Any]) -> None:
+    """The series' promotion decision and its numbers, as a markdown artifact of the run."""
+    if not _in_run():
+        return
+    verdict = "promoted: it becomes the series' current model" if decision.get("promote") else "not promoted"
+    rows = [("candidate", decision.get("candidate_path") or decision.get("candidate")),
+            ("current model (baseline)", decision.get("current_model") or decision.get("baseline_spec")),
+            ("win rate", _fmt(decision.get("win_rate"))), ("standard error", _fmt(decision.get("stderr"))),
+            ("k", _fmt(decision.get("k"))), ("lower bound (win rate - k s.e.)", _fmt(decision.get("lower_bound"))),
+            ("must be above", _fmt(decision.get("min_win_rate"))), ("comparisons", decision.get("n")),
+            ("wins / ties / losses", f"{decision.get('wins')} / {decision.get('ties')} / {decision.get('losses')}")]
+    lines = [f"## Series `{series}`: run `{store.run_name}` {verdict}", "", str(decision.get("reason", "")), "",
+             "| | |", "|---|---|"] + [f"| {k} | {'–' if v is None else v} |" for k, v in rows]
+    create_markdown_artifact("\n".join(lines), key=artifact_key("series", series, "promotion"),
+                             description=f"promotion gate of series {series} for run {store.run_name}")
+
+
+def _fmt(value: Any) -> str | None:
+    return None if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
 def publish_run_summary(store: RunStore) -> None:
     """Cost and time per stage, the run's status table, and a link to the run directory."""
     if not _in_run():
@@ -122,7 +159,7 @@ def publish_run_summary(store: RunStore) -> None:
     report = store.join("evaluate", "report.md")
     if store.fs.exists(report):
         with store.fs.open(report, "r") as fh:
-            lines += ["", fh.read()]
+            lines += ["", inline_images(fh.read(), store)]
     create_markdown_artifact("\n".join(lines), key=artifact_key(store.run_name, "summary"),
                              description=f"summary of run {store.run_name}")
     link = store.url if "://" in store.url else f"file://{store.url}"

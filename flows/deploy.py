@@ -6,10 +6,11 @@ from pathlib import Path
 from typing import Any
 
 from prefect import get_client
-from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, WorkPoolCreate
+from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.exceptions import ObjectAlreadyExists
 
-from flows.distill import GPU_CONCURRENCY_LIMIT, STAGE_FLOWS, distill
+from flows.distill import STAGE_FLOWS, distill
+from flows.gpus import ensure_gpu_limit
 from pipeline.core.graph import STAGES
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
@@ -34,25 +35,21 @@ def deployment_specs(cpu_pool: str = "cpu", gpu_pool: str = "gpu", cron: str | N
     return specs
 
 
-def ensure_pools_and_limits(cpu_pool: str, gpu_pool: str, gpu_slots: int) -> None:
-    """Create the two process work pools and the GPU concurrency limit if they do not exist."""
+def ensure_pools_and_limits(cpu_pool: str, gpu_pool: str, gpus: int) -> None:
+    """Create the two process work pools if they do not exist, and the GPU limit sized `gpus`."""
     with get_client(sync_client=True) as client:
         for pool in {cpu_pool, gpu_pool}:
             try:
                 client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
             except ObjectAlreadyExists:
                 pass
-        try:
-            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=GPU_CONCURRENCY_LIMIT,
-                                                                                limit=gpu_slots))
-        except ObjectAlreadyExists:
-            pass
+    ensure_gpu_limit(gpus)
 
 
-def deploy_all(cpu_pool: str = "cpu", gpu_pool: str = "gpu", cron: str | None = None, gpu_slots: int = 1,
+def deploy_all(cpu_pool: str = "cpu", gpu_pool: str = "gpu", cron: str | None = None, gpus: int = 1,
                project_dir: Path = PROJECT_DIR) -> list[str]:
     """Register every deployment for process workers that run from `project_dir`; returns their names."""
-    ensure_pools_and_limits(cpu_pool, gpu_pool, gpu_slots)
+    ensure_pools_and_limits(cpu_pool, gpu_pool, gpus)
     names = []
     for spec in deployment_specs(cpu_pool, gpu_pool, cron):
         fl = spec["flow"].from_source(source=str(project_dir), entrypoint=spec["entrypoint"])

@@ -14,8 +14,10 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.context import TaskRunContext
 from prefect.deployments import run_deployment
 from prefect.states import Scheduled
+from prefect.utilities.annotations import quote
 
-from flows.artifacts import ProgressArtifact, publish_run_summary, publish_stage
+from flows.artifacts import ProgressArtifact, publish_promotion, publish_run_summary, publish_stage
+from flows.gpus import GPU_CONCURRENCY_LIMIT, check_fits, ensure_gpu_limit, gpus_needed
 from flows.params import DistillRequest, StageRequest
 from pipeline.core.graph import STAGES, fingerprint
 from pipeline.core.recipe import Recipe, all_endpoints
@@ -24,8 +26,6 @@ from pipeline.core.stage import StageReport
 from pipeline.core.store import RunStore
 from pipeline.series.promotion import promotion_for_run, with_current_baseline
 from pipeline.series.series import NothingNew, Series
-
-GPU_CONCURRENCY_LIMIT = "zephyr-distill-gpu"
 
 
 def export_teacher_key(recipe: Recipe) -> None:
@@ -100,8 +100,10 @@ def _stage_flow(stage: str, request: StageRequest) -> dict[str, Any]:
         return _execute(stage, recipe, request.run_name, request.force)
     from prefect.concurrency.sync import concurrency
 
-    # One GPU stage at a time per slot of the global limit, so two runs never share a GPU.
-    with concurrency(GPU_CONCURRENCY_LIMIT, occupy=1, strict=False):
+    # a stage occupies as many slots of the limit as it uses GPUs, so two runs never share one
+    needed = gpus_needed(recipe)
+    check_fits(needed, ensure_gpu_limit())
+    with concurrency(GPU_CONCURRENCY_LIMIT, occupy=needed, strict=True):
         return _execute(stage, recipe, request.run_name, request.force)
 
 
@@ -177,12 +179,19 @@ def distill(request: DistillRequest = DistillRequest()) -> dict[str, Any]:  # no
     status = "failed"
     try:
         memo: dict[str, str] = {}
+        previous = None
         for stage in request.stages:
             fp = fingerprint(stage, recipe, memo)
+            # the task graph draws the chain: each stage waits for the one before it, and the recipe is quoted
+            # so Prefect does not take values inside it for results of earlier stages
             if STAGES[stage].gpu and pool:
-                reports[stage] = dispatch_stage(stage, snapshot, store.run_name, fp, request.force, pool)
+                state = dispatch_stage(stage, quote(snapshot), store.run_name, fp, request.force, pool,
+                                       wait_for=[previous] if previous else None, return_state=True)
             else:
-                reports[stage] = run_stage_task(stage, snapshot, store.run_name, fp, request.force)
+                state = run_stage_task(stage, quote(snapshot), store.run_name, fp, request.force,
+                                       wait_for=[previous] if previous else None, return_state=True)
+            reports[stage] = state.result()  # raises the stage's error
+            previous = state
         status = "completed"
     finally:
         publish_run_summary(store)
@@ -191,6 +200,7 @@ def distill(request: DistillRequest = DistillRequest()) -> dict[str, Any]:  # no
             entry = series.record(store, status, promotion=promotion)
             if promotion:
                 log.info("series %s: %s", series.name, promotion.get("reason", promotion))
+                publish_promotion(series.name, store, promotion)
             log.info("series %s: run %s recorded, model %s", series.name, store.run_name, entry.model)
     return {"run_name": store.run_name, "run_dir": store.url, "status": status, "stages": reports}
 

@@ -31,3 +31,40 @@ def write_recipe(tmp_path: Path):
         return path
 
     return _write
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster(tmp_path_factory):
+    """One PostgreSQL cluster for the session; each Prefect server gets a database of its own."""
+    import shutil
+
+    from prefect_env import local_postgres
+
+    pg = local_postgres()
+    pg.start()
+    try:
+        yield pg
+    finally:
+        pg.stop()
+        shutil.rmtree(pg.data_dir.parent, ignore_errors=True)
+
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A moto S3 server for the session; this process and the subprocesses it starts talk to it (the
+    endpoint and dummy keys are in the environment, as a worker on another machine would have them)."""
+    from s3_env import MotoS3
+
+    server = MotoS3(tmp_path_factory.mktemp("s3")).start()
+    saved = {k: os.environ.get(k) for k in server.env}
+    os.environ.update(server.env)
+    try:
+        yield server
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        server.stop()

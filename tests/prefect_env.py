@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -24,9 +25,10 @@ def free_port() -> int:
 
 
 class PrefectEnv:
-    """`prefect server start` on loopback with its own home and database, plus workers on demand."""
+    """A Prefect server on loopback with its own home and database (SQLite, or a PostgreSQL database URL),
+    plus workers on demand."""
 
-    def __init__(self, home: Path):
+    def __init__(self, home: Path, database_url: str | None = None):
         self.home = home
         self.port = free_port()
         self.api_url = f"http://127.0.0.1:{self.port}/api"
@@ -35,7 +37,7 @@ class PrefectEnv:
             **os.environ,
             "PREFECT_HOME": str(home),
             "PREFECT_API_URL": self.api_url,
-            "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/prefect.db",
+            "PREFECT_API_DATABASE_CONNECTION_URL": database_url or f"sqlite+aiosqlite:///{home}/prefect.db",
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_WORKER_QUERY_SECONDS": "1",
             "PREFECT_WORKER_PREFETCH_SECONDS": "5",
@@ -44,6 +46,7 @@ class PrefectEnv:
             "PREFECT_LOGGING_LEVEL": "INFO",
             "HF_HUB_OFFLINE": "1",
             "TQDM_DISABLE": "1",
+            "ZEPHYR_DISTILL_GPUS": "2",  # what the GPU limit is sized when a flow has to create it
             "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
         }
         self.procs: list[tuple[subprocess.Popen, object]] = []
@@ -55,10 +58,11 @@ class PrefectEnv:
         self.procs.append((proc, log))
         return proc
 
-    def start_server(self, timeout: float = 120) -> None:
+    def start_server(self, timeout: float = 120, command: str = "distill") -> None:
+        """`distill server` (Prefect's app, writes serialised on SQLite), or plain `prefect server start`."""
         self.home.mkdir(parents=True, exist_ok=True)
-        self._spawn([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
-                    "server.log")
+        args = ([str(BIN / "distill"), "server"] if command == "distill" else [str(BIN / "prefect"), "server", "start"])
+        self._spawn([*args, "--host", "127.0.0.1", "--port", str(self.port)], "server.log")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
@@ -110,3 +114,26 @@ class PrefectEnv:
 
 def chromium_path() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def local_postgres():
+    """A PostgreSQL cluster for the tests (Debian's packages; `make test` installs them) on a free port, in a
+    new directory under the system temp dir: pytest's own tmp dirs are private (0700), and as root the cluster
+    runs as the `postgres` user, who must be able to enter its directory."""
+    import tempfile
+
+    from pipeline.cli.postgres import LocalPostgres
+
+    root = Path(tempfile.mkdtemp(prefix="distill-pg-"))
+    root.chmod(0o755)
+    return LocalPostgres(root / "cluster", free_port())
+
+
+def database_url(request) -> str | None:
+    """None for SQLite; for PostgreSQL a fresh database in the session's cluster."""
+    if request.param != "postgres":
+        return None
+    cluster = request.getfixturevalue("postgres_cluster")
+    name = f"prefect_{uuid.uuid4().hex[:10]}"
+    cluster.create_database(name)
+    return cluster.url(name)

@@ -75,7 +75,11 @@ def constant_answer_model(base: Path, out: Path, text: str) -> Path:
 
 @pytest.fixture(scope="module")
 def students(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    root = tmp_path_factory.mktemp("models")
+    return build_students(tmp_path_factory.mktemp("models"))
+
+
+def build_students(root: Path) -> dict[str, Any]:
+    """The untrained base and the two constant-answer students (`sft` worse, `dpo` better on the held-out set)."""
     base = build_student(root / "base", corpus(300, 0))
     common = [(v, c) for v, c in Counter(heldout_answers()).most_common() if len(set(str(v))) == len(str(v))]
     best, best_count = common[0]
@@ -155,10 +159,16 @@ def test_toy_report_matches_ground_truth_and_the_judge_agrees(tmp_path: Path, st
     assert vs["disagreements"] == 0  # the toy judge has no position bias
 
     report = json.loads(Path(store.join("evaluate", "report.json")).read_text())
-    assert report["promotion"]["promote"] is True and report["promotion"]["candidate"] == "dpo"
+    lower = vs["win_rate"] - 2 * vs["stderr"]
+    assert report["promotion"]["lower_bound"] == pytest.approx(lower) and report["promotion"]["candidate"] == "dpo"
+    assert report["promotion"]["promote"] is (lower > 0.5)
+    assert f"accuracy {accuracy['dpo']:.2f} ± {ev['models']['dpo']['accuracy']['stderr']:.2f}" in result.message
     for png in ("scores.png", "win_rate.png", "cost_time.png"):
         assert Path(store.join("evaluate", png)).read_bytes().startswith(b"\x89PNG")
-    assert "| dpo |" in Path(store.join("evaluate", "report.md")).read_text()
+    md = Path(store.join("evaluate", "report.md")).read_text()
+    assert "| dpo |" in md
+    # written while the stage runs, the cost table shows how it ends, not "running"
+    assert "| evaluate | completed |" in md and "| evaluate | running |" not in md
 
 
 def test_rerun_reuses_answers_and_pays_for_no_judge_call_twice(tmp_path: Path, students: dict[str, Any]) -> None:
@@ -303,20 +313,36 @@ def _jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
 
 
 # -- the promotion gate ----------------------------------------------------------------------------
-def _evaluation(win: float | None, n: int = 50, baseline_spec: str = "/series/run-1/dpo/model") -> dict[str, Any]:
-    vs = None if win is None else {"baseline": "run-1/dpo", "win_rate": win, "stderr": 0.05, "n": n,
+def _evaluation(win: float | None, n: int = 50, baseline_spec: str = "/series/run-1/dpo/model",
+                stderr: float = 0.05) -> dict[str, Any]:
+    vs = None if win is None else {"baseline": "run-1/dpo", "win_rate": win, "stderr": stderr, "n": n,
                                    "wins": 20, "ties": 10, "losses": 20}
     return {"candidate": "dpo", "baseline": "run-1/dpo", "baseline_spec": baseline_spec, "promote_min_win_rate": 0.55,
             "models": {"dpo": {"path": "/series/run-2/dpo/model", "vs_baseline": vs}}}
 
 
-@pytest.mark.parametrize(("win", "threshold", "promote"), [(0.6, 0.55, True), (0.55, 0.55, True),
-                                                           (0.54, 0.55, False), (0.5, 0.5, True)])
-def test_promotion_needs_the_win_rate_threshold(win: float, threshold: float, promote: bool) -> None:
-    decision = decide(_evaluation(win), threshold)
+# The gate changed deliberately (issue 13): a point win rate >= the threshold promoted a model that only tied;
+# now the win rate's lower bound, win rate - k x standard error, must be above the threshold.
+@pytest.mark.parametrize(("win", "stderr", "threshold", "k", "promote"), [
+    (0.7, 0.05, 0.5, 2.0, True),    # 0.60 > 0.5
+    (0.6, 0.05, 0.5, 2.0, False),   # 0.50 is not above 0.5
+    (0.6, 0.05, 0.5, 1.0, True),    # k is configurable
+    (0.5, 0.0, 0.5, 2.0, False),    # a tie on every prompt never promotes
+    (0.54, 0.0, 0.5, 2.0, True),
+    (0.7, 0.05, 0.65, 2.0, False),  # the threshold still applies
+])
+def test_promotion_needs_the_win_rate_lower_bound_above_the_threshold(win: float, stderr: float, threshold: float,
+                                                                      k: float, promote: bool) -> None:
+    decision = decide(_evaluation(win, stderr=stderr), threshold, k=k)
     assert decision["promote"] is promote
     assert (decision["win_rate"], decision["min_win_rate"], decision["candidate"]) == (win, threshold, "dpo")
-    assert decision["candidate_path"] == "/series/run-2/dpo/model" and "win rate" in decision["reason"]
+    assert decision["lower_bound"] == pytest.approx(win - k * stderr) and decision["k"] == k
+    assert decision["candidate_path"] == "/series/run-2/dpo/model" and "lower bound" in decision["reason"]
+
+
+def test_a_single_comparison_gives_no_standard_error_and_never_promotes() -> None:
+    decision = decide(_evaluation(1.0, n=1, stderr=0.0), 0.5)
+    assert decision["promote"] is False and "at least 2" in decision["reason"]
 
 
 def test_no_promotion_without_a_comparison() -> None:
@@ -332,6 +358,7 @@ def test_promotion_for_run_checks_the_baseline_is_the_current_model(tmp_path: Pa
     store.set_stage_state("evaluate", StageState(fingerprint="f", status="completed"))
     ok = promotion_for_run(store, "/series/run-1/dpo/model")
     assert ok["promote"] is True and ok["min_win_rate"] == 0.55  # evaluate.promote_min_win_rate by default
+    assert ok["lower_bound"] == pytest.approx(0.7 - 2 * 0.05)
     other = promotion_for_run(store, "/series/run-0/dpo/model")
     assert other["promote"] is False and "not the current model" in other["reason"]
     plain = load_recipe(QUICKSTART)

@@ -77,7 +77,7 @@ def test_toy_world_end_to_end_pairs_load_into_dpo_and_train(write_recipe, tmp_pa
         sample = run_stage("sample", recipe, store)
         report = run_stage("feedback", recipe, store)
         roles = toy.stats()["roles_ok"]
-    assert sample.counts == {"input": 60, "prompts": 30, "output": 60, "failed": 0, "pending": 0}
+    assert sample.counts == {"input": 60, "prompts": 30, "output": 60, "failed": 0, "pending": 0, "dropped_prompts": 0}
     assert roles["rater"] > 0 and roles["correction"] > 0
 
     pairs, failed, dropped = _items(store)

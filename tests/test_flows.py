@@ -8,19 +8,22 @@ import uuid
 from pathlib import Path
 
 import pytest
-from prefect_env import PrefectEnv
+from prefect_env import PrefectEnv, database_url
 
+from pipeline.core.recipe import load_recipe
 from pipeline.core.sources import prompt_id
 from pipeline.core.stage import STAGE_NAMES
 from pipeline.core.store import RunStore
 from pipeline.tasks.toy.teacher_server import ToyTeacher, ToyTeacherConfig
 
 DISTILL = str(Path(sys.executable).parent / "distill")
+QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 
 
-@pytest.fixture(scope="module")
-def prefect(tmp_path_factory):
-    env = PrefectEnv(tmp_path_factory.mktemp("prefect"))
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def prefect(request, tmp_path_factory):
+    """A server on SQLite (`distill server`, hardened) and one on PostgreSQL: every flow test runs on both."""
+    env = PrefectEnv(tmp_path_factory.mktemp(f"prefect-{request.param}"), database_url=database_url(request))
     env.start_server()
     try:
         res = env.run(DISTILL, "deploy", "--cron", "0 2 * * *")
@@ -110,6 +113,49 @@ def test_series_second_run_ingests_only_new_prompts(prefect, tmp_path):
     assert len(json.loads((tmp_path / "runs" / "series" / "nightly-test" / "series.json").read_text())["runs"]) == 2
 
 
+def _task_graph(env: PrefectEnv, flow_run_id) -> dict[str, dict[str, list[str]]]:
+    """stage -> {input name: [upstream task run names]}: what the UI draws the flow run's task graph from."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    def read(client):
+        return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+
+    runs = _client_call(env, read)
+    names = {r.id: r.name for r in runs}
+    return {r.name: {k: [names.get(i.id, str(i.id)) for i in v] for k, v in r.task_inputs.items() if v} for r in runs}
+
+
+def test_series_runs_accumulate_data_chain_their_stages_and_show_the_gate(prefect, tmp_path):
+    prompts_file = tmp_path / "prompts.jsonl"
+    request = {"recipe_path": "configs/quickstart.yaml", "stages": ["generate", "sft"], "series": "grow",
+               "overrides": [f"storage.root={tmp_path / 'runs'}", f"prompts.source={prompts_file}",
+                             "generate.max_rounds=1", "sft.args.num_train_epochs=2"]}
+    _growing_prompts(prompts_file, 24)
+    run1 = _run(prefect, request, deployment="distill/nightly")
+    assert run1.state.is_completed(), prefect.logs()
+    _growing_prompts(prompts_file, 40)
+    run2 = _run(prefect, request, deployment="distill/nightly")
+    assert run2.state.is_completed(), prefect.logs()
+
+    index = json.loads((tmp_path / "runs" / "series" / "grow" / "series.json").read_text())
+    first, second = (RunStore.open_existing(r["run_dir"]) for r in index["runs"])
+    made = [s.stage_state("generate").counts["output"] for s in (first, second)]
+    # the second run's SFT trained on both runs' dialogues
+    assert second.stage_state("sft").counts == {"input": sum(made), "output": sum(made), "failed": 0,
+                                                "new": made[1], "earlier": made[0], "earlier_runs": 1}
+    assert index["runs"][1]["trained_on"] == [first.url] and index["runs"][1]["data"] == "accumulate"
+    # the first model became current; the second was not evaluated against it, so it is not promoted
+    assert index["current_model"] == first.join("sft", "model")
+    assert index["runs"][1]["promotion"]["promote"] is False and "evaluate" in index["runs"][1]["promotion"]["reason"]
+
+    assert _task_graph(prefect, run2.id) == {"generate": {}, "sft": {"wait_for": ["generate"]}}
+    artifacts = _client_call(prefect, lambda c: c.read_artifacts())
+    gates = [a for a in artifacts if a.key == "series-grow-promotion"]
+    assert len(gates) == 2 and any("not promoted" in a.data and "lower bound" in a.data for a in gates)
+    progress = {a.key: a.data for a in artifacts if a.key and a.key.endswith("-sft-progress")}
+    assert len(progress) == 2 and all(v == 100.0 for v in progress.values()), progress
+
+
 def test_teacher_key_from_a_secret_block_never_reaches_parameters_logs_or_artifacts(prefect, tmp_path):
     from prefect.blocks.system import Secret
 
@@ -190,7 +236,10 @@ def test_quickstart_through_deployments_dispatches_gpu_stages_to_the_gpu_pool(pr
     assert all(store.stage_state(s).status == "completed" for s in STAGE_NAMES)
     keys = {a.key for a in _client_call(prefect, lambda c: c.read_artifacts()) if a.key}
     assert {"e2e-summary", "e2e-costs", "e2e-run-dir", "e2e-generate-samples", "e2e-feedback-samples",
-            "e2e-generate-progress"} <= keys
+            "e2e-generate-progress", "e2e-sft-progress", "e2e-dpo-progress"} <= keys
+    summary = next(a for a in _client_call(prefect, lambda c: c.read_artifacts()) if a.key == "e2e-summary")
+    assert "data:image/png;base64," in summary.data and "| evaluate | running |" not in summary.data
+    assert "](scores.png)" not in summary.data  # no link the UI cannot follow
 
 
 @pytest.mark.slow
@@ -208,6 +257,9 @@ def test_ui_retry_of_a_failed_run_reruns_only_dpo(prefect, tmp_path):
         assert store.stage_state("evaluate").status == "pending"
         before = toy.stats()
         (root / "retry" / "dpo").unlink()
+        # a person presses Retry after the failed run's process has exited; retried while the worker still
+        # tracks it, Prefect's process worker crashes ("this borrower is already holding ... tokens")
+        _wait_for_process_exit(run.infrastructure_pid)
         # what the UI's Retry button does
         _client_call(prefect, lambda c: c.set_flow_run_state(run.id, Scheduled(name="AwaitingRetry"), force=True))
         from flows.distill import wait_for_final_state
@@ -232,3 +284,48 @@ def test_ui_retry_of_a_failed_run_reruns_only_dpo(prefect, tmp_path):
                                                          "evaluate/gpu": 1}
     assert by_dep["dpo/gpu"][0].run_count == 2 and by_dep["sft/gpu"][0].run_count == 1
     assert all(store.stage_state(s).status == "completed" for s in STAGE_NAMES)
+
+
+def _wait_for_process_exit(infrastructure_pid: str | None, timeout_s: float = 120) -> None:
+    """Wait until a process worker's flow-run process (`host:pid`) is gone, and the worker has reaped it."""
+    import os
+    import time
+
+    pid = int(str(infrastructure_pid).rsplit(":", 1)[-1]) if infrastructure_pid else None
+    deadline = time.monotonic() + timeout_s
+    while pid and time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.5)
+    time.sleep(3)  # the worker releases the run's slot once it has waited for the process
+
+
+def test_gpu_limit_is_created_by_the_flow_when_missing_and_counts_gpus(prefect, tmp_path):
+    """`prefect deploy --all` creates no limit: the first GPU stage does, sized $ZEPHYR_DISTILL_GPUS; a stage
+    takes compute.num_gpus slots, and one needing more GPUs than the limit has fails at once, saying so."""
+    from prefect.exceptions import ObjectNotFound
+
+    def limit(client):
+        try:
+            return client.read_global_concurrency_limit_by_name("zephyr-distill-gpu").limit
+        except ObjectNotFound:
+            return None
+
+    _client_call(prefect, lambda c: c.delete_global_concurrency_limit_by_name("zephyr-distill-gpu"))
+    assert _client_call(prefect, limit) is None
+    base = {"storage": {"root": str(tmp_path / "runs")}}
+    recipe = {**load_recipe(QUICKSTART).snapshot(), **base}
+    # sft of a run without generate data: the stage fails after taking its GPU slot, which is all we need
+    run = _run(prefect, {"recipe": recipe, "run_name": "no-data"}, deployment="sft/gpu", timeout=300)
+    assert run.state.is_failed() and "generate" in (run.state.message or ""), run.state.message
+    assert _client_call(prefect, limit) == 2  # the workers' ZEPHYR_DISTILL_GPUS
+    big = {**recipe, "compute": {**recipe["compute"], "num_gpus": 3}}
+    run = _run(prefect, {"recipe": big, "run_name": "too-big"}, deployment="sft/gpu", timeout=300)
+    assert run.state.is_failed() and "needs 3 GPUs" in (run.state.message or ""), run.state.message
+    res = prefect.run(DISTILL, "deploy", "--gpus", "4")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert _client_call(prefect, limit) == 4
+    res = prefect.run(DISTILL, "deploy", "--cron", "0 2 * * *")  # back to the module's setup: one GPU
+    assert res.returncode == 0 and _client_call(prefect, limit) == 1

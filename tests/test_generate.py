@@ -27,13 +27,14 @@ FAULTS = {"fault_429": 0.05, "fault_500": 0.05, "fault_hang": 0.01, "fault_bad_j
           "retry_after_s": 0.2, "hang_s": 60}
 
 
-def _recipe(write_recipe, base_url: str, count: int, **generate) -> Path:
+def _recipe(write_recipe, base_url: str, count: int, decontamination: dict | None = None, **generate) -> Path:
     return write_recipe({
         "name": "gen",
         "teacher": {"base_url": base_url, "model": "toy-teacher", "api_key_env": None, "timeout_s": 1.0,
                     "max_retries": 6, "backoff_base_s": 0.05, "backoff_max_s": 0.5, "max_concurrency": 16},
         "task": "toy", "prompts": {"source": "task", "count": count},
         "generate": {"min_rounds": 1, "max_rounds": 3, "shard_size": 25, **generate},
+        **({"decontamination": decontamination} if decontamination else {}),
     })
 
 
@@ -134,8 +135,8 @@ def test_filters_and_decontamination_are_counted(write_recipe, tmp_path):
 def test_self_instruct_expands_seeds_to_the_target(write_recipe):
     with ToyTeacher(ToyTeacherConfig()) as toy:
         rec = load_recipe(_recipe(write_recipe, toy.base_url, 12, max_rounds=1,
-                                  self_instruct={"enabled": True, "target_count": 40, "rouge_threshold": 0.9,
-                                                 "min_words": 2}))
+                                  self_instruct={"enabled": True, "target_count": 40},
+                                  instruction_filter={"rouge_threshold": 0.9, "min_words": 2}))
         store = open_run(rec, "si")
         report = run_stage("generate", rec, store)
     sources = Counter(r["source"] for r in store.read_records("generate"))
@@ -179,10 +180,11 @@ def test_builtin_teacher_is_started_and_stopped_by_the_runner(repo_root):
 
 
 def test_instruction_filter_rules():
-    from pipeline.core.recipe import SelfInstructConfig
-    from pipeline.stages.generate.self_instruct import Candidate, InstructionFilter, parse_tasks
+    from pipeline.core.recipe import InstructionFilterConfig
+    from pipeline.stages.generate.instruction_filter import Candidate, InstructionFilter
+    from pipeline.stages.generate.self_instruct import parse_tasks
 
-    filt = InstructionFilter(SelfInstructConfig(), ["Write a poem about the sea and the sky at night"])
+    filt = InstructionFilter(InstructionFilterConfig(), ["Write a poem about the sea and the sky at night"])
     assert filt.reason_to_drop(Candidate("Write a poem about the sea and the sky at dawn")) == "too_similar"
     assert filt.reason_to_drop(Candidate("Plot the sales figures for each month of last year")) == "unsuitable"
     assert filt.reason_to_drop(Candidate("Hi there")) == "length"

@@ -83,7 +83,7 @@ def test_local_and_openai_pool_models_answer_with_principles_and_record_their_sa
         report = run_stage("sample", recipe, store)
         again = run_stage("sample", recipe, store)
         assert toy.stats()["roles_ok"] == {"assistant": 20}  # the second run was skipped, nothing re-sent
-    assert report.counts == {"input": 40, "prompts": 20, "output": 40, "failed": 0, "pending": 0}
+    assert report.counts == {"input": 40, "prompts": 20, "output": 40, "failed": 0, "pending": 0, "dropped_prompts": 0}
     assert again.skipped
     rows = list(store.read_records("sample", "completions"))
     assert set(rows[0]) == COLUMNS and len(rows) == 40

@@ -63,7 +63,15 @@ def test_a_checker_named_in_the_recipe_grades_a_plain_evaluation_file(tmp_path: 
     path = tmp_path / "capitals.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with ToyTeacher(ToyTeacherConfig()) as judge:
-        _, ev = _run(tmp_path, capital_models, {"prompts": str(path), "checker": "capitals_task:check_capital",
-                                                "models": ["sft", "dpo"]}, judge.base_url)
+        store, ev = _run(tmp_path, capital_models, {"prompts": str(path), "checker": "capitals_task:check_capital",
+                                                    "models": ["sft", "dpo"]}, judge.base_url)
     assert ev["ground_truth"] is True and ev["items"] == len(rows)
     assert ev["models"]["sft"]["accuracy"]["correct"] == 1 and ev["models"]["dpo"]["accuracy"]["correct"] == 2
+    # accuracy per model with its standard error, in the report and in the stage's closing line
+    n = len(rows)
+    for label, right in (("sft", 1), ("dpo", 2)):
+        p = right / n
+        assert ev["models"][label]["accuracy"]["stderr"] == pytest.approx((p * (1 - p) / (n - 1)) ** 0.5)
+    closing = store.stage_state("evaluate").message
+    dpo = ev["models"]["dpo"]["accuracy"]
+    assert "dpo: judge" in closing and f"accuracy {dpo['mean']:.2f} ± {dpo['stderr']:.2f}" in closing

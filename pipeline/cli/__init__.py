@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import click
 
+from pipeline.cli import postgres, runs, server, tools
 from pipeline.cli import run as run_commands
-from pipeline.cli import runs, tools
 from pipeline.cli.common import setup_logging
 from pipeline.cli.estimate import estimate
+from pipeline.cli.export import export
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -19,5 +20,6 @@ def main(verbose: bool) -> None:
 
 
 for command in (run_commands.validate, estimate, run_commands.run, run_commands.stage, runs.status, runs.report,
-                tools.deploy, tools.serve, tools.teacher, tools.build_student):
+                tools.deploy, tools.serve, tools.teacher, tools.build_student, export, server.server,
+                postgres.postgres):
     main.add_command(command)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from pipeline.cli.common import EXIT_BAD_INPUT, CliError, load, print_status, set_option
+from pipeline.cli.server import prefect_api
 from pipeline.core.graph import fingerprint, parse_stages
 from pipeline.core.recipe import Recipe, unpriced_pool_members
 from pipeline.core.runner import StageFailed, run_pipeline
@@ -84,23 +85,22 @@ def run_flow(recipe: str, overrides: tuple[str, ...], run_name: str | None, stag
 
     request = DistillRequest(recipe_path=recipe, run_name=run_name, stages=stages, overrides=list(overrides),
                              series=series, force=force)
-    state = distill(request, return_state=True)
-    if state.is_completed():
-        result = state.result()
-        if result.get("status") == "nothing new":
-            click.echo(f"series '{series}': no new prompts; nothing to do", err=True)
-            return
-        for name, rep in result.get("stages", {}).items():
-            click.echo(f"{name}: {rep.get('message') or rep.get('status')}")
-        print_status(RunStore.open_existing(result["run_dir"]))
+    with prefect_api():
+        state = distill(request, return_state=True)
+        try:
+            result = state.result()
+        except StageFailed as exc:
+            raise CliError(str(exc)) from None
+        except Exception as exc:  # the flow's own error, already logged by Prefect
+            raise CliError(f"{type(exc).__name__}: {exc}") from None
+    if not state.is_completed():
+        raise CliError(f"the distill flow ended {state.name}")
+    if result.get("status") == "nothing new":
+        click.echo(f"series '{series}': no new prompts; nothing to do", err=True)
         return
-    try:
-        state.result()
-    except StageFailed as exc:
-        raise CliError(str(exc)) from None
-    except Exception as exc:  # the flow's own error, already logged by Prefect
-        raise CliError(f"{type(exc).__name__}: {exc}") from None
-    raise CliError(f"the distill flow ended {state.name}")
+    for name, rep in result.get("stages", {}).items():
+        click.echo(f"{name}: {rep.get('message') or rep.get('status')}")
+    print_status(RunStore.open_existing(result["run_dir"]))
 
 
 @click.command()

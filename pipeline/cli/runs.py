@@ -43,7 +43,7 @@ def report(run: str, root: str | None, recipe_path: str | None) -> None:
     store = open_run(run, root, recipe_path)
     rep = write_report(store)
     for label, m in (rep.get("evaluation") or {}).get("models", {}).items():
-        acc = f", accuracy {m['accuracy']['mean']:.3f}" if m["accuracy"] else ""
+        acc = f", accuracy {m['accuracy']['mean']:.3f} ± {m['accuracy']['stderr']:.3f}" if m["accuracy"] else ""
         vs = m["vs_baseline"]
         win = f", win rate vs {vs['baseline']} {vs['win_rate']:.3f} ± {vs['stderr']:.3f}" if vs and vs["n"] else ""
         judge = f"judge {m['judge']['mean']:.2f}" if m["judge"]["n"] else "judge n/a"

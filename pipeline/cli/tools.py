@@ -16,12 +16,13 @@ from pipeline.core.task import TaskError, load_task
 @click.option("--gpu-pool", default="gpu", show_default=True)
 @click.option("--cron", default=None, help="Also register `distill/nightly`, a recurring series on this schedule "
               "(e.g. '0 2 * * *').")
-@click.option("--gpu-slots", default=1, show_default=True, help="GPU stages that may run at once (global limit).")
-def deploy(cpu_pool: str, gpu_pool: str, cron: str | None, gpu_slots: int) -> None:
-    """Register the deployments with the Prefect server at PREFECT_API_URL (pools and limits too)."""
+@click.option("--gpus", default=1, show_default=True,
+              help="GPUs the gpu pool has: the global limit a GPU stage takes compute.num_gpus slots of.")
+def deploy(cpu_pool: str, gpu_pool: str, cron: str | None, gpus: int) -> None:
+    """Register the deployments with the Prefect server at PREFECT_API_URL (pools and the GPU limit too)."""
     from flows.deploy import deploy_all
 
-    for name in deploy_all(cpu_pool, gpu_pool, cron, gpu_slots):
+    for name in deploy_all(cpu_pool, gpu_pool, cron, gpus):
         click.echo(f"deployed {name}")
     click.echo(f"start workers: prefect worker start --pool {cpu_pool}   and   prefect worker start --pool {gpu_pool}")
 

@@ -3,6 +3,8 @@
 Accepted rows (JSONL, a JSON array, parquet, or a local Hugging Face dataset directory):
 `turns` (MT-Bench question.jsonl: question_id, category, turns, reference per turn), `instruction`
 (AlpacaEval: instruction, optional output/generator/dataset), `prompt`, or `messages` (every user turn).
+A row's own answers (AlpacaEval's `output`, the assistant turns of `messages`) are its `outputs`: a baseline
+to compare models with, as AlpacaEval compares every model with its reference outputs.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +35,7 @@ class EvalRow:
     references: tuple[str | None, ...]
     where: str  # file and line (or row), for messages
     fields: dict[str, Any] = field(default_factory=dict, compare=False)
+    outputs: tuple[str, ...] | None = None  # an answer for every turn shipped with the row, else None
 
 
 def default_id(turns: list[str] | tuple[str, ...]) -> str:
@@ -52,7 +56,19 @@ def parse_row(row: Any, where: str) -> EvalRow:
     category = str(row.get("category") or row.get("dataset") or "general")
     used = {"turns", "instruction", "prompt", "messages", "reference", "category", *_ID_KEYS}
     extra = {k: v for k, v in row.items() if k not in used}
-    return EvalRow(item_id, category, tuple(turns), tuple(references), where, extra)
+    return EvalRow(item_id, category, tuple(turns), tuple(references), where, extra, _outputs(row, len(turns)))
+
+
+def _outputs(row: dict[str, Any], n: int) -> tuple[str, ...] | None:
+    """The answers a row ships for all its turns: AlpacaEval's `output`, or the assistant turns of `messages`."""
+    if "turns" not in row and "instruction" in row and isinstance(row.get("output"), str) and row["output"].strip():
+        return (row["output"],)
+    if "messages" in row and isinstance(row["messages"], list) and not any(k in row for k in ("turns", "instruction",
+                                                                                              "prompt")):
+        answers = [m.get("content") for m in row["messages"] if isinstance(m, dict) and m.get("role") == "assistant"]
+        if len(answers) >= n and all(isinstance(a, str) and a.strip() for a in answers[:n]):
+            return tuple(answers[:n])
+    return None
 
 
 def _turns(row: dict[str, Any], where: str) -> tuple[list[str], list[str | None]]:
@@ -151,3 +167,17 @@ def read_eval_rows(path: str | Path) -> list[EvalRow]:
     if not rows:
         raise EvalSetError(f"{path}: no evaluation items in it")
     return rows
+
+
+def cached_eval_rows(path: str) -> tuple[EvalRow, ...]:
+    """`read_eval_rows`, parsed once per process while a local file is unchanged (recipe validation and the
+    stages that decontaminate all read the same files)."""
+    if "://" in str(path):
+        return tuple(read_eval_rows(path))
+    st = Path(path).stat()
+    return _rows_of(str(path), st.st_size, st.st_mtime_ns)
+
+
+@lru_cache(maxsize=32)
+def _rows_of(path: str, size: int, mtime_ns: int) -> tuple[EvalRow, ...]:
+    return tuple(read_eval_rows(path))

@@ -9,9 +9,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline import __version__
-from pipeline.core.recipe import Recipe, stage_endpoint_identities
+from pipeline.core.filehash import contents_hash
+from pipeline.core.recipe import PromptSource, Recipe, stage_endpoint_identities
 from pipeline.core.stage import STAGE_NAMES, StageReport
 from pipeline.core.store import RunStore
+from pipeline.core.task import load_task
 from pipeline.core.templates import templates_hash
 from pipeline.stages.dpo.stage import run as dpo
 from pipeline.stages.evaluate import estimate as evaluate_estimate
@@ -50,19 +52,44 @@ def _endpoints(stage: str) -> Callable[[Recipe], Any]:
     return lambda recipe: stage_endpoint_identities(recipe, stage)
 
 
+def _read_files(recipe: Recipe, prompts: PromptSource | None = None, decontaminated: bool = False,
+                *more: str | None) -> dict[str, str]:
+    """Content hashes of the files a stage reads: appending a prompt to a prompts file changes its fingerprint."""
+    paths = [p for p in more if p]
+    if prompts is not None and not prompts.from_task:
+        paths.append(prompts.source)
+    if decontaminated:
+        paths += recipe.decontamination.eval_files
+    if recipe.task is not None:
+        paths += load_task(recipe.task).data_files()
+    return contents_hash(paths)
+
+
+def _generate_section(recipe: Recipe) -> Any:
+    return {"prompts": recipe.prompts.model_dump(mode="json"), "generate": recipe.generate.model_dump(mode="json"),
+            "decontamination": recipe.decontamination.model_dump(mode="json"),
+            "endpoints": _endpoints("generate")(recipe), "task": _task(recipe),
+            "files": _read_files(recipe, recipe.prompts, True)}
+
+
 def _sample_section(recipe: Recipe) -> Any:
+    prompts = recipe.sample.prompts or recipe.prompts
     # which endpoint a member is sent to is in `endpoints` (its identity), not its name
     pool = recipe.sample.model_dump(mode="json", exclude={"prompts": True, "pool": {"__all__": {"endpoint"}}})
-    return {"sample": pool, "prompts": (recipe.sample.prompts or recipe.prompts).model_dump(mode="json"),
-            "task": _task(recipe), "endpoints": _endpoints("sample")(recipe)}
+    return {"sample": pool, "prompts": prompts.model_dump(mode="json"), "task": _task(recipe),
+            "decontamination": recipe.decontamination.model_dump(mode="json"),
+            "files": _read_files(recipe, prompts, True), "endpoints": _endpoints("sample")(recipe)}
+
+
+def _earlier(recipe: Recipe) -> dict[str, Any]:
+    # a series run that trains on earlier runs' data too; absent otherwise, so other fingerprints do not move
+    return {"previous_runs": recipe.series.previous_runs} if recipe.series.previous_runs else {}
 
 
 STAGES: dict[str, StageSpec] = {spec.name: spec for spec in [
-    StageSpec("generate", generate,
-              lambda r: {"prompts": r.prompts.model_dump(mode="json"), "generate": r.generate.model_dump(mode="json"),
-                         "endpoints": _endpoints("generate")(r), "task": _task(r)},
-              lambda r: [], ("generate_*",), demand=generate_estimate.demand),
-    StageSpec("sft", sft, lambda r: {"sft": r.sft.model_dump(mode="json"), "task": _task(r)},
+    StageSpec("generate", generate, _generate_section, lambda r: [], ("generate_*",),
+              demand=generate_estimate.demand),
+    StageSpec("sft", sft, lambda r: {"sft": r.sft.model_dump(mode="json"), "task": _task(r), **_earlier(r)},
               lambda r: ["generate"], gpu=True),
     StageSpec("sample", sample, _sample_section,
               lambda r: ["sft"] if _pool_uses_sft(r) else [], ("principle_*",), gpu=True,
@@ -71,17 +98,19 @@ STAGES: dict[str, StageSpec] = {spec.name: spec for spec in [
               lambda r: {"feedback": r.feedback.model_dump(mode="json"), "endpoints": _endpoints("feedback")(r)},
               lambda r: ["sample", "sft"] if "on_policy" in r.feedback.sources else ["sample"],
               ("feedback_*",), demand=feedback_estimate.demand),
-    StageSpec("dpo", dpo, lambda r: r.dpo.model_dump(mode="json"), lambda r: ["sft", "feedback"], gpu=True),
+    StageSpec("dpo", dpo, lambda r: {**r.dpo.model_dump(mode="json"), **_earlier(r)}, lambda r: ["sft", "feedback"],
+              gpu=True),
     StageSpec("evaluate", evaluate,
               lambda r: {"evaluate": r.evaluate.model_dump(mode="json"), "endpoints": _endpoints("evaluate")(r),
-                         "task": _task(r)},
+                         "task": _task(r), "files": _read_files(r, None, False, r.evaluate.prompts)},
               lambda r: ["sft", "dpo"], ("judge_*",), gpu=True, demand=evaluate_estimate.demand),
 ]}
 assert tuple(STAGES) == STAGE_NAMES, "the graph and STAGE_NAMES list the stages in the same order"
 
 
 def fingerprint(stage: str, recipe: Recipe, _memo: dict[str, str] | None = None) -> str:
-    """Hash of the stage's own section, its inputs' fingerprints, its templates and the package version."""
+    """Hash of the stage's own section (with the content of the files it reads), its inputs' fingerprints, its
+    templates and the package version."""
     memo = {} if _memo is None else _memo
     if stage in memo:
         return memo[stage]

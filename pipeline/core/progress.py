@@ -35,3 +35,8 @@ def describe(sink: ProgressSink, text: str) -> None:
     set_description = getattr(sink, "set_description", None)
     if set_description is not None:
         set_description(text)
+
+
+def has_sink() -> bool:
+    """Whether a sink other than the terminal bar is installed (a trainer draws its own bar in the terminal)."""
+    return _factory is not _tqdm

@@ -26,6 +26,14 @@ class SeedPrompt:
     prompt: str
     prompt_id: str
     source: str = "seed"
+    # lineage of a prompt grown by self-prompting: the seed it descends from, its parent, generations below it
+    root_prompt_id: str | None = None
+    parent_prompt_id: str | None = None
+    depth: int = 0
+
+    @property
+    def root(self) -> str:
+        return self.root_prompt_id or self.prompt_id
 
 
 def _from_row(row: dict, column: str | None, where: str) -> str:

@@ -137,8 +137,9 @@ class RunStore:
 
     # -- records ---------------------------------------------------------------------------------
     def shard_writer(self, stage: str, name: str = "data", shard_size: int = 1000,
-                     id_key: str = "prompt_id") -> ShardWriter:
-        return ShardWriter(self, self.stage_dir(stage), name, shard_size, id_key)
+                     id_key: str = "prompt_id", schema: pa.Schema | None = None) -> ShardWriter:
+        """A writer of `<stage>/<name>-NNNNN.parquet`; with a `schema` every shard has exactly those columns and types."""
+        return ShardWriter(self, self.stage_dir(stage), name, shard_size, id_key, schema)
 
     def shard_paths(self, stage: str, name: str = "data") -> list[str]:
         return _list_shards(self.fs, self.join(stage), name)
@@ -158,12 +159,41 @@ class RunStore:
                 total += pq.ParquetFile(fh).metadata.num_rows
         return total
 
+    # -- directories (models, checkpoints) --------------------------------------------------------
+    def upload_dir(self, local: str | os.PathLike[str], *parts: str) -> None:
+        """Copy a local directory into the run, its completion markers last.
+
+        An object store has no rename, so a directory is committed by the files its readers look for:
+        `config.json` (a model is whole: local_model) and `trainer_state.json` (a checkpoint is whole:
+        last_checkpoint) go up after every other file. A kill mid-upload leaves a directory without its
+        marker, which readers treat as absent; each single file is one PUT, visible whole or not at all.
+        """
+        local = Path(local)
+        files = sorted((p for p in local.rglob("*") if p.is_file()),
+                       key=lambda p: (p.name in COMMIT_MARKERS, str(p)))
+        for path in files:
+            target = self.join(*parts, *path.relative_to(local).parts)
+            if self.is_local:
+                self.write_bytes(target, path.read_bytes())
+            else:
+                self.fs.put_file(str(path), target)
+
+    def download_dir(self, local: str | os.PathLike[str], *parts: str) -> bool:
+        """Copy `<run>/<parts>` to a local directory; False when there is nothing there."""
+        remote = self.join(*parts)
+        if not self.fs.exists(remote):
+            return False
+        self.fs.get(remote.rstrip("/") + "/", str(local).rstrip("/") + "/", recursive=True)
+        return True
+
     def ledger(self, stage: str, name: str = "failures") -> FailureLedger:
         """`failures.jsonl` (items that did not make it) or another ledger such as `dropped.jsonl`."""
         return FailureLedger(self, stage, name)
 
 
 _SHARD_RE = r"{name}-(\d{{5}})\.parquet"
+# what says "this model / checkpoint / built student is whole" (readers look for them)
+COMMIT_MARKERS = ("config.json", "trainer_state.json", "student.json")
 
 
 def _list_shards(fs: fsspec.AbstractFileSystem, directory: str, name: str) -> list[str]:
@@ -181,12 +211,15 @@ def _list_shards(fs: fsspec.AbstractFileSystem, directory: str, name: str) -> li
 class ShardWriter:
     """Buffers records and publishes them as numbered parquet shards, each written atomically.
 
-    A killed process loses only its unpublished buffer; `done_ids` tells a rerun what is finished.
+    A killed process loses only its unpublished buffer; `done_ids` tells a rerun what is finished. With a
+    schema every shard carries the same types, so a column that is all null in one shard (an aspect rated N/A
+    throughout) is not typed `null` there and `double` in the next, which readers such as `datasets` reject.
     """
 
-    def __init__(self, store: RunStore, directory: str, name: str, shard_size: int, id_key: str):
+    def __init__(self, store: RunStore, directory: str, name: str, shard_size: int, id_key: str,
+                 schema: pa.Schema | None = None):
         self.store, self.directory, self.name = store, directory, name
-        self.shard_size, self.id_key = shard_size, id_key
+        self.shard_size, self.id_key, self.schema = shard_size, id_key, schema
         self._buffer: list[dict[str, Any]] = []
         existing = _list_shards(store.fs, directory, name)
         self._next_index = (int(re.search(r"(\d{5})\.parquet$", existing[-1]).group(1)) + 1) if existing else 0
@@ -201,6 +234,7 @@ class ShardWriter:
 
     def add(self, record: dict[str, Any], flush: bool = True) -> None:
         """Buffer a record; a full buffer is published as a shard (unless the caller does that itself)."""
+        self._check(record)
         self._buffer.append(record)
         if flush and self.full:
             self.flush()
@@ -220,9 +254,18 @@ class ShardWriter:
         path = f"{self.directory}/{self.name}-{self._next_index:05d}.parquet"
         self._next_index += 1
         sink = io.BytesIO()
-        pq.write_table(pa.Table.from_pylist(records), sink)
+        pq.write_table(self._table(records), sink)
         self.store.write_bytes(path, sink.getvalue())
         return path
+
+    def _table(self, records: list[dict[str, Any]]) -> pa.Table:
+        return pa.Table.from_pylist(records, schema=self.schema)
+
+    def _check(self, record: dict[str, Any]) -> None:
+        unknown = sorted(set(record) - set(self.schema.names)) if self.schema is not None else []
+        if unknown:  # from_pylist would drop them without a word
+            raise StoreError(f"{self.directory}/{self.name}: a record holds columns {unknown} that the stage's "
+                             "schema does not declare; add them to the schema")
 
     def close(self) -> None:
         self.flush()
@@ -242,6 +285,7 @@ class Failure:
     reason: str
     attempts: int = 1
     at: float = field(default_factory=time.time)
+    detail: dict[str, Any] | None = None  # what a filter matched (e.g. the evaluation file, item and n-gram)
 
 
 class FailureLedger:
@@ -251,12 +295,14 @@ class FailureLedger:
         self.store, self.stage = store, stage
         self.path = f"{store.stage_dir(stage)}/{name}.jsonl"
 
-    def record(self, item_id: str, reason: str, attempts: int = 1) -> None:
-        self.record_many([(item_id, reason, attempts)])
+    def record(self, item_id: str, reason: str, attempts: int = 1, detail: dict[str, Any] | None = None) -> None:
+        self.record_many([(item_id, reason, attempts, detail)])
 
-    def record_many(self, entries: Iterable[tuple[str, str, int]]) -> None:
-        """Append entries as whole lines (a killed process leaves at most one cut line, which readers skip)."""
-        data = "".join(json.dumps(asdict(Failure(i, self.stage, r, a))) + "\n" for i, r, a in entries)
+    def record_many(self, entries: Iterable[tuple]) -> None:
+        """Append (item_id, reason, attempts[, detail]) entries as whole lines (a killed process leaves at most
+        one cut line, which readers skip)."""
+        data = "".join(json.dumps(_entry(Failure(e[0], self.stage, e[1], e[2], detail=e[3] if len(e) > 3 else None)))
+                       + "\n" for e in entries)
         if not data:
             return
         if self.store.is_local:
@@ -295,7 +341,15 @@ class FailureLedger:
     def compact(self, succeeded: set[str]) -> dict[str, Failure]:
         """Keep one entry per item still failing (items that later succeeded leave the ledger)."""
         remaining = {k: v for k, v in self.latest().items() if k not in succeeded}
-        data = "".join(json.dumps(asdict(f)) + "\n" for f in remaining.values()).encode()
+        data = "".join(json.dumps(_entry(f)) + "\n" for f in remaining.values()).encode()
         if remaining or self.store.fs.exists(self.path):
             self.store.write_bytes(self.path, data)
         return remaining
+
+
+def _entry(failure: Failure) -> dict[str, Any]:
+    """A ledger line; `detail` only where a filter left one."""
+    entry = asdict(failure)
+    if entry["detail"] is None:
+        del entry["detail"]
+    return entry

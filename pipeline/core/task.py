@@ -46,6 +46,10 @@ class Task:
         """Ground truth: whether (or how well, 0..1) `answer` answers the item's last turn."""
         raise TaskError(f"task '{self.name}' has no checker")
 
+    def data_files(self) -> list[str]:
+        """Files the task reads its prompts or held-out set from: their contents are part of the fingerprints."""
+        return []
+
     def corpus(self, size: int, seed: int) -> list[str] | None:
         """Texts to train the built-in tiny student's tokenizer on (None: the prompts are used)."""
         return None

@@ -7,7 +7,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from pipeline.core.recipe import Recipe
+from pipeline.core.recipe import Recipe, SeriesConfig
 from pipeline.core.sources import iter_prompts
 from pipeline.core.store import RunStore
 
@@ -26,6 +26,9 @@ class SeriesEntry:
     model: str | None = None
     datasets: dict[str, str] = field(default_factory=dict)
     promotion: dict[str, Any] = field(default_factory=dict)
+    data: str = "accumulate"  # series.data of this run
+    trained_on: list[str] = field(default_factory=list)  # earlier runs whose data this run trained on too
+    warm_start_from: str | None = None
 
 
 class Series:
@@ -63,7 +66,9 @@ class Series:
         return seen
 
     def prepare_run(self, recipe: Recipe, run_store: RunStore) -> Recipe:
-        """Write this run's new prompts into the run directory and point the recipe at them."""
+        """Write this run's new prompts into the run directory and point the recipe at them; with
+        `series.data: accumulate` its sft and dpo also train on the earlier completed runs' data, and with
+        `series.warm_start` sft starts from the series' current model."""
         seen = self.seen_ids()
         fresh = [p for p in iter_prompts(recipe.prompts, recipe.task) if p.prompt_id not in seen]
         if not fresh:
@@ -73,10 +78,24 @@ class Series:
         run_store.write_bytes(path, "".join(json.dumps({"prompt": p.prompt}) + "\n" for p in fresh).encode())
         self.store.write_json(f"{self.path}/{run_store.run_name}.prompt_ids.json", [p.prompt_id for p in fresh])
         entries = [e for e in self.entries() if e.run_name != run_store.run_name]
-        entries.append(SeriesEntry(run_store.run_name, run_store.url, time.time(), len(fresh)))
-        self._save(entries, self.current_model)
-        prompts = recipe.prompts.model_copy(update={"source": path, "limit": None})
-        return recipe.model_copy(update={"prompts": prompts})
+        update = {"prompts": recipe.prompts.model_copy(update={"source": path, "limit": None}),
+                  "series": self._training_data(recipe, entries)}
+        current = self.current_model
+        if recipe.series.warm_start and current:
+            update["sft"] = recipe.sft.model_copy(update={"model": current})
+        entries.append(SeriesEntry(run_store.run_name, run_store.url, time.time(), len(fresh), data=recipe.series.data,
+                                   trained_on=list(update["series"].previous_runs),
+                                   warm_start_from=current if "sft" in update else None))
+        self._save(entries, current)
+        return recipe.model_copy(update=update)
+
+    @staticmethod
+    def _training_data(recipe: Recipe, entries: list[SeriesEntry]) -> SeriesConfig:
+        """series.previous_runs: the recipe's own, plus every completed earlier run when accumulating."""
+        runs = list(recipe.series.previous_runs)
+        if recipe.series.data == "accumulate":
+            runs += [e.run_dir for e in entries if e.status == "completed" and e.run_dir not in runs]
+        return recipe.series.model_copy(update={"previous_runs": runs})
 
     def record(self, run_store: RunStore, status: str, promotion: dict[str, Any] | None = None) -> SeriesEntry:
         """Mark a run finished; its datasets join the series, and its model becomes current if promoted."""

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pipeline.core.recipe import ComputeConfig, Recipe
 from pipeline.core.store import RunStore
-from pipeline.train.models import TrainingError
+from pipeline.train.models import STAGE_DIR_ENV, TrainingError, local_stage_dir
 
 ACCELERATE_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "accelerate"
 LAUNCHED_ENV = "DISTILL_LAUNCHED"  # set for the launched ranks, so they train instead of launching again
@@ -52,14 +52,22 @@ def accelerate_command(stage: str, recipe_file: Path, run_dir: str, compute: Com
 
 
 def launch_stage(stage: str, recipe: Recipe, store: RunStore, tail_lines: int = 40) -> None:
-    """Run the stage on compute.num_gpus GPUs; raises TrainingError with the log tail if it fails."""
+    """Run the stage on compute.num_gpus GPUs; raises TrainingError with the log tail if it fails.
+
+    With a remote store the ranks share one local stage dir, downloaded before and uploaded after by this
+    (the parent) process alone."""
+    with local_stage_dir(store, stage) as stage_dir:
+        _launch(stage, recipe, store, tail_lines, {} if store.is_local else {STAGE_DIR_ENV: str(stage_dir)})
+
+
+def _launch(stage: str, recipe: Recipe, store: RunStore, tail_lines: int, extra_env: dict[str, str]) -> None:
     workdir = Path(tempfile.mkdtemp(prefix=f"distill-launch-{stage}-"))
     recipe_file = workdir / "recipe.json"
     recipe_file.write_text(json.dumps(recipe.snapshot()))
     command = accelerate_command(stage, recipe_file, store.url, recipe.compute)
     log_path = workdir / "launch.log"
     tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
-    env = {**os.environ, LAUNCHED_ENV: "1"}
+    env = {**os.environ, LAUNCHED_ENV: "1", **extra_env}
     with open(log_path, "w") as log_file, subprocess.Popen(
             command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
         for line in proc.stdout:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -17,6 +18,7 @@ from pipeline.core.store import RunStore
 from pipeline.train.student import build_tiny_student
 
 log = logging.getLogger("pipeline.train")
+STAGE_DIR_ENV = "DISTILL_STAGE_DIR"  # the local stage dir a multi-process run's parent hands its ranks
 
 
 class TrainingError(RuntimeError):
@@ -54,6 +56,8 @@ def device_args(device: str, user_args: dict[str, Any], section: str) -> dict[st
 def resolve_base_model(recipe: Recipe, store: RunStore) -> str:
     """The student to start from: the built-in tiny student (built once into <run>/base/model) or a path/id."""
     if recipe.sft.model != BUILTIN_STUDENT:
+        if "://" in recipe.sft.model:  # e.g. a series' current model on shared storage (series.warm_start)
+            return download_model(recipe.sft.model)
         path = Path(recipe.sft.model).expanduser()
         return str(path.resolve()) if path.exists() else recipe.sft.model
     if store.is_local:
@@ -61,10 +65,27 @@ def resolve_base_model(recipe: Recipe, store: RunStore) -> str:
     local = Path(tempfile.gettempdir()) / "zephyr-distill" / store.run_name / "base" / "model"
     remote = store.join("base", "model")
     if not (local / "student.json").is_file() and store.fs.exists(f"{remote}/student.json"):
-        store.fs.get(remote + "/", str(local) + "/", recursive=True)
+        store.download_dir(local, "base", "model")
     build_tiny_student(local, recipe)  # nothing to do when the copy was built from the same recipe data
     if store.read_json(f"{remote}/student.json") != json.loads((local / "student.json").read_text()):
-        store.fs.put(str(local) + "/", remote + "/", recursive=True)
+        store.upload_dir(local, "base", "model")
+    return str(local)
+
+
+def download_model(url: str) -> str:
+    """A model directory at an fsspec URL, copied once into the local temp dir."""
+    import hashlib
+
+    import fsspec
+
+    local = Path(tempfile.gettempdir()) / "zephyr-distill" / "models" / hashlib.sha256(url.encode()).hexdigest()[:16]
+    if not (local / "config.json").is_file():
+        fs, path = fsspec.core.url_to_fs(url)
+        part = local.with_name(local.name + ".part")
+        for stale in (part, local):  # left by a copy that was killed
+            shutil.rmtree(stale, ignore_errors=True)
+        fs.get(path.rstrip("/") + "/", str(part) + "/", recursive=True)
+        part.rename(local)  # whole or absent: a half copy is never taken for the model
     return str(local)
 
 
@@ -113,19 +134,22 @@ def peft_config(lora: LoraConfig | None) -> Any:
 
 @contextmanager
 def local_stage_dir(store: RunStore, stage: str) -> Iterator[Path]:
-    """The stage dir itself for a local store; for a remote one a local copy, uploaded when done or stopped."""
+    """The stage dir itself for a local store; for a remote one a local copy (its checkpoints downloaded),
+    uploaded when the stage ends or stops. A rank of a multi-process run gets its parent's copy and uploads
+    nothing: the parent uploads once, after every rank has finished (no rank races another's upload)."""
     if store.is_local:
         yield Path(store.stage_dir(stage))
         return
+    if os.environ.get(STAGE_DIR_ENV):
+        yield Path(os.environ[STAGE_DIR_ENV])
+        return
     local = Path(tempfile.mkdtemp(prefix=f"distill-{stage}-"))
-    remote = store.join(stage)
-    if store.fs.exists(f"{remote}/checkpoints"):
-        store.fs.get(f"{remote}/checkpoints/", f"{local}/checkpoints/", recursive=True)
+    store.download_dir(local / "checkpoints", stage, "checkpoints")
     try:
         yield local
     finally:
         t0 = time.perf_counter()
-        store.fs.put(f"{local}/", f"{remote}/", recursive=True)
+        store.upload_dir(local, stage)
         log.info("%s: uploaded %s to %s in %.1fs", stage, local, store.url, time.perf_counter() - t0)
         shutil.rmtree(local, ignore_errors=True)
 
@@ -138,5 +162,5 @@ def local_model(store: RunStore, stage: str) -> str:
     if store.is_local:
         return remote
     local = Path(tempfile.mkdtemp(prefix=f"distill-{stage}-model-"))
-    store.fs.get(f"{remote}/", f"{local}/", recursive=True)
+    store.download_dir(local, stage, "model")
     return str(local)

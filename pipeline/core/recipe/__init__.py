@@ -2,6 +2,7 @@
 
 from pipeline.core.recipe.aif import FeedbackConfig, PairsConfig, PoolModel, SampleConfig
 from pipeline.core.recipe.base import BUILTIN_STUDENT, BUILTIN_TEACHER, TASK_PROMPTS, RecipeError, Section
+from pipeline.core.recipe.decontamination import DecontamConfig
 from pipeline.core.recipe.endpoints import (
     DEFAULT_ENDPOINT,
     ROLES,
@@ -12,11 +13,13 @@ from pipeline.core.recipe.endpoints import (
 )
 from pipeline.core.recipe.evaluate import EvaluateConfig
 from pipeline.core.recipe.generate import (
-    DecontamConfig,
+    ExhaustionConfig,
     FilterConfig,
     GenerateConfig,
+    InstructionFilterConfig,
     PromptSource,
     SelfInstructConfig,
+    SelfPromptingConfig,
 )
 from pipeline.core.recipe.load import (
     apply_overrides,
@@ -35,15 +38,17 @@ from pipeline.core.recipe.roles import (
     stage_endpoint_identities,
     unpriced_pool_members,
 )
+from pipeline.core.recipe.series import SeriesConfig
 from pipeline.core.recipe.teacher import TeacherConfig
 from pipeline.core.recipe.training import DPOStageConfig, LoraConfig, SFTStageConfig, TinyStudentConfig
 
 __all__ = [
-    "BUILTIN_STUDENT", "BUILTIN_TEACHER", "DEFAULT_ENDPOINT", "ROLES", "STAGE_ROLES", "TASK_PROMPTS", "BudgetConfig",
-    "ComputeConfig", "EstimateConfig", "ReplyTokens", "RolesConfig", "all_endpoints", "endpoint_key", "pool_endpoint",
-    "role_endpoint", "stage_endpoint_identities", "unpriced_pool_members", "DPOStageConfig", "DecontamConfig",
-    "EvaluateConfig", "FeedbackConfig", "FilterConfig", "GenerateConfig", "LoraConfig", "PairsConfig", "PoolModel",
-    "PromptSource", "Recipe", "RecipeError", "SFTStageConfig", "SampleConfig", "Section", "SelfInstructConfig",
-    "StorageConfig", "TeacherConfig", "TinyStudentConfig", "apply_overrides", "load_recipe", "load_recipe_text",
-    "parse_override", "recipe_from_dict",
+    "BUILTIN_STUDENT", "BUILTIN_TEACHER", "BudgetConfig", "ComputeConfig", "DEFAULT_ENDPOINT", "DPOStageConfig",
+    "DecontamConfig", "EstimateConfig", "EvaluateConfig", "ExhaustionConfig", "FeedbackConfig", "FilterConfig",
+    "GenerateConfig", "InstructionFilterConfig", "LoraConfig", "PairsConfig", "PoolModel", "PromptSource", "ROLES",
+    "Recipe", "RecipeError", "ReplyTokens", "RolesConfig", "SFTStageConfig", "STAGE_ROLES", "SampleConfig",
+    "Section", "SelfInstructConfig", "SelfPromptingConfig", "SeriesConfig", "StorageConfig", "TASK_PROMPTS",
+    "TeacherConfig", "TinyStudentConfig", "all_endpoints", "apply_overrides", "endpoint_key", "load_recipe",
+    "load_recipe_text", "parse_override", "pool_endpoint", "recipe_from_dict", "role_endpoint",
+    "stage_endpoint_identities", "unpriced_pool_members",
 ]

@@ -12,7 +12,8 @@ from pipeline.core.recipe.base import Section, existing_path
 class EvaluateConfig(Section):
     """Judge grading, pairwise win rate against a baseline (both orders), ground truth where there is a checker.
 
-    `models` and `baseline` are `base`, `sft`, `dpo` (this run's) or a model path/id, e.g. a series' current model.
+    `models` and `baseline` are `base`, `sft`, `dpo` (this run's), `outputs` (the answers the evaluation set ships,
+    e.g. AlpacaEval's `output`) or a model path/id, e.g. a series' current model.
     """
 
     prompts: str | None = None  # None: the task's held-out set (when the task has one), else prompts/eval_set.jsonl
@@ -27,7 +28,11 @@ class EvaluateConfig(Section):
     judge_max_tokens: int = Field(512, ge=16)
     judge_attempts: int = Field(2, ge=1)  # a reply without a parsable verdict is asked again, then ledgered
     max_failure_rate: float = Field(0.5, ge=0, le=1)
+    # categories whose reference answers the judge sees (MT-Bench: math, reasoning, coding); null: every category
+    reference_categories: list[str] | None = Field(default_factory=lambda: ["math", "reasoning", "coding"])
+    # the promotion gate: promote only when win rate - promote_stderr_k x standard error > promote_min_win_rate
     promote_min_win_rate: float = Field(0.5, ge=0, le=1)
+    promote_stderr_k: float = Field(2.0, ge=0)
 
     @field_validator("prompts")
     @classmethod

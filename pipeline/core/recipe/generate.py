@@ -28,20 +28,61 @@ class PromptSource(Section):
         return self.source == TASK_PROMPTS
 
 
-class SelfInstructConfig(Section):
-    enabled: bool = False
-    target_count: int = Field(0, ge=0)
-    examples_per_request: int = Field(8, ge=1)
-    seed_examples_per_request: int = Field(6, ge=0)
-    tasks_per_request: int = Field(8, ge=1)
-    rouge_threshold: float = Field(0.7, gt=0, le=1)
+class InstructionFilterConfig(Section):
+    """What a new instruction (self-instruct or self-prompting) must pass to be kept."""
+
+    rouge_threshold: float = Field(0.7, gt=0, le=1)  # kept only if ROUGE-L F <= this against every kept one
     min_words: int = Field(3, ge=0)
     max_words: int = Field(150, ge=1)
     unsuitable_patterns: list[str] = Field(
         default_factory=lambda: [r"\bimage\b", r"\bpicture\b", r"\bgraph\b", r"\bplot\b", r"\bfile\b",
                                  r"\bdraw\b", r"\bvideo\b", r"\bdiagram\b"])
+
+
+class ExhaustionConfig(Section):
+    """When proposing stops short of a target: `patience` rounds in a row that keep under `min_acceptance_rate`."""
+
+    min_acceptance_rate: float = Field(0.02, ge=0, le=1)
+    patience: int = Field(5, ge=1)
+    max_rounds: int | None = Field(None, ge=1)  # None: no cap (the teacher budget still applies)
+
+
+class SelfInstructConfig(Section):
+    """Self-instruct: the teacher proposes new tasks from sampled examples until `target_count` prompts."""
+
+    enabled: bool = False
+    target_count: int = Field(0, ge=0)  # prompts in all, the seeds included
+    examples_per_request: int = Field(8, ge=1)
+    seed_examples_per_request: int = Field(6, ge=0)
+    tasks_per_request: int = Field(8, ge=1)
+    requests_per_round: int = Field(64, ge=1)
     temperature: float = Field(1.0, ge=0)
-    max_rounds: int = Field(50, ge=1)
+    exhaustion: ExhaustionConfig = Field(default_factory=ExhaustionConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _filter_keys_moved(cls, data: object) -> object:
+        for key in ("rouge_threshold", "min_words", "max_words", "unsuitable_patterns"):
+            if isinstance(data, dict) and key in data:
+                raise ValueError(f"generate.self_instruct.{key} moved to generate.instruction_filter.{key} "
+                                 "(one filter for self_instruct and self_prompting)")
+        if isinstance(data, dict) and "max_rounds" in data:
+            raise ValueError("generate.self_instruct.max_rounds moved to generate.self_instruct.exhaustion.max_rounds "
+                             "(no cap by default: proposing stops at the target or when it stops paying)")
+        return data
+
+
+class SelfPromptingConfig(Section):
+    """Iterative self-prompting (Zephyr): answer an instruction, then write a follow-on one from the answer."""
+
+    enabled: bool = False
+    depth: int = Field(3, ge=1)  # follow-on generations below each root prompt
+    branching: int = Field(2, ge=1)  # follow-ons asked of each instruction
+    attempts_per_branch: int = Field(3, ge=1)  # proposals per branch before it is given up
+    target_count: int | None = Field(None, ge=1)  # prompts in all (roots included); None: grow the whole tree
+    temperature: float = Field(1.0, ge=0)
+    max_tokens: int = Field(256, ge=1)  # the follow-on instruction's reply
+    exhaustion: ExhaustionConfig = Field(default_factory=ExhaustionConfig)
 
 
 class FilterConfig(Section):
@@ -57,16 +98,6 @@ class FilterConfig(Section):
     truecase: bool = False
 
 
-class DecontamConfig(Section):
-    eval_files: list[str] = Field(default_factory=list)
-    ngram: int = Field(8, ge=1)
-
-    @field_validator("eval_files")
-    @classmethod
-    def _files_exist(cls, files: list[str]) -> list[str]:
-        return [existing_path(f, "an evaluation set file") for f in files]
-
-
 class GenerateConfig(Section):
     """dSFT data: teacher-simulated multi-turn dialogues (UltraChat style)."""
 
@@ -78,9 +109,18 @@ class GenerateConfig(Section):
     seed: int = 0
     shard_size: int = Field(1000, ge=1)
     max_failure_rate: float = Field(0.5, ge=0, le=1)
+    instruction_filter: InstructionFilterConfig = Field(default_factory=InstructionFilterConfig)
     self_instruct: SelfInstructConfig = Field(default_factory=SelfInstructConfig)
+    self_prompting: SelfPromptingConfig = Field(default_factory=SelfPromptingConfig)
     filters: FilterConfig = Field(default_factory=FilterConfig)
-    decontamination: DecontamConfig = Field(default_factory=DecontamConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _decontamination_moved(cls, data: object) -> object:
+        if isinstance(data, dict) and "decontamination" in data:
+            raise ValueError("generate.decontamination moved to the top-level `decontamination` section "
+                             "(same keys; it now covers sample's prompts too)")
+        return data
 
     @model_validator(mode="after")
     def _rounds(self) -> GenerateConfig:

@@ -8,6 +8,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from pipeline.core.recipe.aif import FeedbackConfig, SampleConfig
 from pipeline.core.recipe.base import Section
+from pipeline.core.recipe.decontamination import DecontamConfig
 from pipeline.core.recipe.endpoints import (
     BudgetConfig,
     EstimateConfig,
@@ -18,6 +19,7 @@ from pipeline.core.recipe.endpoints import (
 )
 from pipeline.core.recipe.evaluate import EvaluateConfig
 from pipeline.core.recipe.generate import GenerateConfig, PromptSource
+from pipeline.core.recipe.series import SeriesConfig
 from pipeline.core.recipe.teacher import TeacherConfig
 from pipeline.core.recipe.training import DPOStageConfig, SFTStageConfig
 from pipeline.core.task import TaskError, load_callable, load_task
@@ -48,6 +50,7 @@ class Recipe(Section):
     estimate: EstimateConfig = Field(default_factory=EstimateConfig)
     prompts: PromptSource = Field(default_factory=PromptSource)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    decontamination: DecontamConfig = Field(default_factory=DecontamConfig)  # generate's and sample's prompts
     sft: SFTStageConfig = Field(default_factory=SFTStageConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
     feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
@@ -55,6 +58,7 @@ class Recipe(Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     compute: ComputeConfig = Field(default_factory=ComputeConfig)
+    series: SeriesConfig = Field(default_factory=SeriesConfig)
 
     _secret_variables = model_validator(mode="before")(classmethod(lambda cls, data: secret_variables(data)))
 

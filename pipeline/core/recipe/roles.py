@@ -53,11 +53,12 @@ def pool_endpoint(recipe: Recipe, member: PoolModel) -> tuple[str, TeacherConfig
 
 def stage_endpoint_identities(recipe: Recipe, stage: str) -> dict[str, object]:
     """What decides the answers a stage gets from its endpoints: the identity of each role's endpoint
-    (the instruction writer only when self-instruct runs), or of each openai pool member's."""
+    (the instruction writer only when self-instruct or self-prompting runs), or of each openai pool member's."""
     if stage == "sample":
         return {m.name: pool_endpoint(recipe, m)[1].identity() for m in recipe.sample.pool if m.backend == "openai"}
     roles = [r for r in STAGE_ROLES.get(stage, ())
-             if r != "instruction_writer" or recipe.generate.self_instruct.enabled]
+             if r != "instruction_writer" or recipe.generate.self_instruct.enabled
+             or recipe.generate.self_prompting.enabled]
     return {role: role_endpoint(recipe, role)[1].identity() for role in roles}
 
 

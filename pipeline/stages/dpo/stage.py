@@ -5,20 +5,26 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from pipeline.core.recipe import DPOStageConfig, Recipe
 from pipeline.core.stage import StageReport
 from pipeline.core.store import RunStore
+from pipeline.series.data import earlier_records
 from pipeline.train import configs, models, outputs
 from pipeline.train.launch import is_launched_rank, launch_stage, should_launch
+from pipeline.train.progress import training_callbacks
 
 log = logging.getLogger("pipeline.train")
 
 
 def run(recipe: Recipe, store: RunStore) -> StageReport:
-    """Align the SFT model with the preference pairs of `feedback` into `<run>/dpo/model`."""
+    """Align the SFT model with the preference pairs of `feedback` (and a series' earlier ones) into `<run>/dpo/model`."""
     total, pairs, failures = read_pairs(store)
+    new = len(pairs)
+    earlier_total, earlier, earlier_failures = series_pairs(recipe, store)
+    total, pairs, failures = total + earlier_total, pairs + earlier, {**failures, **earlier_failures}
     if not is_launched_rank():
         outputs.record_new_failures(store, "dpo", failures)
     if not pairs:
@@ -30,8 +36,11 @@ def run(recipe: Recipe, store: RunStore) -> StageReport:
     else:
         metrics = train_dpo(recipe, store, pairs)
     final = metrics["final"]
+    counts = {"input": total, "output": len(pairs), "failed": len(failures)}
+    if recipe.series.previous_runs:  # how much of it came from the series' earlier runs
+        counts.update(new=new, earlier=len(earlier), earlier_runs=len(recipe.series.previous_runs))
     return StageReport(
-        "dpo", counts={"input": total, "output": len(pairs), "failed": len(failures)},
+        "dpo", counts=counts,
         outputs={"model": store.join("dpo", "model"), "metrics": store.join("dpo", "metrics.json")},
         message=f"{metrics['global_step']} steps on {len(pairs)} pairs, final loss "
                 f"{final.get('loss', float('nan')):.4f}, reward accuracy "
@@ -40,15 +49,42 @@ def run(recipe: Recipe, store: RunStore) -> StageReport:
 
 def read_pairs(store: RunStore) -> tuple[int, list[dict[str, Any]], dict[str, str]]:
     """(records read, pairs in TRL's explicit prompt/chosen/rejected form, {prompt_id: reason} for the rest)."""
+    return usable_pairs(store.read_records("feedback", "pairs"))
+
+
+def usable_pairs(records: Iterable[dict[str, Any]],
+                 prefix: str = "") -> tuple[int, list[dict[str, Any]], dict[str, str]]:
+    """(records read, pairs in TRL's form, {prefix + prompt_id: reason} for the rest)."""
     total, pairs, failures = 0, [], {}
-    for record in store.read_records("feedback", "pairs"):
+    for record in records:
         total += 1
         pair = to_explicit_preference(record)
         if isinstance(pair, str):
-            failures[record.get("prompt_id", f"#{total}")] = f"dpo: {pair}"
+            failures[prefix + record.get("prompt_id", f"#{total}")] = f"dpo: {pair}"
         else:
             pairs.append(pair)
     return total, pairs, failures
+
+
+def series_pairs(recipe: Recipe, store: RunStore) -> tuple[int, list[dict[str, Any]], dict[str, str]]:
+    """The pairs of the series' earlier runs (`series.previous_runs`) that this run does not hold."""
+    if not recipe.series.previous_runs:
+        return 0, [], {}
+    seen = {_pair_key(r) for r in store.read_records("feedback", "pairs")}
+    total, pairs, failures = 0, [], {}
+    for run_name, record in earlier_records(recipe, "feedback", "pairs"):
+        if _pair_key(record) in seen:
+            continue
+        seen.add(_pair_key(record))
+        n, usable, problems = usable_pairs([record], prefix=f"{run_name}:")
+        total += n
+        pairs.extend(usable)
+        failures.update(problems)
+    return total, pairs, failures
+
+
+def _pair_key(record: dict[str, Any]) -> str | None:
+    return record.get("pair_id") or record.get("prompt_id")
 
 
 def to_explicit_preference(record: dict[str, Any]) -> dict[str, Any] | str:
@@ -89,7 +125,7 @@ def train_dpo(recipe: Recipe, store: RunStore, pairs: list[dict[str, Any]]) -> d
         reference = reference_model(recipe.dpo, args, sft_model, device, init_kwargs)
         trainer = DPOTrainer(model=model, ref_model=reference,
                              args=args, processing_class=tokenizer, train_dataset=Dataset.from_list(pairs),
-                             peft_config=models.peft_config(recipe.dpo.lora))
+                             peft_config=models.peft_config(recipe.dpo.lora), callbacks=training_callbacks("dpo"))
         resume = outputs.last_checkpoint(stage_dir / "checkpoints")
         if resume:
             log.info("dpo: resuming from %s", resume)

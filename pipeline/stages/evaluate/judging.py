@@ -19,6 +19,7 @@ from pipeline.stages.evaluate.records import (
     EvalModel,
     answer_id,
     pairwise_id,
+    shows_reference,
     single_id,
 )
 from pipeline.teacher.messages import ChatRequest
@@ -34,18 +35,30 @@ def _fence(text: str, tag: str = "answer") -> str:
     return re.sub(rf"<(/?\s*{tag}\b[^>]*)>", r"‹\1›", text, flags=re.I)
 
 
-def judged_question(item: EvalItem, answers: list[str], turn: int) -> str:
-    """The question a turn is graded on: earlier turns (with this model's answers) as context, then the turn."""
+def judged_question(item: EvalItem, answers: list[str], turn: int, show_reference: bool = True) -> tuple[str, str]:
+    """(context, question) a turn is graded on: the earlier turns with this model's answers, then the turn itself
+    with its reference answer where the item has one and its category shows references (MT-Bench)."""
     parts = []
     if turn > 0:
-        parts.append("Earlier in this conversation:")
-        for t in range(turn):
-            parts += [f"User: {item.turns[t]}", f"Assistant: {_fence(answers[t])}"]
-        parts.append("The user's latest message, which the answer below replies to:")
-    parts.append(item.turns[turn])
-    if item.reference is not None and turn == 0:
-        parts.append(f"(Reference answer, for the judge only: {item.reference})")
-    return "\n\n".join(parts)
+        context = [f"User: {item.turns[t]}\n\nAssistant: {_fence(answers[t])}" for t in range(turn)]
+        # a section of its own: the graded turn alone stands under "## Question"
+        parts.append("## Conversation so far\n\n" + "\n\n".join(context)
+                     + "\n\nThe answer below replies to the user's latest message, the question that follows.\n\n")
+    reference = item.reference_for(turn) if show_reference else None
+    question = item.turns[turn]
+    if reference is not None:
+        question += f"\n\n(Reference answer, for the judge only: {reference})"
+    return "".join(parts), question
+
+
+def references_text(item: EvalItem) -> str:
+    """Every turn's reference answer for the pairwise judge, or '' when the item has none."""
+    refs = [(t, r) for t, r in enumerate(item.references) if r is not None]
+    if not refs:
+        return ""
+    if len(item.turns) == 1:
+        return f"\n\n(Reference answer, for the judge only: {refs[0][1]})"
+    return "\n\n(Reference answers, for the judge only: " + "; ".join(f"turn {t + 1}: {r}" for t, r in refs) + ")"
 
 
 def conversation_text(turns: list[str], answers: bool) -> str:
@@ -73,9 +86,10 @@ async def ask_judge(client: RoleClient, cfg: EvaluateConfig, text: str,
 
 async def grade_answer(client: RoleClient, cfg: EvaluateConfig, item: EvalItem, row: dict[str, Any],
                        turn: int) -> dict[str, Any]:
-    """Single-answer grading of one turn: an explanation and a 1-10 rating."""
-    text = render("judge_single.jinja", question=judged_question(item, row["answers"], turn),
-                  answer=_fence(row["answers"][turn]))
+    """Single-answer grading of one turn (a later turn with the conversation before it): an explanation and a
+    1-10 rating."""
+    context, question = judged_question(item, row["answers"], turn, shows_reference(cfg, item))
+    text = render("judge_single.jinja", context=context, question=question, answer=_fence(row["answers"][turn]))
     reply, rating, attempts = await ask_judge(client, cfg, text, parse_single)
     return {"judgment_id": single_id(row["answer_id"], turn), "item_id": item.item_id, "model": row["model"],
             "category": item.category, "turn": turn + 1, "rating": float(rating), "explanation": reply,
@@ -86,8 +100,8 @@ async def compare_answers(client: RoleClient, cfg: EvaluateConfig, item: EvalIte
                           baseline: dict[str, Any]) -> dict[str, Any]:
     """The candidate against the baseline, shown as A and then as B; disagreement between the orders is a tie."""
     question = conversation_text(list(item.turns), answers=False)
-    if item.reference is not None:
-        question += f"\n\n(Reference answer to the first question, for the judge only: {item.reference})"
+    if shows_reference(cfg, item):
+        question += references_text(item)
     mine, theirs = conversation_text(candidate["answers"], True), conversation_text(baseline["answers"], True)
     row = {"judgment_id": pairwise_id(item.item_id, candidate["spec"], baseline["spec"]), "item_id": item.item_id,
            "model": candidate["model"], "baseline": baseline["model"], "category": item.category}

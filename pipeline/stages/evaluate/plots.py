@@ -9,15 +9,15 @@ from typing import Any
 from pipeline.core.store import RunStore
 
 STAGE = "evaluate"
-PLOT_FILES = {"scores": "scores.png", "win_rate": "win_rate.png", "dpo_curves": "dpo_curves.png",
-              "pair_scores": "pair_scores.png", "cost_time": "cost_time.png"}
+PLOT_FILES = {"scores": "scores.png", "categories": "categories.png", "win_rate": "win_rate.png",
+              "dpo_curves": "dpo_curves.png", "pair_scores": "pair_scores.png", "cost_time": "cost_time.png"}
 
 
 def draw_plots(report: dict[str, Any], raw: dict[str, list[float]], store: RunStore,
                files: dict[str, str]) -> dict[str, str]:
     """Draw every plot the data allows into `<run>/evaluate/`; name -> file name next to report.md."""
-    drawers = {"scores": _plot_scores, "win_rate": _plot_win_rate, "dpo_curves": _plot_dpo_curves,
-               "pair_scores": _plot_pair_scores, "cost_time": _plot_cost_time}
+    drawers = {"scores": _plot_scores, "categories": _plot_categories, "win_rate": _plot_win_rate,
+               "dpo_curves": _plot_dpo_curves, "pair_scores": _plot_pair_scores, "cost_time": _plot_cost_time}
     drawn = {}
     for name, draw in drawers.items():
         fig = draw(report, raw)
@@ -56,6 +56,28 @@ def _plot_scores(report: dict[str, Any], raw: dict[str, list[float]]) -> Any:
     return fig
 
 
+def _plot_categories(report: dict[str, Any], raw: dict[str, list[float]]) -> Any:
+    ev = report.get("evaluation") or {}
+    cats = ev.get("categories") or {}
+    labels = [k for k, m in (ev.get("models") or {}).items() if m["judge"]["n"]]
+    if not cats or not labels:
+        return None
+    names = list(cats)
+    width = 0.8 / len(labels)
+    fig = _figure(2.5 + 0.5 * len(names) * len(labels), 3.6)
+    ax = fig.subplots()
+    for j, label in enumerate(labels):
+        stats = [cats[c]["models"][label]["judge"] for c in names]
+        ax.bar([i + (j - (len(labels) - 1) / 2) * width for i in range(len(names))],
+               [s["mean"] or 0.0 for s in stats], width, yerr=[s["stderr"] or 0.0 for s in stats], capsize=3,
+               label=label)
+    ax.set_xticks(range(len(names)), names, rotation=30 if len(names) > 4 else 0, ha="right" if len(names) > 4
+                  else "center")
+    ax.set(ylim=(0, 10.9), ylabel="mean rating (1-10)", title=f"judge score per category, {ev['eval_set']} (± 1 s.e.)")
+    ax.legend(fontsize="small", ncols=min(len(labels), 4))
+    return fig
+
+
 def _plot_win_rate(report: dict[str, Any], raw: dict[str, list[float]]) -> Any:
     ev = report.get("evaluation") or {}
     rows = {k: m["vs_baseline"] for k, m in ev.get("models", {}).items() if m["vs_baseline"] and m["vs_baseline"]["n"]}
@@ -64,9 +86,14 @@ def _plot_win_rate(report: dict[str, Any], raw: dict[str, list[float]]) -> Any:
     fig = _figure(6.4, 1.4 + 0.6 * len(rows))
     ax = fig.subplots()
     bars = ax.barh(list(rows), [v["win_rate"] for v in rows.values()], xerr=[v["stderr"] for v in rows.values()],
-                   capsize=4, color="#8172b2")
+                   capsize=4, color="#8172b2", label="raw")
     ax.bar_label(bars, labels=[f"{v['win_rate']:.2f}  (W{v['wins']} T{v['ties']} L{v['losses']})"
                                for v in rows.values()], padding=6)
+    controlled = [(i, v["length_controlled"]["win_rate"]) for i, v in enumerate(rows.values())
+                  if (v.get("length_controlled") or {}).get("win_rate") is not None]
+    if controlled:
+        ax.scatter([w for _, w in controlled], [i for i, _ in controlled], marker="D", color="#ccb974", zorder=3,
+                   edgecolor="black", label="length-controlled")
     ax.axvline(0.5, color="grey", linestyle="--", linewidth=1, label="even (0.5)")
     ax.axvline(ev["promote_min_win_rate"], color="#c44e52", linestyle=":", linewidth=1.5,
                label=f"promotion threshold ({ev['promote_min_win_rate']:g})")

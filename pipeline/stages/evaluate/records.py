@@ -16,7 +16,8 @@ from pipeline.core.task import load_callable, load_task
 STAGE = "evaluate"
 ANSWERS, SINGLE, PAIRWISE = "answers", "single", "pairwise"
 SHIPPED_SET = "eval_set.jsonl"
-RUN_MODELS = ("base", "sft", "dpo")
+OUTPUTS = "outputs"  # a model spec: the answers the evaluation set ships (AlpacaEval's `output`)
+RUN_MODELS = ("base", "sft", "dpo", OUTPUTS)
 
 
 class EvaluateError(ValueError):
@@ -25,18 +26,28 @@ class EvaluateError(ValueError):
 
 @dataclass(frozen=True)
 class EvalItem:
-    """One evaluation prompt: one or more user turns, an optional reference answer for the judge."""
+    """One evaluation prompt: one or more user turns, a reference answer per turn for the judge (or None), and
+    the answers the set ships for it (`outputs`, usable as the baseline)."""
 
     item_id: str
     category: str
     turns: tuple[str, ...]
-    reference: str | None = None
+    references: tuple[str | None, ...] = ()
     fields: dict[str, Any] = field(default_factory=dict, compare=False)  # the row's other fields (a checker's)
+    outputs: tuple[str, ...] | None = None
+
+    @property
+    def reference(self) -> str | None:
+        """The first turn's reference answer."""
+        return self.references[0] if self.references else None
+
+    def reference_for(self, turn: int) -> str | None:
+        return self.references[turn] if turn < len(self.references) else None
 
     def as_dict(self) -> dict[str, Any]:
         """The item as a checker sees it."""
         return {**self.fields, "id": self.item_id, "category": self.category, "turns": list(self.turns),
-                "reference": self.reference}
+                "reference": self.reference, "references": list(self.references)}
 
 
 @dataclass(frozen=True)
@@ -71,10 +82,28 @@ def load_eval_set(recipe: Recipe) -> EvalSet:
         return EvalSet(SHIPPED_SET, parse_items(str(path)), checker)
 
 
+def check_outputs(cfg: EvaluateConfig, eval_set: EvalSet) -> None:
+    """`outputs` as a model needs a set that ships answers (AlpacaEval's `output`, or `messages` with answers)."""
+    if OUTPUTS in (*cfg.models, cfg.baseline) and not any(it.outputs for it in eval_set.items):
+        raise EvaluateError(f"evaluate: '{OUTPUTS}' stands for the answers the evaluation set ships, but "
+                            f"{eval_set.name} has none (give rows an AlpacaEval `output`, or `messages` with the "
+                            "assistant's answers)")
+
+
+def outputs_generator(eval_set: EvalSet) -> str | None:
+    """Who wrote the set's outputs (AlpacaEval's `generator`), when the rows agree on one."""
+    names = {str(it.fields.get("generator")) for it in eval_set.items if it.outputs and it.fields.get("generator")}
+    return names.pop() if len(names) == 1 else None
+
+
+def shows_reference(cfg: EvaluateConfig, item: EvalItem) -> bool:
+    """Whether the judge sees the item's reference answers: MT-Bench shows them for math, reasoning and coding."""
+    return cfg.reference_categories is None or item.category in cfg.reference_categories
+
+
 def _as_items(rows: list[EvalRow]) -> list[EvalItem]:
-    # the judge sees the first turn's reference (MT-Bench's references per turn arrive with the evaluation
-    # formats work); the rest of a row's fields go to the checker
-    return [EvalItem(r.item_id, r.category, r.turns, r.references[0], r.fields) for r in rows]
+    # the rest of a row's fields go to the checker
+    return [EvalItem(r.item_id, r.category, r.turns, r.references, r.fields, r.outputs) for r in rows]
 
 
 def parse_items(path: str) -> list[EvalItem]:
@@ -139,7 +168,10 @@ def plan_record(recipe: Recipe, eval_set: EvalSet, models: list[EvalModel]) -> d
     return {"eval_set": eval_set.name, "checked": eval_set.checker is not None,
             "requested_items": cfg.heldout_count if cfg.prompts is None and recipe.task else len(items),
             "items": [{"item_id": it.item_id, "category": it.category, "turns": list(it.turns),
-                       "reference": it.reference} for it in items],
+                       "references": list(it.references), "reference_shown": shows_reference(cfg, it)}
+                      for it in items],
             "models": [{"label": m.label, "spec": m.spec} for m in models], "baseline": baseline.label,
             "baseline_spec": baseline.spec, "candidate": candidate_model(cfg),
-            "promote_min_win_rate": cfg.promote_min_win_rate, "judge": role_endpoint(recipe, "judge")[1].model}
+            "outputs_generator": outputs_generator(eval_set) if OUTPUTS in {m.spec for m in models} else None,
+            "promote_min_win_rate": cfg.promote_min_win_rate, "promote_stderr_k": cfg.promote_stderr_k,
+            "judge": role_endpoint(recipe, "judge")[1].model}

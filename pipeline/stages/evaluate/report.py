@@ -11,12 +11,12 @@ import logging
 import math
 import time
 from collections import defaultdict
-from collections.abc import Iterable
 from typing import Any
 
 from pipeline.core.stage import STAGE_NAMES
 from pipeline.core.store import RunStore
 from pipeline.stages.evaluate.judge import win_rate
+from pipeline.stages.evaluate.markdown import render_markdown
 from pipeline.stages.evaluate.plots import PLOT_FILES, draw_plots
 from pipeline.stages.evaluate.records import (
     ANSWERS,
@@ -27,28 +27,28 @@ from pipeline.stages.evaluate.records import (
     pairwise_id,
     single_id,
 )
+from pipeline.stages.evaluate.stats import (
+    answer_lengths,
+    by_category,
+    judge_bias,
+    mean_se,
+    versus_length_controlled,
+)
 from pipeline.teacher.spend import spend_summary
 
 log = logging.getLogger(__name__)
 DPO_CURVES = ("loss", "rewards/margins", "rewards/accuracies")
 
 
-def mean_se(values: Iterable[float]) -> dict[str, float | int | None]:
-    """Mean, standard error of the mean and n (None for an empty list)."""
-    values = [float(v) for v in values]
-    if not values:
-        return {"mean": None, "stderr": None, "n": 0}
-    mean, se = win_rate(values)  # the same mean / standard-error arithmetic
-    return {"mean": mean, "stderr": se, "n": len(values)}
-
-
 # -- evaluation ------------------------------------------------------------------------------------
 def summarize_evaluation(plan: dict[str, Any], answers: list[dict[str, Any]], singles: list[dict[str, Any]],
                          pairs: list[dict[str, Any]], failed: set[str]) -> dict[str, Any]:
-    """Per model: judge score, ground-truth accuracy and win rate against the baseline, each with its error."""
+    """Per model: judge score, ground-truth accuracy and win rate against the baseline (raw and length-controlled),
+    each with its error; per category; the judge's own biases."""
     items = plan["items"]
     by_spec = {m["spec"]: m for m in plan["models"]}
     baseline = by_spec[plan["baseline_spec"]]
+    lengths = answer_lengths(answers)
     models: dict[str, Any] = {}
     for m in plan["models"]:
         rows = [a for a in answers if a["spec"] == m["spec"]]
@@ -69,20 +69,24 @@ def summarize_evaluation(plan: dict[str, Any], answers: list[dict[str, Any]], si
                       "by_category": {k: sum(v) / len(v) for k, v in sorted(by_cat.items())},
                       "by_turn": {k: sum(v) / len(v) for k, v in sorted(by_turn.items())}},
             "accuracy": {**mean_se(truth), "correct": sum(truth)} if truth else None,
-            "vs_baseline": None if m is baseline else _versus(m, baseline, items, pairs, failed),
+            "vs_baseline": None if m is baseline else _versus(m, baseline, items, pairs, failed, lengths),
         }
     report = {"eval_set": plan["eval_set"], "items": len(items), "requested_items": plan["requested_items"],
               "turns": sum(len(it["turns"]) for it in items), "ground_truth": bool(plan.get("checked")),
               "judge": plan["judge"], "baseline": baseline["label"], "baseline_spec": baseline["spec"],
               "candidate": plan["candidate"], "promote_min_win_rate": plan["promote_min_win_rate"],
-              "models": models}
+              "promote_stderr_k": plan.get("promote_stderr_k", 2.0), "outputs_generator": plan.get("outputs_generator"),
+              "references_hidden": sum(1 for it in items if any(it.get("references") or [])
+                                       and not it.get("reference_shown", True)),
+              "models": models, "categories": by_category(items, plan["models"], answers, singles, pairs),
+              "judge_bias": judge_bias(pairs, lengths)}
     if report["ground_truth"]:
         report["judge_vs_truth"] = judge_vs_truth(models, answers, singles)
     return report
 
 
 def _versus(model: dict[str, Any], baseline: dict[str, Any], items: list[dict[str, Any]],
-            pairs: list[dict[str, Any]], failed: set[str]) -> dict[str, Any]:
+            pairs: list[dict[str, Any]], failed: set[str], lengths: dict[tuple[str, str], int]) -> dict[str, Any]:
     rows = [p for p in pairs if p["model"] == model["label"] and p["baseline"] == baseline["label"]]
     scores = [p["score"] for p in rows]
     rate, se = win_rate(scores) if scores else (None, None)
@@ -91,7 +95,8 @@ def _versus(model: dict[str, Any], baseline: dict[str, Any], items: list[dict[st
             "wins": sum(s == 1.0 for s in scores), "ties": sum(s == 0.5 for s in scores),
             "losses": sum(s == 0.0 for s in scores),
             "disagreements": sum(p["score"] == 0.5 and p["verdict_first"] != p["verdict_second"] for p in rows),
-            "identical": sum(bool(p["identical"]) for p in rows), "failed": len(ids & failed)}
+            "identical": sum(bool(p["identical"]) for p in rows), "failed": len(ids & failed),
+            "length_controlled": versus_length_controlled(rows, lengths)}
 
 
 def judge_vs_truth(models: dict[str, Any], answers: list[dict[str, Any]],
@@ -155,18 +160,23 @@ def pair_scores(store: RunStore) -> tuple[dict[str, Any] | None, dict[str, list[
             "score_rejected": mean_se(raw["score_rejected"]), "margin": mean_se(margins)}, raw
 
 
-def stage_costs(store: RunStore) -> list[dict[str, Any]]:
-    """Status, items, failures and seconds per stage from the manifest; dollars and tokens from the spend ledger
-    (what every attempt paid, killed and reset ones included)."""
+def stage_costs(store: RunStore, evaluate_status: str | None = None) -> list[dict[str, Any]]:
+    """Status, items, failures, seconds and counts from the manifest, dollars and tokens from
+    the spend ledger (every attempt, killed and reset ones included); `evaluate_status` is the
+    outcome of the evaluate stage writing this report (the manifest still says it is running)."""
     stages = store.read_manifest().get("stages", {})
     paid = spend_summary(store)["stages"]
     rows = []
     for name in STAGE_NAMES:
         st = stages.get(name) or {}
+        status = st.get("status", "pending")
         seconds = float(st.get("seconds") or 0.0)
-        if name == STAGE and st.get("status") == "running":  # the stage writing this report: not yet recorded
+        if name == STAGE and status == "running":  # the stage writing this report: not yet recorded
             seconds = time.time() - float(st.get("started_at") or time.time())
-        rows.append({"stage": name, "status": st.get("status", "pending"), "seconds": seconds,
+            stats = (_read_json(store, STAGE, "stats.json") or {})
+            st = {**st, "counts": stats.get("counts") or st.get("counts")}
+            status = evaluate_status or status
+        rows.append({"stage": name, "status": status, "seconds": seconds,
                      "cost_usd": float(paid[name]["usd"]),
                      "teacher_tokens": int(paid[name]["prompt_tokens"] + paid[name]["completion_tokens"]),
                      "items": (st.get("counts") or {}).get("output", 0),
@@ -183,7 +193,7 @@ def _read_json(store: RunStore, *parts: str) -> Any:
 
 
 # -- the report ------------------------------------------------------------------------------------
-def build_report(store: RunStore) -> tuple[dict[str, Any], dict[str, list[float]]]:
+def build_report(store: RunStore, evaluate_status: str | None = None) -> tuple[dict[str, Any], dict[str, list[float]]]:
     """The report dict and the raw pair scores the histogram needs."""
     from pipeline.series.promotion import decide
 
@@ -196,7 +206,10 @@ def build_report(store: RunStore) -> tuple[dict[str, Any], dict[str, list[float]
         failed = set(store.ledger(STAGE).latest()) - done  # a ledgered item that later succeeded is not failed
         evaluation = summarize_evaluation(plan, answers, singles, pairs, failed)
         report.update(evaluation=evaluation, counts=(_read_json(store, STAGE, "stats.json") or {}).get("counts"))
-        report["promotion"] = decide(evaluation, evaluation["promote_min_win_rate"])
+        report["promotion"] = decide(evaluation, evaluation["promote_min_win_rate"], k=evaluation["promote_stderr_k"])
+        if evaluation["references_hidden"]:
+            notes.append(f"{evaluation['references_hidden']} items have reference answers the judge did not see: "
+                         "their category is not in evaluate.reference_categories")
     else:
         notes.append("no evaluation yet (evaluate/plan.json missing): run `distill stage evaluate`")
     report["training"] = training_summary(store)
@@ -206,16 +219,16 @@ def build_report(store: RunStore) -> tuple[dict[str, Any], dict[str, list[float]
     report["pairs"], raw = pair_scores(store)
     if report["pairs"] is None:
         notes.append("no feedback pairs: no pair score histogram")
-    report["stages"] = stage_costs(store)
+    report["stages"] = stage_costs(store, evaluate_status)
     report["totals"] = {"seconds": sum(r["seconds"] for r in report["stages"]),
                         "cost_usd": sum(r["cost_usd"] for r in report["stages"])}
     report["notes"] = notes
     return report, raw
 
 
-def write_report(store: RunStore) -> dict[str, Any]:
+def write_report(store: RunStore, evaluate_status: str | None = None) -> dict[str, Any]:
     """Build the report and write report.json, report.md and the plots into `<run>/evaluate/`."""
-    report, raw = build_report(store)
+    report, raw = build_report(store, evaluate_status)
     report["plots"] = draw_plots(report, raw, store, PLOT_FILES)
     store.write_json(store.join(STAGE, "report.json"), _finite(report))
     store.write_bytes(store.join(STAGE, "report.md"), render_markdown(report).encode())
@@ -233,83 +246,3 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
-def _pm(stat: dict[str, Any] | None, digits: int = 2) -> str:
-    if not stat or stat.get("mean") is None:
-        return "–"
-    return f"{stat['mean']:.{digits}f} ± {stat['stderr']:.{digits}f}"
-
-
-def render_markdown(report: dict[str, Any]) -> str:
-    """report.md: the evaluation table first, then training, pairs, cost and time, the plots."""
-    lines = [f"# Run report: {report['run']}", ""]
-    ev = report.get("evaluation")
-    if ev:
-        lines += [f"Evaluation set **{ev['eval_set']}**: {ev['items']} prompts, {ev['turns']} turns; judge "
-                  f"`{ev['judge']}`; baseline **{ev['baseline']}**"
-                  + ("; ground truth by the set's checker." if ev["ground_truth"] else "."), ""]
-        if ev["requested_items"] > ev["items"]:
-            lines += [f"({ev['requested_items']} prompts asked for; the set has only {ev['items']}.)", ""]
-        lines += ["| model | judge score (1-10) | accuracy | win rate vs baseline | W / T / L | failed |",
-                  "|---|---|---|---|---|---|"]
-        for label, m in ev["models"].items():
-            vs = m["vs_baseline"]
-            wtl = f"{vs['wins']} / {vs['ties']} / {vs['losses']}" if vs else "(baseline)"
-            rate = _pm({"mean": vs["win_rate"], "stderr": vs["stderr"]}, 3) if vs else "–"
-            nfail = m["answer_failures"] + m["judge"]["failed"] + (vs["failed"] if vs else 0)
-            lines.append(f"| {label} | {_pm(m['judge'])} | {_pm(m['accuracy'], 3)} | {rate} | {wtl} | {nfail} |")
-        lines += _category_lines(ev)
-        lines += ["", "± is one standard error. Pairwise verdicts are judged in both orders; disagreement is a tie; "
-                  "win rate = (wins + ties/2) / n.", ""]
-        agree = ev.get("judge_vs_truth")
-        if agree:
-            lines += [f"Judge vs ground truth: mean rating {_num(agree['mean_rating_correct'])} for correct answers, "
-                      f"{_num(agree['mean_rating_wrong'])} for wrong ones; the judge "
-                      f"{'agrees' if agree['agree'] else 'DISAGREES'} in direction with the ground truth.", ""]
-        promo = report.get("promotion")
-        if promo:
-            lines += [f"Promotion gate: **{'promote' if promo['promote'] else 'keep the current model'}** "
-                      f"({promo['reason']}).", ""]
-    lines += _training_lines(report)
-    pairs = report.get("pairs")
-    if pairs:
-        lines += ["## Preference pairs", "", f"{pairs['count']} pairs; score chosen {_pm(pairs['score_chosen'])}, "
-                  f"rejected {_pm(pairs['score_rejected'])}, margin {_pm(pairs['margin'])}.", ""]
-    lines += ["## Cost and time per stage", "", "| stage | status | items | failures | teacher tokens | cost $ | time s |",
-              "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['stage']} | {r['status']} | {r['items']} | {r['failures']} | {r['teacher_tokens']} | "
-              f"{r['cost_usd']:.4f} | {r['seconds']:.1f} |" for r in report["stages"]]
-    lines += [f"| total | | | | | {report['totals']['cost_usd']:.4f} | {report['totals']['seconds']:.1f} |", ""]
-    if report.get("plots"):
-        lines += ["## Plots", ""] + [f"![{name}]({file})" for name, file in report["plots"].items()] + [""]
-    if report["notes"]:
-        lines += ["## Notes", ""] + [f"- {n}" for n in report["notes"]] + [""]
-    return "\n".join(lines)
-
-
-def _category_lines(ev: dict[str, Any]) -> list[str]:
-    """Mean judge score per category and model, for sets with several categories."""
-    cats = sorted({c for m in ev["models"].values() for c in m["judge"]["by_category"]})
-    if len(cats) < 2:
-        return []
-    labels = list(ev["models"])
-    lines = ["", "| category | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
-    for cat in cats:
-        lines.append(f"| {cat} | " + " | ".join(_num(ev["models"][m]["judge"]["by_category"].get(cat), 2)
-                                              for m in labels) + " |")
-    return lines
-
-
-def _training_lines(report: dict[str, Any]) -> list[str]:
-    training = report.get("training") or {}
-    if not training:
-        return []
-    lines = ["## Training", "", "| stage | steps | final loss | reward margin | reward accuracy |", "|---|---|---|---|---|"]
-    for stage, t in training.items():
-        f = t["final"]
-        lines.append(f"| {stage} | {t['global_step']} | {_num(f.get('loss'))} | {_num(f.get('rewards/margins'))} | "
-                     f"{_num(f.get('rewards/accuracies'))} |")
-    return lines + [""]
-
-
-def _num(value: Any, digits: int = 3) -> str:
-    return "–" if value is None else f"{value:.{digits}f}"

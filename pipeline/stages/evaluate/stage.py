@@ -18,6 +18,7 @@ from pipeline.core.store import FailureLedger, RunStore, ShardWriter
 from pipeline.stages.evaluate.judging import plan_judgments
 from pipeline.stages.evaluate.records import (
     ANSWERS,
+    OUTPUTS,
     PAIRWISE,
     SINGLE,
     STAGE,
@@ -25,11 +26,13 @@ from pipeline.stages.evaluate.records import (
     EvalModel,
     EvalSet,
     answer_id,
+    check_outputs,
     eval_models,
     load_eval_set,
     plan_record,
 )
 from pipeline.stages.evaluate.report import write_report
+from pipeline.stages.evaluate.schema import SCHEMAS
 from pipeline.teacher.session import teacher_session
 
 log = logging.getLogger(__name__)
@@ -38,15 +41,18 @@ log = logging.getLogger(__name__)
 def run(recipe: Recipe, store: RunStore) -> StageReport:
     """Answer, grade, compare and report; resumable: answers and verdicts are shards, judge calls are cached."""
     eval_set = load_eval_set(recipe)
+    check_outputs(recipe.evaluate, eval_set)
     models = eval_models(recipe.evaluate)
     store.write_json(store.join(STAGE, "plan.json"), plan_record(recipe, eval_set, models))
     failures = store.ledger(STAGE)
-    with store.shard_writer(STAGE, ANSWERS, id_key="answer_id") as writer:
+    with store.shard_writer(STAGE, ANSWERS, id_key="answer_id", schema=SCHEMAS[ANSWERS]) as writer:
         done = writer.done_ids()
         todo = {m.label: [it for it in eval_set.items if answer_id(it.item_id, m.spec) not in done] for m in models}
         bar = progress(STAGE, sum(map(len, todo.values())), "answer")
         for model in models:
-            if todo[model.label]:
+            if todo[model.label] and model.spec == OUTPUTS:
+                shipped_answers(model, todo[model.label], eval_set, writer, failures, bar)
+            elif todo[model.label]:
                 generate_answers(model, todo[model.label], eval_set, recipe, store, writer, failures, bar)
         bar.close()
     answers = {r["answer_id"]: r for r in store.read_records(STAGE, ANSWERS)}
@@ -134,13 +140,28 @@ def generate_answers(model: EvalModel, items: list[EvalItem], eval_set: EvalSet,
         backend.close()
 
 
+def shipped_answers(model: EvalModel, items: list[EvalItem], eval_set: EvalSet, writer: ShardWriter,
+                    failures: FailureLedger, bar: Any) -> None:
+    """The set's own answers as a model's (AlpacaEval's reference outputs): an item without them is ledgered."""
+    for it in items:
+        if it.outputs is None or len(it.outputs) < len(it.turns):
+            failures.record(answer_id(it.item_id, model.spec), f"answer by {model.label}: the evaluation set "
+                            f"ships no answer for every turn of item {it.item_id}")
+        else:
+            done = [Completion(text, "stop", 0, 0) for text in it.outputs[:len(it.turns)]]
+            writer.add(answer_row(it, model, eval_set.name, done, eval_set))
+        bar.update(1)
+    writer.flush()
+
+
 # -- judging ---------------------------------------------------------------------------------------
 async def _judge(recipe: Recipe, store: RunStore, items: list[EvalItem], models: list[EvalModel],
                  answers: dict[str, dict[str, Any]]) -> tuple[str, dict[str, float]]:
     """Every planned judgment not yet in the store; (why it stopped early, if it did; the judge's cost)."""
     async with teacher_session(recipe, store, STAGE) as session:
         judge = session.for_role("judge")
-        writers = {kind: store.shard_writer(STAGE, kind, id_key="judgment_id") for kind in (SINGLE, PAIRWISE)}
+        writers = {kind: store.shard_writer(STAGE, kind, id_key="judgment_id", schema=SCHEMAS[kind])
+                   for kind in (SINGLE, PAIRWISE)}
         done = writers[SINGLE].done_ids() | writers[PAIRWISE].done_ids()
         todo = [j for j in plan_judgments(recipe.evaluate, items, models, answers) if j.judgment_id not in done]
         bar = progress(STAGE, len(todo), "judgment")
@@ -167,26 +188,29 @@ def _finish(recipe: Recipe, store: RunStore, items: list[EvalItem], models: list
     counts = {"input": len(planned_answers), "items": len(items), "models": len(models), "output": len(answers),
               "judgments": len(judged), "failed": len(failed), "pending": pending}
     store.write_json(store.join(STAGE, "stats.json"), {"counts": counts, "teacher": cost})
-    report = write_report(store)
     status, message = conclude(
         STAGE, stop=stop, pending=pending, failed=len(failed), total=len(planned_answers) + len(planned_judgments),
         max_failure_rate=cfg.max_failure_rate, ledger=store.join(STAGE, "failures.jsonl"),
-        saved=f"{len(judged)} judgments",
-        done=f"{summary_line(report)}; {len(failed)} failed; report {store.join(STAGE, 'report.md')}")
+        saved=f"{len(judged)} judgments", done="")
+    report = write_report(store, evaluate_status=status)  # its cost table shows how this stage ends
+    if status == "completed":
+        message = f"{summary_line(report)}; {len(failed)} failed; report {store.join(STAGE, 'report.md')}"
     log.info("evaluate: %s", message)
     outputs = {"report": store.join(STAGE, "report.json"), "report_md": store.join(STAGE, "report.md")}
     return StageReport(STAGE, status, counts, cost, outputs, message)
 
 
 def summary_line(report: dict[str, Any]) -> str:
-    """`dpo: judge 6.1, accuracy 0.62, win rate vs sft 0.71 ± 0.03; ...`"""
+    """`dpo: judge 6.10, accuracy 0.62 ± 0.05, win rate vs sft 0.71 ± 0.03 (length-controlled 0.69); ...`"""
     parts = []
     for label, m in report["evaluation"]["models"].items():
         bits = [f"judge {m['judge']['mean']:.2f}" if m["judge"]["n"] else "judge n/a"]
         if m["accuracy"]:
-            bits.append(f"accuracy {m['accuracy']['mean']:.2f}")
+            bits.append(f"accuracy {m['accuracy']['mean']:.2f} ± {m['accuracy']['stderr']:.2f}")
         if m["vs_baseline"] and m["vs_baseline"]["n"]:
             vs = m["vs_baseline"]
-            bits.append(f"win rate vs {vs['baseline']} {vs['win_rate']:.2f} ± {vs['stderr']:.2f}")
+            lc = (vs.get("length_controlled") or {}).get("win_rate")
+            bits.append(f"win rate vs {vs['baseline']} {vs['win_rate']:.2f} ± {vs['stderr']:.2f}"
+                        + (f" (length-controlled {lc:.2f})" if lc is not None else ""))
         parts.append(f"{label}: " + ", ".join(bits))
     return "; ".join(parts)

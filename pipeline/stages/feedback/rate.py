@@ -103,10 +103,15 @@ async def rate_aspect(client: RoleClient, cfg: FeedbackConfig, aspect: str, item
                        f"last reply {reply_text[:200]!r}", cfg.max_parse_attempts)
 
 
+def rated_aspects(cfg: FeedbackConfig) -> list[str]:
+    """The aspects every answer is rated on, `overall` last when the critique is asked for."""
+    return [*cfg.aspects, *(["overall"] if cfg.overall_critique else [])]
+
+
 async def rate_responses(client: RoleClient, cfg: FeedbackConfig, item_id: str, prompt: str,
                          answers: list[str]) -> dict[str, AspectVerdict]:
     """Every aspect (and the overall critique if asked) for all answers of one prompt, concurrently."""
-    aspects = [*cfg.aspects, *(["overall"] if cfg.overall_critique else [])]
+    aspects = rated_aspects(cfg)
     results = await asyncio.gather(*(rate_aspect(client, cfg, a, item_id, prompt, answers) for a in aspects),
                                    return_exceptions=True)
     errors = [r for r in results if isinstance(r, BaseException)]

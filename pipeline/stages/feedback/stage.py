@@ -16,13 +16,16 @@ from pipeline.core.recipe import Recipe
 from pipeline.core.sources import SeedPrompt
 from pipeline.core.stage import ItemStream, StageReport, conclude
 from pipeline.core.store import RunStore
-from pipeline.stages.feedback.rate import ON_POLICY, Answer, Item, Outcome, judge_item
+from pipeline.stages.feedback.rate import ON_POLICY, Answer, Item, Outcome, judge_item, rated_aspects
 from pipeline.stages.feedback.report import feedback_report, report_markdown
+from pipeline.stages.feedback.schema import RATINGS, pairs_schema
+from pipeline.stages.sample.schema import COMPLETIONS
 from pipeline.stages.sample.stage import NO_PRINCIPLE, Assignment, sample_responses, unique_prompts
 from pipeline.teacher.session import teacher_session
 
 log = logging.getLogger(__name__)
 STAGE = "feedback"
+SAMPLE_DROPPED = "prompt_dropped_by_sample"  # e.g. contaminated: see sample/dropped.jsonl
 ANSWER_COLUMNS = ["completion_id", "prompt_id", "prompt", "prompt_source", "model", "model_path", "completion",
                   "sample_index"]
 
@@ -38,13 +41,14 @@ def run(recipe: Recipe, store: RunStore) -> StageReport:
     pool = read_answers(store, "sample", "completions", [m.name for m in recipe.sample.pool])
     if not pool:
         raise FeedbackError(f"no sampled answers in {store.url}/sample; run `distill stage sample` first")
+    excluded = {pid: e.reason for pid, e in store.ledger("sample", "dropped").latest().items()}  # contaminated
     stop, cost = "", {}
     on_policy: dict[str, list[dict]] = {}
     if ON_POLICY in recipe.feedback.sources:
-        stop, cost = sample_on_policy(recipe, store, prompts)
+        stop, cost = sample_on_policy(recipe, store, [p for p in prompts if p.prompt_id not in excluded])
         on_policy = read_answers(store, STAGE, ON_POLICY, [])
     items = build_items(recipe, prompts, pool, on_policy)
-    stop, rated = asyncio.run(judge_all(recipe, store, items, stop))
+    stop, rated = asyncio.run(judge_all(recipe, store, items, stop, set(excluded)))
     total = {k: rated.get(k, 0.0) + cost.get(k, 0.0) for k in set(rated) | set(cost)}
     return account_feedback(recipe, store, items, total, stop)
 
@@ -96,7 +100,8 @@ def sample_on_policy(recipe: Recipe, store: RunStore, prompts: list[SeedPrompt])
     """k answers per prompt from this run's student, into feedback/on_policy-*.parquet (resumable)."""
     cfg = recipe.feedback
     sampler = cfg.on_policy_sampler
-    writer = store.shard_writer(STAGE, name=ON_POLICY, shard_size=cfg.shard_size, id_key="completion_id")
+    writer = store.shard_writer(STAGE, name=ON_POLICY, shard_size=cfg.shard_size, id_key="completion_id",
+                                schema=COMPLETIONS)
     done = writer.done_ids()
     todo = [a for p in prompts for i in range(cfg.on_policy_k)
             if (a := Assignment(p, sampler.name, NO_PRINCIPLE, i, cfg.seed)).completion_id not in done]
@@ -113,10 +118,11 @@ class Outbox:
     """Finished items' ratings, pairs and dropped lines, published together and ratings first: an item that
     counts as done (a pair or a dropped line) always has its ratings on disk; a rerun skips ratings it has."""
 
-    def __init__(self, store: RunStore, shard_size: int):
+    def __init__(self, store: RunStore, shard_size: int, aspects: list[str]):
         never = 10**12  # published by flush() only, so the three stay in step
-        self.ratings = store.shard_writer(STAGE, "ratings", shard_size=never, id_key="rating_id")
-        self.pairs = store.shard_writer(STAGE, "pairs", shard_size=never, id_key="pair_id")
+        self.ratings = store.shard_writer(STAGE, "ratings", shard_size=never, id_key="rating_id", schema=RATINGS)
+        self.pairs = store.shard_writer(STAGE, "pairs", shard_size=never, id_key="pair_id",
+                                        schema=pairs_schema(aspects))
         self.dropped = store.ledger(STAGE, "dropped")
         self.shard_size = shard_size
         self._rating_ids = self.ratings.done_ids()
@@ -153,17 +159,21 @@ class Outbox:
         self.flush()  # what finished is kept even when the stage stops
 
 
-async def judge_all(recipe: Recipe, store: RunStore, items: list[Item], stop: str) -> tuple[str, dict[str, float]]:
-    """Judge every item not yet done, streaming; a stop drains what is in flight and starts nothing new."""
+async def judge_all(recipe: Recipe, store: RunStore, items: list[Item], stop: str,
+                    excluded: set[str] = frozenset()) -> tuple[str, dict[str, float]]:
+    """Judge every item not yet done, streaming; a stop drains what is in flight and starts nothing new.
+    Items of `excluded` prompts (sample dropped them, e.g. contaminated) are dropped with that reason."""
     async with teacher_session(recipe, store, STAGE) as session:
         rater = session.for_role("rater")
-        with Outbox(store, recipe.feedback.shard_size) as outbox:
+        with Outbox(store, recipe.feedback.shard_size, rated_aspects(recipe.feedback)) as outbox:
             done = outbox.done_items()
             todo = []
             for item in items if not stop else []:
                 if item.item_id in done:
                     continue
-                if not item.answers or (item.source != "correction" and len(item.answers) < 2):
+                if item.prompt_id in excluded:
+                    outbox.add(item, Outcome(dropped=SAMPLE_DROPPED))
+                elif not item.answers or (item.source != "correction" and len(item.answers) < 2):
                     outbox.add(item, Outcome(dropped="no_student_answer" if item.source == "correction"
                                              else "fewer_than_2_answers"))
                 else:

@@ -2,29 +2,23 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import random
 import re
 from collections import Counter
-from dataclasses import dataclass
+from typing import Any
 
 from pipeline.core.recipe import SelfInstructConfig
 from pipeline.core.sources import SeedPrompt, prompt_id
 from pipeline.core.templates import render
-from pipeline.stages.generate.textsim import rouge_l, words
-from pipeline.teacher.client import BudgetExceeded, TeacherError, TeacherFatal
+from pipeline.stages.generate.expansion import Exhaustion, ask_in_order, offer_all, request_seed
+from pipeline.stages.generate.instruction_filter import Candidate, InstructionFilter
 from pipeline.teacher.messages import ChatRequest
 from pipeline.teacher.session import RoleClient
 
 log = logging.getLogger(__name__)
+SOURCE = "self_instruct"
 _TASK_LINE = re.compile(r"^\s*(?:\d+[.)]\s*)?\**task\**\s*\d*\s*[:.]\s*(.+?)\s*$", re.IGNORECASE)
-
-
-@dataclass
-class Candidate:
-    text: str
-    cut_off: bool = False
 
 
 def parse_tasks(text: str, finish_reason: str) -> list[Candidate]:
@@ -35,86 +29,48 @@ def parse_tasks(text: str, finish_reason: str) -> list[Candidate]:
     return found
 
 
-class InstructionFilter:
-    """Keeps an instruction only if it is well-formed and not too close (ROUGE-L) to any kept one."""
-
-    def __init__(self, cfg: SelfInstructConfig, kept: list[str]):
-        self.cfg = cfg
-        self.kept_tokens = [words(t) for t in kept]
-        self.unsuitable = [re.compile(p, re.IGNORECASE) for p in cfg.unsuitable_patterns]
-        self.rejected: Counter[str] = Counter()
-
-    def reason_to_drop(self, cand: Candidate) -> str | None:
-        n = len(cand.text.split())
-        if cand.cut_off:
-            return "cut_off"
-        if n <= self.cfg.min_words or n > self.cfg.max_words:
-            return "length"
-        if any(p.search(cand.text) for p in self.unsuitable):
-            return "unsuitable"
-        if not cand.text[0].isalnum():
-            return "malformed"
-        toks = words(cand.text)
-        if any(rouge_l(toks, other) > self.cfg.rouge_threshold for other in self.kept_tokens):
-            return "too_similar"
-        return None
-
-    def offer(self, cand: Candidate) -> bool:
-        reason = self.reason_to_drop(cand)
-        if reason:
-            self.rejected[reason] += 1
-            return False
-        self.kept_tokens.append(words(cand.text))
-        return True
-
-
-async def expand(client: RoleClient, seeds: list[SeedPrompt], cfg: SelfInstructConfig,
-                 seed: int = 0) -> tuple[list[SeedPrompt], dict[str, int]]:
-    """Grow the seed set to `target_count` prompts; returns the new prompts and filter counts.
+async def expand(writer: RoleClient, seeds: list[SeedPrompt], cfg: SelfInstructConfig, filt: InstructionFilter,
+                 seed: int = 0) -> tuple[list[SeedPrompt], dict[str, Any]]:
+    """Grow the seed set to `target_count` prompts, or until proposing is exhausted; returns the new prompts
+    and stats (proposed, kept, rejected by reason, the stop reason).
 
     Requests are a deterministic function of the seeds and what was kept so far, so a resumed run
-    replays them from the response cache.
+    replays them from the response cache. `writer` is the instruction writer's client.
     """
     human = [s.prompt for s in seeds]
     generated: list[str] = []
-    filt = InstructionFilter(cfg, human)
     stats: Counter[str] = Counter()
-    rounds = 0
-    while len(human) + len(generated) < cfg.target_count and rounds < cfg.max_rounds:
+    rejected_before = Counter(filt.rejected)  # the filter is shared with self-prompting
+    exhaustion = Exhaustion(cfg.exhaustion, cfg.target_count)
+    while len(human) + len(generated) < cfg.target_count:
         need = cfg.target_count - len(human) - len(generated)
-        # a round is as many requests as run at once (live) or fit in one batch file (Batch API)
-        per_round = client.cfg.batch_max_requests if client.cfg.batch else client.cfg.max_concurrency
+        # a round is `requests_per_round` live, or as many as fit in one batch file when the writer batches
+        per_round = writer.cfg.batch_max_requests if writer.cfg.batch else cfg.requests_per_round
         n_requests = max(1, min(per_round, -(-need // cfg.tasks_per_request)))
-        requests = [_request(human, generated, cfg, random.Random(f"{seed}:{rounds}:{i}"))
+        rnd = exhaustion.rounds
+        requests = [_request(human, generated, cfg, random.Random(f"{seed}:{rnd}:{i}"), request_seed(seed, rnd, i))
                     for i in range(n_requests)]
-        results = await asyncio.gather(*(client.chat(r) for r in requests), return_exceptions=True)
-        for res in results:
-            if isinstance(res, (BudgetExceeded, TeacherFatal)):
-                raise res
-            if isinstance(res, TeacherError):
-                stats["request_failed"] += 1
-                continue
-            if isinstance(res, BaseException):
-                raise res
-            for cand in parse_tasks(res.text, res.finish_reason):
-                stats["proposed"] += 1
-                if len(human) + len(generated) < cfg.target_count and filt.offer(cand):
-                    generated.append(cand.text)
-        rounds += 1
-    stats.update({f"rejected_{k}": v for k, v in filt.rejected.items()})
-    stats["kept"] = len(generated)
-    stats["rounds"] = rounds
-    if len(human) + len(generated) < cfg.target_count:
-        log.warning("self-instruct stopped at %d of %d prompts after %d rounds (generate.self_instruct.max_rounds)",
-                    len(human) + len(generated), cfg.target_count, rounds)
-    return [SeedPrompt(t, prompt_id(t), "self_instruct") for t in generated], dict(stats)
+        cands = [c for res in await ask_in_order(writer, requests, stats) if res is not None
+                 for c in parse_tasks(res.text, res.finish_reason)]
+        flags = await offer_all(filt, cands, need)
+        generated += [c.text for c, ok in zip(cands, flags, strict=True) if ok]
+        stats["proposed"] += len(cands)
+        if exhaustion.after_round(len(cands), sum(flags), len(human) + len(generated)):
+            break
+    total = len(human) + len(generated)
+    if total < cfg.target_count:
+        log.warning("self-instruct stopped at %d of %d prompts: %s", total, cfg.target_count, exhaustion.reason)
+    rejected = {f"rejected_{k}": v for k, v in (filt.rejected - rejected_before).items()}
+    summary = {**dict(stats), **rejected, "kept": len(generated), **exhaustion.summary(total)}
+    return [SeedPrompt(t, prompt_id(t), SOURCE) for t in generated], summary
 
 
-def _request(human: list[str], generated: list[str], cfg: SelfInstructConfig, rng: random.Random) -> ChatRequest:
+def _request(human: list[str], generated: list[str], cfg: SelfInstructConfig, rng: random.Random,
+             sampling_seed: int) -> ChatRequest:
     n_seed = min(len(human), cfg.seed_examples_per_request)
     n_gen = min(len(generated), cfg.examples_per_request - n_seed)
     examples = rng.sample(human, n_seed) + rng.sample(generated, n_gen)
     rng.shuffle(examples)
     text = render("generate_self_instruct.jinja", examples=examples, count=cfg.tasks_per_request)
     return ChatRequest(messages=[{"role": "user", "content": text}], temperature=cfg.temperature,
-                       max_tokens=64 * cfg.tasks_per_request)
+                       max_tokens=64 * cfg.tasks_per_request, seed=sampling_seed)

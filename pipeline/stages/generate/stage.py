@@ -1,4 +1,9 @@
-"""dSFT data (UltraChat style): the teacher plays both the user and the assistant in multi-turn dialogues."""
+"""dSFT data (UltraChat style): the teacher plays both the user and the assistant in multi-turn dialogues.
+
+Seed prompts are deduplicated and decontaminated first; self-instruct and self-prompting may then grow them
+(every new instruction through the same filter); each prompt becomes a simulated dialogue; duplicate
+dialogues are removed last, in input order.
+"""
 
 from __future__ import annotations
 
@@ -6,100 +11,35 @@ import asyncio
 import hashlib
 import json
 import logging
-import random
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.core.evalsets import read_eval_rows
+from pipeline.core.decontam import CONTAMINATED, Decontaminator, counts_by_file, load_decontaminator
 from pipeline.core.progress import progress
 from pipeline.core.recipe import GenerateConfig, Recipe
 from pipeline.core.sources import SeedPrompt, iter_prompts
-from pipeline.core.stage import ItemDropped, ItemStream, StageReport, conclude
+from pipeline.core.stage import ItemStream, StageReport, conclude
 from pipeline.core.store import RunStore
 from pipeline.core.templates import render
-from pipeline.stages.generate.filters import DialogueFilters, truecase
+from pipeline.stages.generate.dedup import remove_duplicate_dialogues
+from pipeline.stages.generate.dialogue import Dialogue, simulate_dialogue
+from pipeline.stages.generate.filters import DialogueFilters
+from pipeline.stages.generate.instruction_filter import InstructionFilter
+from pipeline.stages.generate.schema import DIALOGUES
 from pipeline.stages.generate.self_instruct import expand
-from pipeline.stages.generate.textsim import NearDuplicateIndex, NgramIndex
-from pipeline.teacher.messages import ChatRequest
+from pipeline.stages.generate.self_prompting import self_prompt
+from pipeline.stages.generate.textsim import NearDuplicateIndex
 from pipeline.teacher.session import RoleClient, TeacherSession, teacher_session
 
 log = logging.getLogger(__name__)
 STAGE = "generate"
 
 
-@dataclass
-class Dialogue:
-    messages: list[dict[str, str]]
-    target_rounds: int
-    stop_reason: str = "rounds"
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    truecased: int = 0
-    events: list[str] = field(default_factory=list)
-
-
-def _flip(messages: list[dict[str, str]], system: str) -> list[dict[str, str]]:
-    """The user simulator's view: its own (user) turns become 'assistant', the assistant's become 'user'."""
-    swap = {"user": "assistant", "assistant": "user"}
-    return [{"role": "system", "content": system}] + [{"role": swap[m["role"]], "content": m["content"]}
-                                                      for m in messages]
-
-
-def dialogue_rounds(cfg: GenerateConfig, prompt_id: str) -> int:
-    """The number of rounds a seed prompt's dialogue is drawn to have (seeded by the prompt alone)."""
-    return random.Random(f"{cfg.seed}:{prompt_id}").randint(cfg.min_rounds, cfg.max_rounds)
-
-
-async def simulate_dialogue(assistant: RoleClient, user_simulator: RoleClient, seed: SeedPrompt,
-                            cfg: GenerateConfig, filters: DialogueFilters, user_system: str) -> Dialogue:
-    """Alternate the assistant and the user simulator for a drawn number of rounds."""
-    rounds = dialogue_rounds(cfg, seed.prompt_id)
-    fix = truecase if cfg.filters.truecase else (lambda t: t)
-    first = fix(seed.prompt)
-    dlg = Dialogue([{"role": "user", "content": first}], rounds, truecased=int(first != seed.prompt))
-    for r in range(rounds):
-        reply = await assistant.chat(ChatRequest(dlg.messages, cfg.temperature, cfg.max_tokens))
-        dlg.prompt_tokens += reply.prompt_tokens
-        dlg.completion_tokens += reply.completion_tokens
-        text = reply.text.strip()
-        problem = ("truncated" if reply.finish_reason == "length" and cfg.filters.drop_truncated else
-                   "empty" if cfg.filters.drop_empty and filters.degenerate(text) else None)
-        if problem:
-            if r == 0:
-                raise ItemDropped(f"{problem}_assistant_turn")
-            dlg.messages.pop()  # the unanswered user turn goes too: every dialogue ends on the assistant
-            dlg.stop_reason = problem
-            break
-        if pattern := filters.disclaimer(text):
-            raise ItemDropped(f"disclaimer: {pattern}")
-        fixed = fix(text)
-        dlg.truecased += int(fixed != text)
-        dlg.messages.append({"role": "assistant", "content": fixed})
-        if r == rounds - 1:
-            break
-        user = await user_simulator.chat(ChatRequest(_flip(dlg.messages, user_system), cfg.user_temperature,
-                                                     cfg.max_tokens))
-        dlg.prompt_tokens += user.prompt_tokens
-        dlg.completion_tokens += user.completion_tokens
-        turn = user.text.strip()
-        if filters.degenerate(turn) or user.finish_reason == "length":
-            dlg.stop_reason = "empty_user_turn" if filters.degenerate(turn) else "truncated_user_turn"
-            break
-        if cfg.filters.drop_role_drift and filters.role_drift(turn):
-            dlg.stop_reason = "role_drift"
-            break
-        dlg.messages.append({"role": "user", "content": fix(turn)})
-    return dlg
-
-
-def select_prompts(seeds: list[SeedPrompt], cfg: GenerateConfig, dropped: dict[str, str]) -> list[SeedPrompt]:
+def select_prompts(seeds: list[SeedPrompt], cfg: GenerateConfig, decon: Decontaminator,
+                   dropped: dict[str, tuple[str, dict | None]]) -> list[SeedPrompt]:
     """Exact and near duplicates and contaminated prompts are dropped before the teacher is paid."""
     near = NearDuplicateIndex(cfg.filters.near_dup_threshold) if cfg.filters.dedup else None
-    files = cfg.decontamination.eval_files
-    decon = NgramIndex((turn for f in files for row in read_eval_rows(f) for turn in row.turns),
-                       cfg.decontamination.ngram) if files else None
     seen: set[str] = set()
     kept = []
     for s in seeds:
@@ -107,11 +47,11 @@ def select_prompts(seeds: list[SeedPrompt], cfg: GenerateConfig, dropped: dict[s
             continue  # the same prompt twice is one item
         seen.add(s.prompt_id)
         if not s.prompt:
-            dropped[s.prompt_id] = "empty_prompt"
-        elif decon is not None and decon.contaminated(s.prompt):
-            dropped[s.prompt_id] = "contaminated"
-        elif near is not None and near.seen(s.prompt):
-            dropped[s.prompt_id] = "near_duplicate_prompt"
+            dropped[s.prompt_id] = ("empty_prompt", None)
+        elif decon and (match := decon.match(s.prompt)) is not None:
+            dropped[s.prompt_id] = (match.reason, match.detail())
+        elif near is not None and near.seen(s.prompt, s.prompt_id):
+            dropped[s.prompt_id] = ("near_duplicate_prompt", None)
         else:
             kept.append(s)
     return kept
@@ -122,10 +62,11 @@ def _record(seed: SeedPrompt, dlg: Dialogue, model: str) -> dict:
     return {
         "prompt": seed.prompt, "prompt_id": seed.prompt_id, "messages": dlg.messages,
         "source": seed.source, "teacher_model": model,
+        "root_prompt_id": seed.root, "parent_prompt_id": seed.parent_prompt_id, "depth": seed.depth,
         "rounds": sum(m["role"] == "assistant" for m in dlg.messages), "target_rounds": dlg.target_rounds,
-        "stop_reason": dlg.stop_reason, "prompt_tokens": dlg.prompt_tokens,
-        "completion_tokens": dlg.completion_tokens, "truecased_turns": dlg.truecased,
-        "dialogue_sha": hashlib.sha256(blob).hexdigest(),
+        "stop_reason": dlg.stop_reason, "stop_detail": dlg.stop_detail, "contaminated_by": dlg.contaminated_by,
+        "prompt_tokens": dlg.prompt_tokens, "completion_tokens": dlg.completion_tokens,
+        "truecased_turns": dlg.truecased, "dialogue_sha": hashlib.sha256(blob).hexdigest(),
     }
 
 
@@ -137,64 +78,88 @@ def run(recipe: Recipe, store: RunStore) -> StageReport:
 async def _run(recipe: Recipe, store: RunStore) -> StageReport:
     cfg = recipe.generate
     extra: dict[str, Any] = {"seconds": {}}
+    decon = load_decontaminator(recipe.decontamination)
     async with teacher_session(recipe, store, STAGE) as session:
-        seeds = list(iter_prompts(recipe.prompts, recipe.task))
-        if cfg.self_instruct.enabled and cfg.self_instruct.target_count > len(seeds):
-            new, extra["self_instruct"] = await expand(session.for_role("instruction_writer"), seeds,
-                                                       cfg.self_instruct, cfg.seed)
-            store.write_bytes(store.join(STAGE, "instructions.jsonl"),
-                              "".join(json.dumps({"prompt": s.prompt, "prompt_id": s.prompt_id}) + "\n"
-                                      for s in new).encode())
-            seeds += new
         t0 = time.perf_counter()
-        todo = pending_prompts(store, seeds, cfg)
+        seeds = list(iter_prompts(recipe.prompts, recipe.task))
+        kept = ledger_seed_drops(store, seeds, cfg, decon)
         extra["seconds"]["select_prompts"] = round(time.perf_counter() - t0, 3)
         t0 = time.perf_counter()
-        stop = await simulate_all(recipe, store, session, todo)
+        grown = await grow_prompts(store, session.for_role("instruction_writer"), kept, cfg, decon, extra)
+        extra["seconds"]["expansion"] = round(time.perf_counter() - t0, 3)
+        prompts = kept + grown
+        done = store.shard_writer(STAGE).done_ids()
+        dropped = {f.item_id for f in store.ledger(STAGE, "dropped").entries()}
+        todo = [s for s in prompts if s.prompt_id not in done and s.prompt_id not in dropped]
+        t0 = time.perf_counter()
+        stop = await simulate_all(recipe, store, session, todo, decon)
         extra["seconds"]["dialogues"] = round(time.perf_counter() - t0, 3)
-    return _finish(recipe, store, seeds, session.usage(), extra, stop)
+    if not stop and cfg.filters.dedup:  # only over the finished set: the decision must not depend on timing
+        rank = {s.prompt_id: i for i, s in enumerate(prompts)}
+        remove_duplicate_dialogues(store, STAGE, rank, cfg.filters.near_dup_threshold)
+    return _finish(recipe, store, seeds + grown, session.usage(), extra, stop)
 
 
-def pending_prompts(store: RunStore, seeds: list[SeedPrompt], cfg: GenerateConfig) -> list[SeedPrompt]:
-    """The prompts still to simulate: filtered ones are ledgered as dropped (once), finished ones skipped."""
-    dropped_ledger = store.ledger(STAGE, "dropped")
-    dropped_now: dict[str, str] = {}
-    kept = select_prompts(seeds, cfg, dropped_now)
-    already_dropped = {f.item_id for f in dropped_ledger.entries()}
-    dropped_ledger.record_many((pid, reason, 1) for pid, reason in dropped_now.items() if pid not in already_dropped)
-    done = store.shard_writer(STAGE).done_ids()
-    return [s for s in kept if s.prompt_id not in done and s.prompt_id not in already_dropped]
+def ledger_seed_drops(store: RunStore, seeds: list[SeedPrompt], cfg: GenerateConfig,
+                      decon: Decontaminator) -> list[SeedPrompt]:
+    """The seeds that pass; the others are ledgered as dropped (once, with what matched)."""
+    ledger = store.ledger(STAGE, "dropped")
+    dropped_now: dict[str, tuple[str, dict | None]] = {}
+    kept = select_prompts(seeds, cfg, decon, dropped_now)
+    already = {f.item_id for f in ledger.entries()}
+    ledger.record_many((pid, reason, 1, detail) for pid, (reason, detail) in dropped_now.items() if pid not in already)
+    return kept
 
 
-async def simulate_all(recipe: Recipe, store: RunStore, session: TeacherSession, todo: list[SeedPrompt]) -> str:
+async def grow_prompts(store: RunStore, writer: RoleClient, kept: list[SeedPrompt], cfg: GenerateConfig,
+                       decon: Decontaminator, extra: dict[str, Any]) -> list[SeedPrompt]:
+    """Self-instruct, then self-prompting from every prompt so far; writes instructions.jsonl (with lineage)
+    and the contaminated proposals; returns the new prompts."""
+    grown: list[SeedPrompt] = []
+    si, sp = cfg.self_instruct, cfg.self_prompting
+    if not (si.enabled and si.target_count > len(kept)) and not sp.enabled:
+        return grown
+    filt = InstructionFilter(cfg.instruction_filter, [s.prompt for s in kept], decon)
+    if si.enabled and si.target_count > len(kept):
+        new, extra["self_instruct"] = await expand(writer, kept, si, filt, cfg.seed)
+        grown += new
+    if sp.enabled:
+        new, extra["self_prompting"] = await self_prompt(writer, kept + grown, cfg, filt)
+        grown += new
+    rows = [{"prompt": s.prompt, "prompt_id": s.prompt_id, "source": s.source, "root_prompt_id": s.root,
+             "parent_prompt_id": s.parent_prompt_id, "depth": s.depth} for s in grown]
+    store.write_bytes(store.join(STAGE, "instructions.jsonl"), "".join(json.dumps(r) + "\n" for r in rows).encode())
+    contaminated = [{"prompt": text, "reason": m.reason, **m.detail()} for text, m in filt.contaminated]
+    store.write_bytes(store.join(STAGE, "instructions_contaminated.jsonl"),
+                      "".join(json.dumps(r) + "\n" for r in contaminated).encode())
+    extra["contaminated_instructions_by_file"] = dict(Counter(r["eval_file"] for r in contaminated))
+    return grown
+
+
+async def simulate_all(recipe: Recipe, store: RunStore, session: TeacherSession, todo: list[SeedPrompt],
+                       decon: Decontaminator) -> str:
     """Simulate the dialogues and publish them shard by shard; returns why it stopped early, if it did."""
     cfg = recipe.generate
-    dropped = store.ledger(STAGE, "dropped")
-    seen_dialogues = {r["dialogue_sha"] for r in store.read_records(STAGE, columns=["dialogue_sha"])}
     filters = DialogueFilters(cfg.filters)
     user_system = render("generate_user_simulator.jinja", persona=None)
     bar = progress(STAGE, len(todo), "dialogue")
-    stream = ItemStream(store.ledger(STAGE), lambda s: s.prompt_id, dropped=dropped, progress=bar)
+    stream = ItemStream(store.ledger(STAGE), lambda s: s.prompt_id, dropped=store.ledger(STAGE, "dropped"),
+                        progress=bar)
     assistant, user_simulator = session.for_role("assistant"), session.for_role("user_simulator")
-    with store.shard_writer(STAGE, shard_size=cfg.shard_size) as writer:
+    with store.shard_writer(STAGE, shard_size=cfg.shard_size, schema=DIALOGUES) as writer:
         # Twice the endpoints' concurrency in dialogues: a request slot freed by one is taken at once by a
         # dialogue already waiting on the client's semaphore (measured: 10% more requests/s than 1x).
         async for seed, dialogue in stream.results(
-                todo, lambda s: simulate_dialogue(assistant, user_simulator, s, cfg, filters, user_system),
+                todo, lambda s: simulate_dialogue(assistant, user_simulator, s, cfg, filters, user_system, decon),
                 session.concurrency("assistant", "user_simulator", live_factor=2)):
-            record = _record(seed, dialogue, assistant.cfg.model)
-            if cfg.filters.dedup and record["dialogue_sha"] in seen_dialogues:
-                dropped.record(seed.prompt_id, "duplicate_dialogue")
-                continue
-            seen_dialogues.add(record["dialogue_sha"])
-            writer.add(record, flush=False)
+            writer.add(_record(seed, dialogue, assistant.cfg.model), flush=False)
             if writer.full:  # publish the shard off the event loop: requests in flight keep going
                 await asyncio.to_thread(writer.flush)
     bar.close()
     return stream.stopped
 
 
-def _finish(recipe: Recipe, store: RunStore, seeds: list[SeedPrompt], cost: dict[str, float],
+def _finish(recipe: Recipe, store: RunStore, prompts: list[SeedPrompt], cost: dict[str, float],
             extra: dict[str, Any], stop: str) -> StageReport:
     """Account for every prompt from what the store holds, write stats.json and the report."""
     out_ids = {r["prompt_id"] for r in store.read_records(STAGE, columns=["prompt_id"])}
@@ -203,21 +168,27 @@ def _finish(recipe: Recipe, store: RunStore, seeds: list[SeedPrompt], cost: dict
     stop_reasons: Counter[str] = Counter()
     rounds: Counter[int] = Counter()
     tokens: Counter[str] = Counter()
+    turns_by_file: Counter[str] = Counter()
     for r in store.read_records(STAGE, columns=["stop_reason", "rounds", "prompt_tokens", "completion_tokens",
-                                                "truecased_turns"]):
+                                                "truecased_turns", "contaminated_by"]):
         stop_reasons[r["stop_reason"]] += 1
         rounds[r["rounds"]] += 1
         tokens["prompt"] += r["prompt_tokens"]
         tokens["completion"] += r["completion_tokens"]
         tokens["truecased_turns"] += r["truecased_turns"]
-    unique = len({s.prompt_id for s in seeds})
+        turns_by_file.update([r["contaminated_by"]] if r["contaminated_by"] else [])
+    unique = len({s.prompt_id for s in prompts})
     pending = unique - len(out_ids) - len(failed) - len(dropped)
-    counts = {"input": len(seeds), "unique": unique, "output": len(out_ids), "failed": len(failed),
+    counts = {"input": len(prompts), "unique": unique, "output": len(out_ids), "failed": len(failed),
               "dropped": len(dropped), "pending": pending}
     store.write_json(store.join(STAGE, "stats.json"), {
         "counts": counts,
         "dropped_by_reason": dict(Counter(_reason_kind(d.reason) for d in dropped.values())),
         "failed_by_reason": dict(Counter(_reason_kind(f.reason) for f in failed.values())),
+        "decontamination": {"eval_files": recipe.decontamination.eval_files, "ngram": recipe.decontamination.ngram,
+                            "prompts_by_file": counts_by_file(d.detail for d in dropped.values()),
+                            "user_turns_by_file": dict(turns_by_file),
+                            "instructions_by_file": extra.pop("contaminated_instructions_by_file", {})},
         "dialogue_stop_reasons": dict(stop_reasons),
         "rounds_histogram": {str(k): v for k, v in sorted(rounds.items())},
         "tokens": dict(tokens), "teacher": cost, **extra,
@@ -228,10 +199,17 @@ def _finish(recipe: Recipe, store: RunStore, seeds: list[SeedPrompt], cost: dict
         saved=f"{len(out_ids)} dialogues",
         done=(f"{len(out_ids)} dialogues, {len(failed)} failed, {len(dropped)} dropped; "
               f"{int(cost['prompt_tokens'] + cost['completion_tokens'])} teacher tokens paid, "
-              f"{int(cost['cached'])} cached responses reused, ${cost['usd']:.4f}"))
+              f"{int(cost['cached'])} cached responses reused, ${cost['usd']:.4f}" + _shortfall(extra)))
     log.info("generate: %s", message)
     return StageReport(STAGE, status, counts, cost, {"data": store.join(STAGE)}, message)
 
 
+def _shortfall(extra: dict[str, Any]) -> str:
+    """Where an expansion stopped short of its target, and why (also in stats.json)."""
+    return "".join(f"; {name.replace('_', '-')} reached {s['total']} of {s['target']} prompts ({s['stop_reason']})"
+                   for name in ("self_instruct", "self_prompting")
+                   if (s := extra.get(name)) and not s.get("reached", True))
+
+
 def _reason_kind(reason: str) -> str:
-    return reason.split(":", 1)[0].split(" (", 1)[0][:60]
+    return CONTAMINATED if reason.startswith(CONTAMINATED) else reason.split(":", 1)[0].split(" (", 1)[0][:60]

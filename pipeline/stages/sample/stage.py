@@ -11,12 +11,14 @@ from typing import Any
 
 from pipeline.backends.base import BackendStopped, Completion, GenerationRequest, SamplingParams
 from pipeline.backends.pool import make_backend
+from pipeline.core.decontam import CONTAMINATED, Match, counts_by_file, load_decontaminator
 from pipeline.core.progress import progress
 from pipeline.core.recipe import PoolModel, Recipe, SampleConfig
 from pipeline.core.sources import SeedPrompt, iter_prompts
 from pipeline.core.stage import StageReport, conclude
 from pipeline.core.store import FailureLedger, RunStore, ShardWriter
 from pipeline.core.templates import render, template_names
+from pipeline.stages.sample.schema import COMPLETIONS as COMPLETIONS_SCHEMA
 
 log = logging.getLogger(__name__)
 STAGE = "sample"
@@ -148,15 +150,29 @@ def unique_prompts(recipe: Recipe) -> list[SeedPrompt]:
     return out
 
 
+def decontaminate(recipe: Recipe, prompts: list[SeedPrompt]) -> tuple[list[SeedPrompt], dict[str, Match]]:
+    """The prompts that share no n-gram with the recipe's evaluation sets, and what the others matched:
+    preference pairs are training data too."""
+    decon = load_decontaminator(recipe.decontamination)
+    if not decon:
+        return prompts, {}
+    matches = {p.prompt_id: m for p in prompts if (m := decon.match(p.prompt)) is not None}
+    return [p for p in prompts if p.prompt_id not in matches], matches
+
+
 def run(recipe: Recipe, store: RunStore) -> StageReport:
     """Answer every prompt with k pool models, one model loaded at a time; resumable per model and chunk."""
     cfg = recipe.sample
     if not cfg.pool:
         raise SampleError("sample.pool is empty: list the models that answer the prompts (see configs/quickstart.yaml)")
     check_principles(cfg)
-    prompts = unique_prompts(recipe)
+    prompts, contaminated = decontaminate(recipe, unique_prompts(recipe))
+    ledger = store.ledger(STAGE, "dropped")
+    known = {e.item_id for e in ledger.entries()}
+    ledger.record_many((pid, m.reason, 1, m.detail()) for pid, m in contaminated.items() if pid not in known)
     plan = assign_models(prompts, cfg)
-    writer = store.shard_writer(STAGE, name=COMPLETIONS, shard_size=cfg.shard_size, id_key="completion_id")
+    writer = store.shard_writer(STAGE, name=COMPLETIONS, shard_size=cfg.shard_size, id_key="completion_id",
+                                schema=COMPLETIONS_SCHEMA)
     failures = store.ledger(STAGE)
     done = writer.done_ids()
     stop, cost = "", Counter()
@@ -194,8 +210,9 @@ def _finish(recipe: Recipe, store: RunStore, prompts: list[SeedPrompt], plan: li
     for m in per_model.values():
         m["mean_chars"] = round(m.pop("chars") / max(1, m["answers"]), 1)
     answers_per_prompt = Counter(Counter(r["prompt_id"] for r in rows).values())
+    dropped = store.ledger(STAGE, "dropped").latest()
     counts = {"input": len(planned), "prompts": len(prompts), "output": len(out_ids), "failed": len(failed),
-              "pending": pending}
+              "pending": pending, "dropped_prompts": len(dropped)}
     stats = {
         "counts": counts,
         "assigned_per_model": dict(Counter(a.model for a in plan)),
@@ -203,6 +220,9 @@ def _finish(recipe: Recipe, store: RunStore, prompts: list[SeedPrompt], plan: li
         "principles": dict(Counter(r["principle"] for r in rows)),
         "answers_per_prompt": {str(k): v for k, v in sorted(answers_per_prompt.items())},
         "failed_by_model": dict(Counter(f.reason.split(":", 1)[0] for f in failed.values())),
+        "dropped_prompts_by_reason": dict(Counter(d.reason.split(":", 1)[0] for d in dropped.values())),
+        "decontamination": {"eval_files": recipe.decontamination.eval_files, "ngram": recipe.decontamination.ngram,
+                            "prompts_by_file": counts_by_file(d.detail for d in dropped.values())},
         "cost": cost,
     }
     store.write_json(store.join(STAGE, "stats.json"), stats)
@@ -211,6 +231,6 @@ def _finish(recipe: Recipe, store: RunStore, prompts: list[SeedPrompt], plan: li
         max_failure_rate=recipe.sample.max_failure_rate, ledger=store.join(STAGE, "failures.jsonl"),
         saved=f"{len(out_ids)} answers",
         done=(f"{len(out_ids)} answers to {len(prompts)} prompts from {len(recipe.sample.pool)} pool models, "
-              f"{len(failed)} failed"))
+              f"{len(failed)} failed" + (f"; {len(dropped)} prompts dropped ({CONTAMINATED})" if dropped else "")))
     log.info("sample: %s", message)
     return StageReport(STAGE, status, counts, cost, {"completions": store.join(STAGE)}, message)

@@ -5,13 +5,16 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from pipeline.core.recipe import Recipe
 from pipeline.core.stage import StageReport
 from pipeline.core.store import RunStore
+from pipeline.series.data import earlier_records
 from pipeline.train import configs, models, outputs, templates
 from pipeline.train.launch import is_launched_rank, launch_stage, should_launch
+from pipeline.train.progress import training_callbacks
 
 log = logging.getLogger("pipeline.train")
 
@@ -19,8 +22,11 @@ ROLES = {"system", "user", "assistant"}
 
 
 def run(recipe: Recipe, store: RunStore) -> StageReport:
-    """Fine-tune the student on `generate`'s dialogues into `<run>/sft/model`."""
+    """Fine-tune the student on `generate`'s dialogues (and a series' earlier ones) into `<run>/sft/model`."""
     total, dialogues, failures = read_dialogues(store)
+    new = len(dialogues)
+    earlier_total, earlier, earlier_failures = series_dialogues(recipe, store)
+    total, dialogues, failures = total + earlier_total, dialogues + earlier, {**failures, **earlier_failures}
     if not is_launched_rank():
         outputs.record_new_failures(store, "sft", failures)
     if not dialogues:
@@ -32,8 +38,11 @@ def run(recipe: Recipe, store: RunStore) -> StageReport:
         metrics = store.read_json(store.join("sft", "metrics.json"))
     else:
         metrics = train_sft(recipe, store, dialogues)
+    counts = {"input": total, "output": len(dialogues), "failed": len(failures)}
+    if recipe.series.previous_runs:  # how much of it came from the series' earlier runs
+        counts.update(new=new, earlier=len(earlier), earlier_runs=len(recipe.series.previous_runs))
     return StageReport(
-        "sft", counts={"input": total, "output": len(dialogues), "failed": len(failures)},
+        "sft", counts=counts,
         outputs={"model": store.join("sft", "model"), "metrics": store.join("sft", "metrics.json")},
         message=f"{metrics['global_step']} steps on {len(dialogues)} dialogues, "
                 f"final loss {metrics['final'].get('loss', float('nan')):.4f}")
@@ -41,15 +50,38 @@ def run(recipe: Recipe, store: RunStore) -> StageReport:
 
 def read_dialogues(store: RunStore) -> tuple[int, list[list[dict[str, str]]], dict[str, str]]:
     """(records read, usable message lists, {prompt_id: reason} for the rest)."""
+    return usable_dialogues(store.read_records("generate"))
+
+
+def usable_dialogues(records: Iterable[dict[str, Any]],
+                     prefix: str = "") -> tuple[int, list[list[dict[str, str]]], dict[str, str]]:
+    """(records read, usable message lists, {prefix + prompt_id: reason} for the rest)."""
     total, dialogues, failures = 0, [], {}
-    for record in store.read_records("generate"):
+    for record in records:
         total += 1
         messages = [{"role": m.get("role"), "content": m.get("content")} for m in record.get("messages") or []]
         problem = dialogue_problem(messages)
         if problem:
-            failures[record.get("prompt_id", f"#{total}")] = f"sft: {problem}"
+            failures[prefix + record.get("prompt_id", f"#{total}")] = f"sft: {problem}"
         else:
             dialogues.append(messages)
+    return total, dialogues, failures
+
+
+def series_dialogues(recipe: Recipe, store: RunStore) -> tuple[int, list[list[dict[str, str]]], dict[str, str]]:
+    """The dialogues of the series' earlier runs (`series.previous_runs`) for prompts this run has not."""
+    if not recipe.series.previous_runs:
+        return 0, [], {}
+    seen = {r["prompt_id"] for r in store.read_records("generate", columns=["prompt_id"])}
+    total, dialogues, failures = 0, [], {}
+    for run_name, record in earlier_records(recipe, "generate"):
+        if record["prompt_id"] in seen:
+            continue
+        seen.add(record["prompt_id"])
+        n, usable, problems = usable_dialogues([record], prefix=f"{run_name}:")
+        total += n
+        dialogues.extend(usable)
+        failures.update(problems)
     return total, dialogues, failures
 
 
@@ -87,7 +119,7 @@ def train_sft(recipe: Recipe, store: RunStore, dialogues: list[list[dict[str, st
                                        stage_dir / "checkpoints", device)
         trainer = SFTTrainer(model=model, args=args, processing_class=tokenizer,
                              train_dataset=Dataset.from_list([{"messages": m} for m in dialogues]),
-                             peft_config=models.peft_config(recipe.sft.lora))
+                             peft_config=models.peft_config(recipe.sft.lora), callbacks=training_callbacks("sft"))
         resume = outputs.last_checkpoint(stage_dir / "checkpoints")
         if resume:
             log.info("sft: resuming from %s", resume)

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pipeline.tasks.toy.task import (
     DISCLAIMER,
     GENERIC_REPLY,
+    extract_answer,
     follow_up,
     format_answer,
     is_correct,
@@ -106,6 +107,8 @@ def detect_role(messages: list[dict[str, Any]]) -> str:
         return "single_judge"
     if "new tasks" in text:
         return "self_instruct"
+    if "follow-on instruction" in text:
+        return "follow_on"
     if "corrected answer" in text:
         return "correction"
     if "role-playing the user" in system:
@@ -203,6 +206,20 @@ class ToyRoles:
         count = min(int(count_match.group(1)) if count_match else 8, 100)
         fresh = [p for p in TRAIN_PROMPTS if p not in text]
         return "\n".join(f"Task: {p}" for p in rng.sample(fresh, min(count, len(fresh))))
+
+    def follow_on(self, messages: list[dict[str, Any]], rng: random.Random, varied: bool) -> str:
+        """Self-prompting: a next toy question built on the answer (its result becomes the first number)."""
+        text = "\n".join(message_text(m.get("content")) for m in messages)
+        asked = parse_problem(_section(text, "instruction"))
+        value = extract_answer(_section(text, "answer"))
+        if value is not None and 0 <= value <= 9:
+            pool = [p for p in TRAIN_PROMPTS if (q := parse_problem(p)) and q.a == value]
+        elif value is not None:
+            pool = [p for p in TRAIN_PROMPTS if (q := parse_problem(p)) and q.a == abs(value) % 10]
+        else:
+            pool = []
+        pool = [p for p in pool if parse_problem(p) != asked] or TRAIN_PROMPTS
+        return f"Instruction: {rng.choice(pool)}"
 
     def correction(self, messages: list[dict[str, Any]], rng: random.Random, varied: bool) -> str:
         text = "\n".join(message_text(m.get("content")) for m in messages)

@@ -1,0 +1,50 @@
+"""The global concurrency limit that keeps runs off each other's GPUs, counted in GPUs."""
+
+from __future__ import annotations
+
+import os
+
+from prefect import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+from pipeline.core.recipe import Recipe
+
+GPU_CONCURRENCY_LIMIT = "zephyr-distill-gpu"
+GPUS_ENV = "ZEPHYR_DISTILL_GPUS"  # how many GPUs the gpu pool has, when nothing created the limit yet
+
+
+def gpus_needed(recipe: Recipe) -> int:
+    """The slots a GPU stage occupies: compute.num_gpus (one when it trains on a single device or the CPU)."""
+    return max(1, recipe.compute.num_gpus)
+
+
+def ensure_gpu_limit(gpus: int | None = None) -> int:
+    """Create the limit if it is missing (whichever path runs the flow: `distill deploy`, `prefect deploy`, a
+    served deployment), sized `gpus`, else $ZEPHYR_DISTILL_GPUS, else 1; `gpus` given also resizes an existing
+    one (`distill deploy --gpus N`). Returns the limit's size."""
+    size = gpus or int(os.environ.get(GPUS_ENV) or 1)
+    with get_client(sync_client=True) as client:
+        try:
+            current = client.read_global_concurrency_limit_by_name(GPU_CONCURRENCY_LIMIT).limit
+        except ObjectNotFound:
+            current = None
+        if current is not None:
+            if gpus is None or gpus == current:
+                return current
+            client.update_global_concurrency_limit(GPU_CONCURRENCY_LIMIT, GlobalConcurrencyLimitUpdate(limit=gpus))
+            return gpus
+        try:
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=GPU_CONCURRENCY_LIMIT,
+                                                                                limit=size))
+        except ObjectAlreadyExists:  # another flow created it in between
+            return client.read_global_concurrency_limit_by_name(GPU_CONCURRENCY_LIMIT).limit
+    return size
+
+
+def check_fits(needed: int, size: int) -> None:
+    """A stage that needs more GPUs than the limit has would wait forever: say so instead."""
+    if needed > size:
+        raise RuntimeError(f"this stage needs {needed} GPUs (compute.num_gpus) but the concurrency limit "
+                           f"'{GPU_CONCURRENCY_LIMIT}' counts {size}; raise it (`distill deploy --gpus {needed}` or "
+                           f"`prefect global-concurrency-limit update {GPU_CONCURRENCY_LIMIT} --limit {needed}`)")

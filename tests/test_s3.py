@@ -1,0 +1,163 @@
+"""The run store on S3 (a real S3-compatible server: moto): atomic shards and directories under SIGKILL, a whole
+run that is killed and resumed, and multi-process training that uploads once."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from pipeline.core.store import RunStore
+from pipeline.train.models import TrainingError, local_model
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = REPO / "configs" / "quickstart.yaml"
+
+SHARD_WRITER = textwrap.dedent("""
+    import random, sys
+    from pipeline.core.store import RunStore
+    store = RunStore(sys.argv[1], "run")
+    w = store.shard_writer("generate", shard_size=3000)
+    rng = random.Random(0)
+    print("ready", flush=True)
+    i = 0
+    while True:  # incompressible rows: a shard is megabytes, its upload takes a while
+        w.add({"prompt_id": f"id-{i}", "text": rng.randbytes(1500).hex(), "n": i})
+        i += 1
+""")
+
+DIR_UPLOADER = textwrap.dedent("""
+    import os, sys
+    from pathlib import Path
+    from pipeline.core.store import RunStore
+    local = Path(sys.argv[2])
+    store = RunStore(sys.argv[1], "run")
+    print("ready", flush=True)
+    store.upload_dir(local, "sft", "model")
+    print("done", flush=True)
+""")
+
+
+def _kill_after(script: list[str], after_s: float) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", *script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    time.sleep(after_s)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize("after_s", [1.0, 2.5])
+def test_killed_shard_upload_leaves_no_partial_shard_on_s3(s3, after_s: float) -> None:
+    root = s3.url(f"shards-{uuid.uuid4().hex[:8]}")
+    _kill_after([SHARD_WRITER, root], after_s)
+    store = RunStore(root, "run")
+    shards = store.shard_paths("generate")
+    for path in shards:  # a PUT is visible whole or not at all
+        with store.fs.open(path, "rb") as fh:
+            assert pq.ParquetFile(fh).metadata.num_rows == 3000
+    assert store.count_records("generate") == 3000 * len(shards)
+    writer = store.shard_writer("generate", shard_size=3000)
+    assert len(writer.done_ids()) == 3000 * len(shards)
+
+
+def test_killed_directory_upload_leaves_no_model_a_reader_would_take(s3, tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    model.mkdir()
+    for i in range(200):  # the weights first, config.json (what readers look for) last
+        (model / f"weights-{i:03d}.bin").write_bytes(os.urandom(200_000))
+    (model / "config.json").write_text("{}")
+    root = s3.url(f"dirs-{uuid.uuid4().hex[:8]}")
+    store = RunStore(root, "run")
+    proc = subprocess.Popen([sys.executable, "-c", DIR_UPLOADER, root, str(model)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    while len(store.fs.find(store.join("sft", "model"))) < 10:  # kill it in the middle of the upload
+        store.fs.invalidate_cache()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    store.fs.invalidate_cache()
+    uploaded = store.fs.find(store.join("sft", "model"))
+    assert 10 <= len(uploaded) < 201, "the kill should fall inside the upload"
+    assert not any(p.endswith("config.json") for p in uploaded)
+    with pytest.raises(TrainingError, match="holds no model"):
+        local_model(store, "sft")
+    store.upload_dir(model, "sft", "model")  # the rerun's upload commits it
+    assert sorted(p.name for p in Path(local_model(store, "sft")).iterdir()) == sorted(p.name for p in model.iterdir())
+
+
+def _small_run_recipe(tmp_path: Path, root: str) -> Path:
+    data = yaml.safe_load(QUICKSTART.read_text())
+    data["storage"] = {"root": root, "cache_dir": str(tmp_path / "cache")}
+    data["prompts"]["count"] = 48
+    data["sft"]["args"].update(num_train_epochs=2)
+    data["dpo"]["args"].update(num_train_epochs=1)
+    data["evaluate"]["heldout_count"] = 16
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.slow
+def test_a_whole_run_on_s3_survives_sigkill_and_resumes(s3, tmp_path: Path) -> None:
+    root = s3.url(f"runs-{uuid.uuid4().hex[:8]}")
+    recipe = _small_run_recipe(tmp_path, root)
+    cmd = [sys.executable, "-m", "pipeline.cli", "run", str(recipe), "--no-prefect", "--run-name", "s3run"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    store = RunStore(root, "s3run", create=False)
+    deadline = time.monotonic() + 600
+    # kill inside sft: as soon as it is marked running (a fast machine trains this recipe in a few seconds)
+    while time.monotonic() < deadline and store.stage_state("sft").status != "running":
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert store.stage_state("generate").status == "completed" and store.stage_state("sft").status == "running"
+    res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-4000:]
+    manifest = store.read_manifest()
+    assert {name: s["status"] for name, s in manifest["stages"].items()} == {
+        name: "completed" for name in ("generate", "sft", "sample", "feedback", "dpo", "evaluate")}
+    for path in ("sft/model/config.json", "dpo/model/config.json", "evaluate/report.json", "feedback/report.md"):
+        assert store.fs.exists(store.join(path)), path
+    assert "generate: completed earlier with the same fingerprint" in res.stderr  # not redone after the kill
+    report = json.loads(store.fs.cat(store.join("evaluate", "report.json")))
+    assert report["evaluation"]["models"]["dpo"]["accuracy"]["n"] == 16
+
+
+@pytest.mark.slow
+def test_multi_process_training_on_s3_uploads_once_from_the_parent(s3, tmp_path: Path) -> None:
+    from test_train_toyworld import toy_recipe, write_dialogues
+
+    from pipeline.core.runner import open_run, run_stage
+
+    # torchrun's two processes (accelerate's MULTI_CPU launcher starts only one without mpirun); on this
+    # machine without a GPU the ranks train on the CPU and join one gloo process group
+    config = tmp_path / "two-ranks.yaml"
+    config.write_text(yaml.safe_dump({"compute_environment": "LOCAL_MACHINE", "distributed_type": "MULTI_GPU",
+                                      "mixed_precision": "no", "num_machines": 1, "num_processes": 2,
+                                      "gpu_ids": "all", "main_training_function": "main"}))
+    prefix = f"ranks-{uuid.uuid4().hex[:8]}"
+    recipe = toy_recipe(tmp_path, prompts={"source": "task", "count": 16},
+                        sft={"model": "builtin:tiny", "args": {"max_steps": 4, "save_steps": 2,
+                                                               "per_device_train_batch_size": 4}},
+                        compute={"num_gpus": 2, "accelerate_config": str(config)},
+                        storage={"root": s3.url(prefix), "cache_dir": str(tmp_path / "cache")})
+    store = open_run(recipe, "ranks")
+    write_dialogues(store, recipe)
+    run_stage("sft", recipe, store)
+    metrics = json.loads(store.fs.cat(store.join("sft", "metrics.json")))
+    assert metrics["launched"] is True and metrics["world_size"] == 2 and metrics["global_step"] == 4
+    puts = re.findall(rf'"PUT /{s3.bucket}/{prefix}/ranks/sft/model/config\.json', s3.log_path.read_text())
+    assert len(puts) == 1  # one upload of the model, by the launching process, not one per rank
+    assert Path(local_model(store, "sft"), "config.json").is_file()
