@@ -73,7 +73,7 @@ def longer_wins(store: RunStore) -> tuple[float, int]:
 
 
 def accuracy(store: RunStore, model: str) -> float:
-    report = json.loads(Path(store.join("evaluate", "report.json")).read_text())
+    report = json.loads(Path(store.join("evaluate", "report.json")).read_text())["evaluation"]
     return report["models"][model]["accuracy"]["mean"]
 
 

@@ -89,7 +89,7 @@ def test_each_mitigation_in_use_writes_a_line_of_what_it_changed():
     lines = mitigation_effects(cfg, [pair], ratings, {ORDER_FLIP: 3, LENGTH_ONLY: 2})
     assert "would have tied or reversed 1 of 1 pairs" in lines["orders"]
     assert lines["drop_order_flips"].startswith("3 items dropped")
-    assert lines["length_margin_per_word"].startswith("2 items dropped") and "chosen longer in 1 of 1" in \
+    assert lines["length_margin_per_word"].startswith("2 items dropped") and "chosen has more words in 1 of 1" in \
         lines["length_margin_per_word"]
     assert set(mitigation_effects(FeedbackConfig(), [pair], ratings, {})) == {"none"}
 

@@ -84,5 +84,5 @@ def mitigation_effects(cfg: FeedbackConfig, pairs: list[dict[str, Any]], ratings
                      for p in pairs)
         lines["length_margin_per_word"] = (
             f"{dropped_by_reason.get(LENGTH_ONLY, 0)} items dropped: the chosen answer led by no more than its "
-            f"extra length x {cfg.pairs.length_margin_per_word:g}; chosen longer in {longer} of {len(pairs)} pairs")
+            f"extra length x {cfg.pairs.length_margin_per_word:g}; chosen has more words in {longer} of {len(pairs)} pairs")
     return lines or {"none": "no mitigation in use: one order, no flip or length filter"}
