@@ -16,8 +16,8 @@ from pipeline.stages.feedback.debias import pair_filter, shown_order, words
 from pipeline.stages.feedback.pairs import binarize, correction_pair
 from pipeline.stages.feedback.ratings import SCALES, ParsedRatings, Rating, answer_score, parse_ratings
 from pipeline.stages.sample.stage import completion_id
-from pipeline.teacher.client import TeacherClient
 from pipeline.teacher.messages import ChatRequest
+from pipeline.teacher.session import RoleClient
 
 ON_POLICY = "on_policy"
 ASPECT_TITLES = {"instruction_following": "instruction following", "honesty": "honesty",
@@ -94,7 +94,7 @@ def _fence(text: str, tag: str) -> str:
     return re.sub(rf"<(/?\s*{tag}\b[^>]*)>", r"‹\1›", text, flags=re.I)
 
 
-async def rate_aspect(client: TeacherClient, cfg: FeedbackConfig, aspect: str, item_id: str, prompt: str,
+async def rate_aspect(client: RoleClient, cfg: FeedbackConfig, aspect: str, item_id: str, prompt: str,
                       answers: list[str], shown: int = 0) -> JudgeCall:
     """One judge call rates all answers on one aspect, in a shuffled order (the `shown`-th of `feedback.orders`)
     mapped back afterwards; an unusable reply is re-asked (new order, a reminder, a new cache tag), then the
@@ -128,7 +128,7 @@ def rated_aspects(cfg: FeedbackConfig) -> list[str]:
     return [*cfg.aspects, *(["overall"] if cfg.overall_critique else [])]
 
 
-async def rate_responses(client: TeacherClient, cfg: FeedbackConfig, item_id: str, prompt: str,
+async def rate_responses(client: RoleClient, cfg: FeedbackConfig, item_id: str, prompt: str,
                          answers: list[str]) -> dict[str, AspectVerdict]:
     """Every aspect (and the overall critique if asked) for all answers of one prompt, in every order asked
     for, concurrently."""
@@ -155,7 +155,7 @@ def score_answers(verdicts: dict[str, AspectVerdict], n: int, call: int | None =
     return scores
 
 
-async def correct_response(client: TeacherClient, recipe: Recipe, prompt: str, draft: str) -> str:
+async def correct_response(client: RoleClient, recipe: Recipe, prompt: str, draft: str) -> str:
     """The teacher's corrected rewrite of the student's draft."""
     text = render("feedback_correction.jinja", question=prompt, draft=_fence(draft, "draft"))
     reply = await client.chat(ChatRequest([{"role": "user", "content": text}], temperature=0.0,
@@ -168,7 +168,7 @@ async def correct_response(client: TeacherClient, recipe: Recipe, prompt: str, d
     return corrected
 
 
-async def judge_item(client: TeacherClient, recipe: Recipe, item: Item) -> Outcome:
+async def judge_item(client: RoleClient, recipe: Recipe, item: Item) -> Outcome:
     """Rate one item's answers and binarize them into a pair (or say why not)."""
     cfg = recipe.feedback
     answers = list(item.answers)
@@ -176,11 +176,11 @@ async def judge_item(client: TeacherClient, recipe: Recipe, item: Item) -> Outco
         corrected = await correct_response(client, recipe, item.prompt, answers[0].text)
         if corrected == answers[0].text.strip():
             return Outcome(dropped="correction_unchanged")
-        answers.append(Answer(completion_id(item.prompt_id, "correction", 0), f"{recipe.teacher.model}/correction",
+        answers.append(Answer(completion_id(item.prompt_id, "correction", 0), f"{client.cfg.model}/correction",
                               corrected))
     verdicts = await rate_responses(client, cfg, item.item_id, item.prompt, [a.text for a in answers])
     scores = score_answers(verdicts, len(answers))
-    ratings = rating_rows(item, answers, verdicts, scores, recipe.teacher.model)
+    ratings = rating_rows(item, answers, verdicts, scores, client.cfg.model)
     strategy = {"pool": cfg.pairs.strategy, ON_POLICY: "best_vs_worst", "correction": "rewrite_vs_draft"}[item.source]
     why_not = pair_filter([score_answers(verdicts, len(answers), j) for j in range(cfg.orders)],
                           [words(a.text) for a in answers], scores, cfg.drop_order_flips, cfg.pairs.min_margin,
