@@ -106,6 +106,11 @@ class FeedbackConfig(Section):
     # answer is shown first once when orders = answers) and average; drop a pair whose preference flips
     orders: int = Field(1, ge=1)
     drop_order_flips: bool = False
+    # a panel of raters: endpoints (`teacher` or names under `endpoints`) that each rate every answer; empty: the
+    # `rater` role's endpoint alone. mean: an answer's score is its mean over the panel; majority: that too, and a
+    # pair forms only when more than half the raters score the chosen answer above the rejected one
+    panel: list[str] = Field(default_factory=list)
+    aggregate: Literal["mean", "majority"] = "mean"
     shard_size: int = Field(1000, ge=1)
     max_failure_rate: float = Field(0.5, ge=0, le=1)
 
@@ -115,6 +120,8 @@ class FeedbackConfig(Section):
             raise ValueError("no aspects and no overall_critique: nothing to rate answers on")
         if not self.sources:
             raise ValueError("sources is empty; use pool, on_policy and/or correction")
+        if len(set(self.panel)) != len(self.panel):
+            raise ValueError(f"panel names an endpoint twice: {self.panel}")
         if self.drop_order_flips and self.orders < 2:
             raise ValueError("drop_order_flips needs orders >= 2: a preference can only flip between two orders")
         if "on_policy" in self.sources and self.on_policy_sampler.temperature == 0:

@@ -166,6 +166,7 @@ async def judge_all(recipe: Recipe, store: RunStore, items: list[Item], stop: st
     Items of `excluded` prompts (sample dropped them, e.g. contaminated) are dropped with that reason."""
     async with teacher_session(recipe, store, STAGE) as session:
         rater = session.for_role("rater")
+        panel = [session.for_endpoint(name, "rater") for name in recipe.feedback.panel] or None
         with Outbox(store, recipe.feedback.shard_size, rated_aspects(recipe.feedback)) as outbox:
             done = outbox.done_items()
             todo = []
@@ -182,7 +183,7 @@ async def judge_all(recipe: Recipe, store: RunStore, items: list[Item], stop: st
             bar = progress(STAGE, len(todo), "prompt")
             stream = ItemStream(store.ledger(STAGE), lambda it: it.item_id, progress=bar)
             stream.stopped = stop
-            async for item, outcome in stream.results(todo, lambda it: judge_item(rater, recipe, it),
+            async for item, outcome in stream.results(todo, lambda it: judge_item(rater, recipe, it, panel),
                                                       session.concurrency("rater")):
                 outbox.add(item, outcome)
             bar.close()
@@ -201,7 +202,7 @@ def account_feedback(recipe: Recipe, store: RunStore, items: list[Item], cost: d
     pending = item_ids - pair_ids - set(failed) - set(dropped)
     ratings = list(store.read_records(STAGE, "ratings",
                                       columns=["item_id", "completion_id", "aspect", "position", "order", "rating",
-                                               "model", "attempt"]))
+                                               "model", "attempt", "judge_model"]))
     counts = {"input": len(item_ids), "prompts": len({i.prompt_id for i in items}), "output": len(pair_ids),
               "failed": len(failed), "dropped": len(dropped), "pending": len(pending)}
     stats = {"counts": counts, **feedback_stats(recipe, store, items, pairs, ratings, failed, dropped), "teacher": cost}
