@@ -54,6 +54,11 @@ class ProgressArtifact:
         if self.total:
             update_progress_artifact(self._id, 100.0 * min(self.done, self.total) / self.total)
 
+    def set_description(self, text: str) -> None:
+        """A batch's status (validating, in_progress, ...) shown with its progress."""
+        done = 100.0 * min(self.done, self.total) / self.total if self.total else 0.0
+        update_progress_artifact(self._id, done, description=f"{text}: {self.done} of {self.total or '?'} {self.unit}s")
+
     @classmethod
     @contextlib.contextmanager
     def installed(cls, run_name: str, stage: str) -> Iterator[None]:

@@ -20,7 +20,7 @@ from flows.artifacts import ProgressArtifact, publish_promotion, publish_run_sum
 from flows.gpus import GPU_CONCURRENCY_LIMIT, check_fits, ensure_gpu_limit, gpus_needed
 from flows.params import DistillRequest, StageRequest
 from pipeline.core.graph import STAGES, fingerprint
-from pipeline.core.recipe import Recipe
+from pipeline.core.recipe import Recipe, all_endpoints
 from pipeline.core.runner import StageFailed, check_settings, open_run, run_stage, teacher_endpoint
 from pipeline.core.stage import StageReport
 from pipeline.core.store import RunStore
@@ -29,12 +29,12 @@ from pipeline.series.series import NothingNew, Series
 
 
 def export_teacher_key(recipe: Recipe) -> None:
-    """Read the teacher key from the Prefect Secret block the recipe names into its environment variable."""
-    t = recipe.teacher
-    if t.api_key_secret_block and t.api_key_env and not os.environ.get(t.api_key_env):
-        from prefect.blocks.system import Secret
+    """Read each endpoint's key from the Prefect Secret block the recipe names into its environment variable."""
+    for t in all_endpoints(recipe).values():
+        if t.api_key_secret_block and t.api_key_env and not os.environ.get(t.api_key_env):
+            from prefect.blocks.system import Secret
 
-        os.environ[t.api_key_env] = Secret.load(t.api_key_secret_block).get()
+            os.environ[t.api_key_env] = Secret.load(t.api_key_secret_block).get()
 
 
 def _stage_cache_key(context: TaskRunContext, params: dict[str, Any]) -> str:

@@ -163,8 +163,9 @@ def test_unusable_ratings_are_reasked_with_a_new_tag_then_recorded_as_failures(w
     seen_tags: Counter[str] = Counter()
 
     @asynccontextmanager
-    async def judge_that_mangles(recipe, store):
-        async with real(recipe, store) as client:
+    async def judge_that_mangles(recipe, store, stage):
+        async with real(recipe, store, stage) as session:
+            client = session.for_role("rater")
             chat = client.chat
 
             async def mangled(request):
@@ -182,7 +183,8 @@ def test_unusable_ratings_are_reasked_with_a_new_tag_then_recorded_as_failures(w
                 return result
 
             client.chat = mangled
-            yield client
+            session.for_role = lambda role: client  # the stage's rater is the mangling one
+            yield session
 
     monkeypatch.setattr(feedback, "teacher_session", judge_that_mangles)
     prompts = make_prompts(40, seed=0)

@@ -14,6 +14,7 @@ from pipeline.core.runner import open_run, run_stage
 from pipeline.stages.feedback.debias import (
     LENGTH_ONLY,
     ORDER_FLIP,
+    PANEL_SPLIT,
     mitigation_effects,
     pair_filter,
     shown_order,
@@ -131,3 +132,55 @@ def test_a_recipe_asking_for_flip_drops_with_one_order_names_the_key(write_recip
     path = write_recipe({"name": "x", "task": "toy", "feedback": {"drop_order_flips": True}})
     with pytest.raises(RecipeError, match="feedback.*drop_order_flips needs orders >= 2"):
         load_recipe(path)
+
+
+def test_majority_panel_keeps_pairs_most_raters_prefer_and_drops_split_ones():
+    three = [[5.0, 1.0, 3.0], [4.0, 2.0, 4.5], [1.0, 5.0, 3.0]]  # two of three prefer answer 0 over 1
+    why_not = pair_filter([[3.3, 2.7, 3.5]], [4, 4, 4], [3.3, 2.7, 3.5], False, 0.0, 0.0, three)
+    assert why_not(0, 1) is None
+    assert why_not(2, 1) is None  # 3 > 1, 4.5 > 2; 3 < 5: still two of three
+    assert why_not(0, 2) == PANEL_SPLIT  # 5 > 3, but 4 < 4.5 and 1 < 3: one of three
+    two = [[5.0, 1.0], [1.0, 5.0]]
+    assert pair_filter([[3.0, 3.0]], [4, 4], [3.0, 3.0], False, 0.0, 0.0, two)(0, 1) == PANEL_SPLIT  # 1 of 2
+
+
+def test_a_panel_naming_an_unknown_endpoint_names_the_key_and_the_endpoints(write_recipe):
+    path = write_recipe({"name": "x", "task": "toy", "endpoints": {"critic": {"base_url": "http://x/v1"}},
+                         "feedback": {"panel": ["teacher", "nope"]}})
+    with pytest.raises(RecipeError, match=r"feedback.panel\[1\]: unknown endpoint 'nope'; the endpoints are: "
+                                          r"teacher, critic"):
+        load_recipe(path)
+
+
+def test_a_panel_outvotes_its_biased_rater_and_each_rater_is_ledgered_by_its_endpoint(write_recipe, tmp_path):
+    from pipeline.teacher.spend import spend_summary
+
+    fast = {k: v for k, v in TEACHER.items() if k != "model"}
+    with ToyTeacher(ToyTeacherConfig(error_rate=1.0)) as fair_a, ToyTeacher(ToyTeacherConfig(error_rate=1.0)) as \
+            fair_b, ToyTeacher(ToyTeacherConfig(error_rate=1.0, position_bias=2.0)) as biased:
+        data = {"name": "panel", "teacher": {"base_url": fair_a.base_url, **TEACHER}, "task": "toy",
+                "endpoints": {"fair-b": {"base_url": fair_b.base_url, "model": "toy-b", **fast},
+                              "biased": {"base_url": biased.base_url, "model": "toy-biased", **fast}},
+                "prompts": {"source": "task", "count": 30}, "sample": {"k": 4, "shard_size": 50, "pool": POOL},
+                "feedback": {"aspects": ["helpfulness"], "panel": ["teacher", "fair-b", "biased"],
+                             "aggregate": "majority"}}
+        recipe = load_recipe(write_recipe(data))
+        store = open_run(recipe, "panel")
+        run_stage("sample", recipe, store)
+        run_stage("feedback", recipe, store)
+        alone = load_recipe(write_recipe({**data, "name": "alone", "roles": {"rater": "biased"},
+                                          "feedback": {"aspects": ["helpfulness"]}}))
+        alone_store = open_run(alone, "alone")
+        run_stage("sample", alone, alone_store)
+        run_stage("feedback", alone, alone_store)
+    biased_pairs = len(list(alone_store.read_records("feedback", "pairs")))
+    assert biased_pairs > 15  # alone, the biased rater makes pairs out of equally wrong answers
+    assert list(store.read_records("feedback", "pairs")) == []  # the two fair raters outvote it
+    stats = json.loads(Path(store.join("feedback", "stats.json")).read_text())
+    assert stats["dropped_by_reason"].get(PANEL_SPLIT, 0) > 15
+    ratings = list(store.read_records("feedback", "ratings"))
+    assert {r["judge_model"] for r in ratings} == {"teacher/toy-teacher", "fair-b/toy-b", "biased/toy-biased"}
+    spend = spend_summary(store)["stages"]["feedback"]["endpoints"]
+    assert spend["teacher"]["requests"] == spend["fair-b"]["requests"] == spend["biased"]["requests"] == 30
+    report = Path(store.join("feedback", "report.md")).read_text()
+    assert "`panel`: 3 raters (teacher, fair-b, biased), majority" in report

@@ -53,3 +53,31 @@ def test_starting_the_builtin_teacher_does_not_change_fingerprints(repo_root: Pa
 def test_toy_teacher_options_are_part_of_the_teacher_identity(repo_root: Path):
     base, new = _fps(repo_root), _fps(repo_root, "teacher.builtin.error_rate=0.1")
     assert base["generate"] != new["generate"] and base["feedback"] != new["feedback"]
+
+
+ALL = set(STAGE_NAMES)
+
+
+@pytest.mark.parametrize(
+    ("role", "changed"),
+    [
+        ("judge", {"evaluate"}),
+        ("rater", {"feedback", "dpo", "evaluate"}),
+        ("assistant", ALL),
+        ("user_simulator", ALL),
+        ("instruction_writer", set()),  # the quickstart runs no self-instruct
+    ],
+)
+def test_a_role_moved_to_another_endpoint_changes_only_the_stages_that_play_it(repo_root: Path, role: str,
+                                                                                 changed: set[str]):
+    other = "endpoints.alt.model=another-model"
+    base, new = _fps(repo_root, other), _fps(repo_root, other, f"roles.{role}=alt")
+    assert {s for s in STAGE_NAMES if base[s] != new[s]} == changed
+
+
+def test_an_endpoints_limits_prices_and_batch_mode_do_not_change_what_it_says(repo_root: Path):
+    moved = ("endpoints.alt.model=another-model", "roles.judge=alt")
+    base = _fps(repo_root, *moved)
+    for override in ("endpoints.alt.batch=true", "endpoints.alt.price_output_per_1k=0.06",
+                     "endpoints.alt.max_concurrency=2", "budget.max_cost_usd=10", "teacher.batch=true"):
+        assert _fps(repo_root, *moved, override) == base, override

@@ -1,80 +1,65 @@
-"""Any OpenAI-compatible endpoint as a pool model, through the teacher client (retries, cache, cost, budget)."""
+"""Any OpenAI-compatible endpoint as a pool model, through the teacher client (retries, cache, ledger, budget,
+batches): the member's `endpoint` (or the teacher's) says where it is sent and what it costs."""
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import fields
 from typing import TYPE_CHECKING
 
 from pipeline.backends.base import BackendStopped, Completion, GenerationRequest, SamplingParams
-from pipeline.core.recipe import BUILTIN_TEACHER, PoolModel, TeacherConfig
+from pipeline.core.recipe import PoolModel, pool_endpoint
 from pipeline.core.work import stream_map
-from pipeline.teacher.cache import ResponseCache, cache_path
-from pipeline.teacher.client import BudgetExceeded, TeacherClient, TeacherError, TeacherFatal, run_spend
+from pipeline.teacher.client import BudgetExceeded, TeacherError, TeacherFatal
 from pipeline.teacher.messages import ChatRequest, Usage
+from pipeline.teacher.session import BATCH_ITEMS_IN_FLIGHT, teacher_session
 
 if TYPE_CHECKING:
     from pipeline.core.recipe import Recipe
     from pipeline.core.store import RunStore
 
 
-def pool_client_config(model: PoolModel, teacher: TeacherConfig) -> TeacherConfig:
-    """The teacher's settings for the pool model's endpoint; without a base_url it is the teacher's endpoint
-    (prices and budget included), else another server whose prices the recipe does not know."""
-    if model.base_url in (None, BUILTIN_TEACHER):
-        update: dict[str, object] = {"model": model.model}
-        if model.api_key_env is not None:
-            update["api_key_env"] = model.api_key_env
-        return teacher.model_copy(update=update)
-    return teacher.model_copy(update={
-        "base_url": model.base_url, "model": model.model, "api_key_env": model.api_key_env,
-        "api_key_secret_block": None, "price_input_per_1k": 0.0, "price_output_per_1k": 0.0, "max_cost_usd": None})
-
-
 class OpenAIBackend:
-    """Requests go out concurrently (bounded by the teacher's max_concurrency) and are cached in the run."""
+    """Requests go out concurrently (bounded by the endpoint's max_concurrency, or as one batch per call when it
+    uses the Batch API), cached and ledgered in the run under role `pool:<member>`."""
 
-    def __init__(self, cfg: TeacherConfig, cache: ResponseCache | None, spent_usd: float = 0.0):
-        self.cfg, self.cache = cfg, cache
+    def __init__(self, member: PoolModel, recipe: Recipe, store: RunStore, stage: str):
+        self.member, self.recipe, self.store, self.stage = member, recipe, store, stage
+        self.endpoint, self.cfg = pool_endpoint(recipe, member)
         self.usage = Usage()
-        self._spent_before = spent_usd
 
     @classmethod
-    def for_pool_model(cls, model: PoolModel, recipe: Recipe, store: RunStore) -> OpenAIBackend:
-        spent = run_spend(store)
-        cfg = pool_client_config(model, recipe.teacher)
-        same_endpoint = model.base_url in (None, BUILTIN_TEACHER)
-        return cls(cfg, ResponseCache(cache_path(store, recipe)), spent if same_endpoint else 0.0)
+    def for_pool_model(cls, model: PoolModel, recipe: Recipe, store: RunStore, stage: str = "sample") -> OpenAIBackend:
+        return cls(model, recipe, store, stage)
 
     def generate(self, requests: list[GenerationRequest], params: SamplingParams) -> list[Completion]:
         return asyncio.run(self._generate(requests, params))
 
     async def _generate(self, requests: list[GenerationRequest], params: SamplingParams) -> list[Completion]:
-        client = TeacherClient(self.cfg, self.cache, spent_usd=self._spent_before + self.usage.usd)
         results: list[Completion | None] = [None] * len(requests)
         stopped: list[str] = []  # why it stopped; once set, no new request starts
+        async with teacher_session(self.recipe, self.store, self.stage) as session:
+            client = session.for_pool_member(self.member)
 
-        async def one(index: int) -> Completion:
-            r = requests[index]
-            reply = await client.chat(ChatRequest(r.messages, params.temperature, params.max_tokens, params.top_p,
-                                                  seed=r.seed))
-            return Completion(reply.text, reply.finish_reason, reply.prompt_tokens, reply.completion_tokens)
+            async def one(index: int) -> Completion:
+                r = requests[index]
+                reply = await client.chat(ChatRequest(r.messages, params.temperature, params.max_tokens,
+                                                      params.top_p, seed=r.seed))
+                return Completion(reply.text, reply.finish_reason, reply.prompt_tokens, reply.completion_tokens)
 
-        try:
-            async for index, result in stream_map(range(len(requests)), one, self.cfg.max_concurrency,
-                                                  stop=lambda: bool(stopped)):
-                if isinstance(result, (BudgetExceeded, TeacherFatal)):
-                    stopped.append(str(result))
-                elif isinstance(result, TeacherError):
-                    results[index] = Completion(error=result.reason, attempts=result.attempts)
-                elif isinstance(result, BaseException):
-                    results[index] = Completion(error=f"{type(result).__name__}: {result}")
-                else:
-                    results[index] = result
-        finally:
-            await client.aclose()
-            for f in fields(Usage):
-                setattr(self.usage, f.name, getattr(self.usage, f.name) + getattr(client.usage, f.name))
+            concurrency = BATCH_ITEMS_IN_FLIGHT if self.cfg.batch else self.cfg.max_concurrency
+            try:
+                async for index, result in stream_map(range(len(requests)), one, concurrency,
+                                                      stop=lambda: bool(stopped)):
+                    if isinstance(result, (BudgetExceeded, TeacherFatal)):
+                        stopped.append(str(result))
+                    elif isinstance(result, TeacherError):
+                        results[index] = Completion(error=result.reason, attempts=result.attempts)
+                    elif isinstance(result, BaseException):
+                        results[index] = Completion(error=f"{type(result).__name__}: {result}")
+                    else:
+                        results[index] = result
+            finally:
+                self.usage.add(client.usage)
         if stopped:
             raise BackendStopped(stopped[0], results)
         return results  # type: ignore[return-value]  # every index is filled when nothing stopped
@@ -83,5 +68,4 @@ class OpenAIBackend:
         return self.usage.as_cost()
 
     def close(self) -> None:
-        if self.cache is not None:
-            self.cache.close()
+        """Nothing is held between calls: each call opens and closes its own session."""

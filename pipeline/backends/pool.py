@@ -18,12 +18,13 @@ def resolve_model_path(model: PoolModel, recipe: Recipe, store: RunStore) -> str
     return model.model
 
 
-def make_backend(model: PoolModel, recipe: Recipe, store: RunStore) -> Backend:
-    """Load one pool model behind its backend (a local model is loaded here, once)."""
+def make_backend(model: PoolModel, recipe: Recipe, store: RunStore, stage: str = "sample") -> Backend:
+    """Load one pool model behind its backend (a local model is loaded here, once); `stage` is the stage its
+    paid requests are ledgered under."""
     if model.backend == "openai":
         from pipeline.backends.openai_backend import OpenAIBackend
 
-        return OpenAIBackend.for_pool_model(model, recipe, store)
+        return OpenAIBackend.for_pool_model(model, recipe, store, stage)
     path = resolve_model_path(model, recipe, store)
     if model.backend == "transformers":
         from pipeline.backends.transformers_backend import TransformersBackend

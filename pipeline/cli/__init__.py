@@ -7,6 +7,7 @@ import click
 from pipeline.cli import postgres, runs, server, tools
 from pipeline.cli import run as run_commands
 from pipeline.cli.common import setup_logging
+from pipeline.cli.estimate import estimate
 from pipeline.cli.export import export
 
 
@@ -18,7 +19,7 @@ def main(verbose: bool) -> None:
     setup_logging(verbose)
 
 
-for command in (run_commands.validate, run_commands.run, run_commands.stage, runs.status, runs.report,
+for command in (run_commands.validate, estimate, run_commands.run, run_commands.stage, runs.status, runs.report,
                 tools.deploy, tools.serve, tools.teacher, tools.build_student, export, server.server,
                 postgres.postgres):
     main.add_command(command)

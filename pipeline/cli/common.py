@@ -11,6 +11,7 @@ import click
 from pipeline.core.recipe import Recipe, RecipeError, load_recipe
 from pipeline.core.runner import status_rows
 from pipeline.core.store import RunStore, StoreError
+from pipeline.teacher.spend import spend_summary
 
 EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
 
@@ -56,7 +57,8 @@ def open_run(run: str, root: str | None, recipe_path: str | None) -> RunStore:
 
 
 def print_status(store: RunStore) -> None:
-    rows = status_rows(store)
+    spend = spend_summary(store)
+    rows = status_rows(store, spend)
     click.echo(f"run {store.run_name}  ({store.url})")
     header = f"{'stage':<9} {'status':<10} {'items':>7} {'failures':>8} {'cost $':>9} {'time s':>8}  fingerprint"
     click.echo(header)
@@ -67,3 +69,10 @@ def print_status(store: RunStore) -> None:
     for r in rows:
         if r["status"] == "failed" and r["message"]:
             click.echo(f"{r['stage']} failed: {r['message']}")
+    click.echo(f"spent ${spend['total_usd']:.4f} in all (the spend ledger)"
+               + (f" of budget.max_cost_usd=${spend['budget']['max_cost_usd']:.2f}"
+                  if spend["budget"]["max_cost_usd"] is not None else ""))
+    for b in spend["batches"]:
+        if not b.get("consumed"):
+            click.echo(f"open batch {b.get('batch_id') or '(being created)'} of {b['stage']} on endpoint "
+                       f"'{b['endpoint']}' ({b['requests']} requests): the next run of that endpoint takes it in")

@@ -7,7 +7,7 @@ import click
 from pipeline.cli.common import EXIT_BAD_INPUT, CliError, load, print_status, set_option
 from pipeline.cli.server import prefect_api
 from pipeline.core.graph import fingerprint, parse_stages
-from pipeline.core.recipe import Recipe
+from pipeline.core.recipe import Recipe, unpriced_pool_members
 from pipeline.core.runner import StageFailed, run_pipeline
 from pipeline.core.stage import STAGE_NAMES
 from pipeline.core.store import RunStore, StoreError
@@ -35,6 +35,8 @@ def validate(recipe: str, overrides: tuple[str, ...]) -> None:
     memo: dict[str, str] = {}
     for name in STAGE_NAMES:
         click.echo(f"  {name:<9} fingerprint {fingerprint(name, rec, memo)}")
+    for note in unpriced_pool_members(rec):
+        click.echo(f"note: {note}", err=True)
 
 
 def run_directly(rec: Recipe, run_name: str | None, stages: list[str], force: bool) -> None:

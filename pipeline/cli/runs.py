@@ -2,19 +2,36 @@
 
 from __future__ import annotations
 
+import json
+
 import click
 
 from pipeline.cli.common import open_run, print_status, recipe_option, root_option, run_argument
+from pipeline.core.runner import status_rows
 from pipeline.stages.evaluate.report import write_report
+from pipeline.teacher.spend import spend_summary
 
 
 @click.command()
 @run_argument
 @root_option
 @recipe_option
-def status(run: str, root: str | None, recipe_path: str | None) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print an object: per stage and per endpoint the requests, "
+              "tokens, dollars paid (from the spend ledger) and cache hits; the caps; the batches sent.")
+def status(run: str, root: str | None, recipe_path: str | None, as_json: bool) -> None:
     """Show a table of a run's stages: status, items, failures, cost and time."""
-    print_status(open_run(run, root, recipe_path))
+    store = open_run(run, root, recipe_path)
+    if not as_json:
+        print_status(store)
+        return
+    spend = spend_summary(store)
+    stages = {}
+    for row in status_rows(store, spend):
+        paid = spend["stages"][row["stage"]]
+        stages[row["stage"]] = {**{k: v for k, v in row.items() if k not in ("stage", "cost_usd")}, **paid}
+    click.echo(json.dumps({"run": store.run_name, "run_dir": store.url, "stages": stages,
+                           "endpoints": spend["endpoints"], "total_usd": spend["total_usd"],
+                           "budget": spend["budget"], "batches": spend["batches"]}, indent=2, sort_keys=True))
 
 
 @click.command()

@@ -10,17 +10,22 @@ from typing import Any
 
 from pipeline import __version__
 from pipeline.core.filehash import contents_hash
-from pipeline.core.recipe import BUILTIN_TEACHER, PromptSource, Recipe
+from pipeline.core.recipe import PromptSource, Recipe, stage_endpoint_identities
 from pipeline.core.stage import STAGE_NAMES, StageReport
 from pipeline.core.store import RunStore
 from pipeline.core.task import load_task
 from pipeline.core.templates import templates_hash
 from pipeline.stages.dpo.stage import run as dpo
+from pipeline.stages.evaluate import estimate as evaluate_estimate
 from pipeline.stages.evaluate.stage import run as evaluate
+from pipeline.stages.feedback import estimate as feedback_estimate
 from pipeline.stages.feedback.stage import run as feedback
+from pipeline.stages.generate import estimate as generate_estimate
 from pipeline.stages.generate.stage import run as generate
+from pipeline.stages.sample import estimate as sample_estimate
 from pipeline.stages.sample.stage import run as sample
 from pipeline.stages.sft.stage import run as sft
+from pipeline.teacher.demand import Planner
 
 
 @dataclass(frozen=True)
@@ -31,6 +36,7 @@ class StageSpec:
     inputs: Callable[[Recipe], list[str]]  # stages whose outputs it reads
     templates: tuple[str, ...] = ()  # prompt template globs it renders
     gpu: bool = False  # dispatched to the gpu work pool when there is one
+    demand: Callable[[Recipe, Planner], None] | None = None  # the endpoint requests it expects (distill estimate)
 
 
 def _pool_uses_sft(recipe: Recipe) -> bool:
@@ -39,6 +45,11 @@ def _pool_uses_sft(recipe: Recipe) -> bool:
 
 def _task(recipe: Recipe) -> str | None:
     return recipe.task
+
+
+def _endpoints(stage: str) -> Callable[[Recipe], Any]:
+    """Only the endpoints of the roles the stage plays: a new judge re-runs evaluate alone."""
+    return lambda recipe: stage_endpoint_identities(recipe, stage)
 
 
 def _read_files(recipe: Recipe, prompts: PromptSource | None = None, decontaminated: bool = False,
@@ -56,19 +67,18 @@ def _read_files(recipe: Recipe, prompts: PromptSource | None = None, decontamina
 
 def _generate_section(recipe: Recipe) -> Any:
     return {"prompts": recipe.prompts.model_dump(mode="json"), "generate": recipe.generate.model_dump(mode="json"),
-            "decontamination": recipe.decontamination.model_dump(mode="json"), "teacher": recipe.teacher.identity(),
-            "task": _task(recipe), "files": _read_files(recipe, recipe.prompts, True)}
+            "decontamination": recipe.decontamination.model_dump(mode="json"),
+            "endpoints": _endpoints("generate")(recipe), "task": _task(recipe),
+            "files": _read_files(recipe, recipe.prompts, True)}
 
 
 def _sample_section(recipe: Recipe) -> Any:
     prompts = recipe.sample.prompts or recipe.prompts
-    section = {"sample": recipe.sample.model_dump(mode="json", exclude={"prompts"}),
-               "prompts": prompts.model_dump(mode="json"), "task": _task(recipe),
-               "decontamination": recipe.decontamination.model_dump(mode="json"),
-               "files": _read_files(recipe, prompts, True)}
-    if any(m.backend == "openai" and m.base_url in (None, BUILTIN_TEACHER) for m in recipe.sample.pool):
-        section["teacher"] = recipe.teacher.identity()  # that pool member is the teacher's endpoint
-    return section
+    # which endpoint a member is sent to is in `endpoints` (its identity), not its name
+    pool = recipe.sample.model_dump(mode="json", exclude={"prompts": True, "pool": {"__all__": {"endpoint"}}})
+    return {"sample": pool, "prompts": prompts.model_dump(mode="json"), "task": _task(recipe),
+            "decontamination": recipe.decontamination.model_dump(mode="json"),
+            "files": _read_files(recipe, prompts, True), "endpoints": _endpoints("sample")(recipe)}
 
 
 def _earlier(recipe: Recipe) -> dict[str, Any]:
@@ -77,21 +87,23 @@ def _earlier(recipe: Recipe) -> dict[str, Any]:
 
 
 STAGES: dict[str, StageSpec] = {spec.name: spec for spec in [
-    StageSpec("generate", generate, _generate_section, lambda r: [], ("generate_*",)),
+    StageSpec("generate", generate, _generate_section, lambda r: [], ("generate_*",),
+              demand=generate_estimate.demand),
     StageSpec("sft", sft, lambda r: {"sft": r.sft.model_dump(mode="json"), "task": _task(r), **_earlier(r)},
               lambda r: ["generate"], gpu=True),
     StageSpec("sample", sample, _sample_section,
-              lambda r: ["sft"] if _pool_uses_sft(r) else [], ("principle_*",), gpu=True),
+              lambda r: ["sft"] if _pool_uses_sft(r) else [], ("principle_*",), gpu=True,
+              demand=sample_estimate.demand),
     StageSpec("feedback", feedback,
-              lambda r: {"feedback": r.feedback.model_dump(mode="json"), "teacher": r.teacher.identity()},
+              lambda r: {"feedback": r.feedback.model_dump(mode="json"), "endpoints": _endpoints("feedback")(r)},
               lambda r: ["sample", "sft"] if "on_policy" in r.feedback.sources else ["sample"],
-              ("feedback_*",)),
+              ("feedback_*",), demand=feedback_estimate.demand),
     StageSpec("dpo", dpo, lambda r: {**r.dpo.model_dump(mode="json"), **_earlier(r)}, lambda r: ["sft", "feedback"],
               gpu=True),
     StageSpec("evaluate", evaluate,
-              lambda r: {"evaluate": r.evaluate.model_dump(mode="json"), "teacher": r.teacher.identity(),
+              lambda r: {"evaluate": r.evaluate.model_dump(mode="json"), "endpoints": _endpoints("evaluate")(r),
                          "task": _task(r), "files": _read_files(r, None, False, r.evaluate.prompts)},
-              lambda r: ["sft", "dpo"], ("judge_*",), gpu=True),
+              lambda r: ["sft", "dpo"], ("judge_*",), gpu=True, demand=evaluate_estimate.demand),
 ]}
 assert tuple(STAGES) == STAGE_NAMES, "the graph and STAGE_NAMES list the stages in the same order"
 

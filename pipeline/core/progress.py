@@ -30,6 +30,13 @@ def progress(stage: str, total: int | None, unit: str = "item") -> ProgressSink:
     return _factory(stage, total, unit)
 
 
+def describe(sink: ProgressSink, text: str) -> None:
+    """Show a status with the bar (a batch's `in_progress`), where the sink can (tqdm and the flows' can)."""
+    set_description = getattr(sink, "set_description", None)
+    if set_description is not None:
+        set_description(text)
+
+
 def has_sink() -> bool:
     """Whether a sink other than the terminal bar is installed (a trainer draws its own bar in the terminal)."""
     return _factory is not _tqdm

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import logging
 import platform
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 from pipeline.core.graph import STAGES, fingerprint
-from pipeline.core.recipe import Recipe
+from pipeline.core.recipe import Recipe, all_endpoints
 from pipeline.core.stage import STAGE_NAMES, StageReport
 from pipeline.core.store import RunStore, StageState
 from pipeline.core.task import load_task
+from pipeline.teacher.spend import spend_summary
 from pipeline.train.configs import check_trl_args
 from pipeline.train.models import TrainingError
 
@@ -43,14 +45,27 @@ def open_run(recipe: Recipe, run_name: str | None = None) -> RunStore:
 
 @contextmanager
 def teacher_endpoint(recipe: Recipe) -> Iterator[Recipe]:
-    """Yield the recipe with a reachable teacher: starts the task's built-in teacher when asked for."""
-    if not recipe.teacher.is_builtin:
+    """Yield the recipe with reachable endpoints: starts the task's built-in teacher for every endpoint that
+    is `builtin` (one server per distinct set of options)."""
+    waiting = {n: c for n, c in all_endpoints(recipe).items() if c.is_builtin and c._live_url is None}
+    if not waiting:
         yield recipe
         return
     task = load_task(recipe.task)
-    with task.serve_teacher(task.teacher_options.model_validate(recipe.teacher.builtin)) as url:
-        log.info("task %s: built-in teacher listening at %s", task.name, url)
-        yield recipe.model_copy(update={"teacher": recipe.teacher.with_live_url(url)})
+    with ExitStack() as stack:
+        urls: dict[str, str] = {}
+        live = {}
+        for name, cfg in waiting.items():
+            options = json.dumps(cfg.builtin, sort_keys=True)
+            if options not in urls:
+                urls[options] = stack.enter_context(
+                    task.serve_teacher(task.teacher_options.model_validate(cfg.builtin)))
+                log.info("task %s: built-in teacher listening at %s", task.name, urls[options])
+            live[name] = cfg.with_live_url(urls[options])
+        update: dict[str, object] = {"endpoints": {n: live.get(n, c) for n, c in recipe.endpoints.items()}}
+        if "teacher" in live:
+            update["teacher"] = live["teacher"]
+        yield recipe.model_copy(update=update)
 
 
 def check_settings(recipe: Recipe, stages: list[str]) -> None:
@@ -125,9 +140,10 @@ def run_pipeline(recipe: Recipe, run_name: str | None = None, stages: list[str] 
     return store, reports
 
 
-def status_rows(store: RunStore) -> list[dict[str, object]]:
-    """One row per stage for `distill status`."""
+def status_rows(store: RunStore, spend: dict | None = None) -> list[dict[str, object]]:
+    """One row per stage for `distill status`; dollars from the spend ledger (killed and reset attempts too)."""
     stages = store.read_manifest().get("stages", {})
+    paid = (spend or spend_summary(store))["stages"]
     rows = []
     for name in STAGE_NAMES:
         st = StageState(**stages[name]) if name in stages else StageState()
@@ -136,7 +152,7 @@ def status_rows(store: RunStore) -> list[dict[str, object]]:
             "status": st.status,
             "items": st.counts.get("output", 0),
             "failures": st.counts.get("failed", 0),
-            "cost_usd": st.cost.get("usd", 0.0),
+            "cost_usd": paid.get(name, {}).get("usd", st.cost.get("usd", 0.0)),
             "seconds": st.seconds,
             "fingerprint": st.fingerprint or "",
             "message": st.message,

@@ -54,6 +54,10 @@ class Task:
         """Texts to train the built-in tiny student's tokenizer on (None: the prompts are used)."""
         return None
 
+    def count_teacher_tokens(self, text: str) -> int | None:
+        """How the built-in teacher counts a text's tokens in its `usage` (None: unknown; estimates guess)."""
+        return None
+
     def serve_teacher(self, options: BaseModel) -> AbstractContextManager[str]:
         """Start the task's built-in teacher; the context yields its OpenAI-compatible base URL."""
         raise TaskError(f"task '{self.name}' has no built-in teacher")

@@ -1,8 +1,9 @@
-"""The teacher client: every call to the teacher or judge goes through here.
+"""The teacher client: every call to any endpoint (every role, every openai pool member) goes through here.
 
 Bounded concurrency, client-side request/token rate limits, retries with backoff and jitter that honour
-Retry-After, a persistent response cache (a resumed run pays for no request twice), usage and cost
-accounting, and a budget cap.
+Retry-After, a persistent response cache (a resumed run pays for no request twice), a spend ledger row for
+every paid response (written with the cached response), budget caps, and the Batch API when the endpoint
+asks for it (`pipeline.teacher.batch`).
 """
 
 from __future__ import annotations
@@ -13,21 +14,25 @@ import json
 import logging
 import os
 import random
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import uuid
+from collections import Counter
+from typing import Any, Protocol
 
 import openai
 
-from pipeline.core.recipe import Recipe, TeacherConfig
+from pipeline.core.recipe import TeacherConfig
 from pipeline.core.stage import ItemFailed, StageStopped
-from pipeline.core.store import RunStore
-from pipeline.teacher.cache import ResponseCache, cache_key, cache_path
+from pipeline.teacher.budget import Budget, BudgetExceeded
+from pipeline.teacher.cache import ResponseCache, cache_key
+from pipeline.teacher.ledger import Charge
 from pipeline.teacher.limits import TokenBucket
 from pipeline.teacher.messages import ChatRequest, ChatResult, Usage
 
 log = logging.getLogger(__name__)
 
 RETRYABLE_STATUS = {408, 409, 425, 429}
+POOL_CONNECTIONS = 16  # connections per HTTP client (see TeacherClient.__init__)
+__all__ = ["Activity", "BudgetExceeded", "TeacherClient", "TeacherError", "TeacherFatal", "resolve_api_key"]
 
 
 class TeacherError(ItemFailed):
@@ -35,11 +40,21 @@ class TeacherError(ItemFailed):
 
 
 class TeacherFatal(StageStopped):
-    """An error no other request can avoid either (bad key, unknown model): the stage stops."""
+    """An error no other request can avoid either (bad key, unknown model, no Batch API): the stage stops."""
 
 
-class BudgetExceeded(StageStopped):
-    """`teacher.max_cost_usd` reached: the stage stops with everything so far saved."""
+class Activity:
+    """Live requests in flight across a session's clients: a batch round is sent only when none is, since
+    their answers may add requests to the round."""
+
+    def __init__(self) -> None:
+        self.live = 0
+
+
+class Submitter(Protocol):
+    """Where a client sends what the cache cannot answer when its endpoint uses the Batch API."""
+
+    async def submit(self, key: str, request: ChatRequest, role: str) -> ChatResult: ...
 
 
 def resolve_api_key(cfg: TeacherConfig) -> str:
@@ -68,44 +83,58 @@ def _retry_after(exc: Exception) -> float | None:
 
 
 class TeacherClient:
-    """Async chat client with limits, retries, a response cache, cost accounting and a budget cap."""
+    """Async chat client for one endpoint: limits, retries, response cache, spend ledger, budget caps."""
 
     def __init__(self, cfg: TeacherConfig, cache: ResponseCache | None = None, api_key: str | None = None,
-                 spent_usd: float = 0.0):
-        self.cfg = cfg
-        self.cache = cache
+                 spent_usd: float = 0.0, *, name: str = "teacher", stage: str = "", budget: Budget | None = None,
+                 activity: Activity | None = None):
+        self.cfg, self.cache, self.name, self.stage = cfg, cache, name, stage
         self._key = api_key if api_key is not None else resolve_api_key(cfg)
         # The semaphore bounds requests in flight; a connection cap in httpx as well would queue requests
-        # inside its pool, whose bookkeeping is quadratic in the queue (measured: 4x slower at 64).
-        self._client = openai.AsyncOpenAI(base_url=cfg.endpoint, api_key=self._key, max_retries=0,
-                                          timeout=cfg.timeout_s)
+        # inside its pool, whose bookkeeping is quadratic in the queue (measured: 4x slower at 64). And each
+        # time httpcore's pool assigns a request it probes the socket of every idle connection it holds, so
+        # requests are spread over clients of POOL_CONNECTIONS each (one pool of 64: ~30% of the client's CPU).
+        self._clients = [openai.AsyncOpenAI(base_url=cfg.endpoint, api_key=self._key, max_retries=0,
+                                            timeout=cfg.timeout_s)
+                         for _ in range(max(1, -(-cfg.max_concurrency // POOL_CONNECTIONS)))]
+        self._client = self._clients[0]
+        self._in_flight = [0] * len(self._clients)
         self._sem = asyncio.Semaphore(cfg.max_concurrency)
         self._rpm = TokenBucket(cfg.requests_per_minute) if cfg.requests_per_minute else None
         self._tpm = TokenBucket(cfg.tokens_per_minute) if cfg.tokens_per_minute else None
+        if budget is None:  # a client on its own: only its endpoint's cap
+            budget = Budget(spent={name: spent_usd})
+            budget.set_cap(name, cfg.max_cost_usd, "teacher" if name == "teacher" else f"endpoints.{name}")
+        self.budget = budget
+        self.activity = activity or Activity()
         self.usage = Usage()
-        self._spent_before = spent_usd
-        self._reserved_usd = 0.0
+        self.hits: Counter[str] = Counter()  # cache hits per role
+        self.batch: Submitter | None = None  # set by the session when the endpoint uses the Batch API
         self._inflight: dict[str, asyncio.Future[ChatResult]] = {}
 
     # -- public ----------------------------------------------------------------------------------
-    async def chat(self, request: ChatRequest) -> ChatResult:
-        """One chat completion: from the cache if this exact request succeeded before, else over HTTP."""
+    async def chat(self, request: ChatRequest, role: str = "assistant") -> ChatResult:
+        """One chat completion: from the cache if this exact request succeeded before, else over HTTP (or in
+        the endpoint's next batch)."""
         key = cache_key(self.cfg.model, request)
         if self.cache is not None and (hit := self.cache.get(key)) is not None:
             self.usage.cached += 1
+            self.hits[role] += 1
             hit.cached = True
             return hit
         if (running := self._inflight.get(key)) is not None:
             # the same request is already on its way (e.g. two models gave the same answer to be judged)
             self.usage.cached += 1
+            self.hits[role] += 1
             return dataclasses.replace(await asyncio.shield(running), cached=True)
         future: asyncio.Future[ChatResult] = asyncio.get_running_loop().create_future()
         self._inflight[key] = future
         try:
-            result = await self._send_with_retries(request)
-            if self.cache is not None:
-                self.cache.put(key, result, {"model": self.cfg.model, "messages": request.messages,
-                                             **request.params(), "tag": request.tag})
+            if self.batch is not None:
+                result = await self.batch.submit(key, request, role)  # recorded by the batch on arrival
+            else:
+                result = await self._send_with_retries(request)
+                self.record(key, request, result, role)
             future.set_result(result)
             return result
         except BaseException as exc:
@@ -115,27 +144,53 @@ class TeacherClient:
         finally:
             del self._inflight[key]
 
-    @property
-    def spent_usd(self) -> float:
-        return self._spent_before + self.usage.usd
+    def record(self, key: str, request: ChatRequest | None, result: ChatResult, role: str, *, stage: str = "",
+               batch_id: str | None = None, custom_id: str = "") -> bool:
+        """Cache a paid response and ledger its charge in one transaction; count it against the budget.
+        False if it was recorded before (a batch's output read again after a kill)."""
+        mode = "batch" if batch_id else "live"
+        usd = self.cost(result.prompt_tokens, result.completion_tokens, mode)
+        charge = Charge(f"{batch_id}:{custom_id}" if batch_id else uuid.uuid4().hex, self.name,
+                        stage or self.stage, role, self.cfg.model, result.prompt_tokens, result.completion_tokens,
+                        usd, mode, batch_id)
+        meta = None if request is None else {"model": self.cfg.model, "messages": request.messages,
+                                             **request.params(), "tag": request.tag}
+        if self.cache is not None and not self.cache.put(key, result, meta, charge):
+            return False
+        self.budget.charge(self.name, usd)
+        self.usage.requests += 1
+        self.usage.batch_requests += mode == "batch"
+        self.usage.prompt_tokens += result.prompt_tokens
+        self.usage.completion_tokens += result.completion_tokens
+        self.usage.usd += usd
+        return True
 
-    async def aclose(self) -> None:
-        await self._client.close()
+    def cost(self, prompt_tokens: float, completion_tokens: float, mode: str = "live") -> float:
+        usd = (prompt_tokens * self.cfg.price_input_per_1k + completion_tokens * self.cfg.price_output_per_1k) / 1000
+        return usd * self.cfg.batch_discount if mode == "batch" else usd
 
-    # -- internals -------------------------------------------------------------------------------
-    def _cost(self, prompt_tokens: float, completion_tokens: float) -> float:
-        return (prompt_tokens * self.cfg.price_input_per_1k + completion_tokens * self.cfg.price_output_per_1k) / 1000
-
-    def _estimate_tokens(self, request: ChatRequest) -> tuple[int, int]:
+    def estimate_tokens(self, request: ChatRequest) -> tuple[int, int]:
+        """(input, output) tokens a request may cost, before it is sent: what the budget reserves for it."""
         chars = sum(len(m.get("content") or "") for m in request.messages)
         return chars // 4 + 4 * len(request.messages), request.max_tokens * request.n
 
-    def _check_budget(self, reserve: float) -> None:
-        cap = self.cfg.max_cost_usd
-        if cap is not None and self.spent_usd + self._reserved_usd + reserve > cap:
-            raise BudgetExceeded(f"teacher budget reached: ${self.spent_usd:.4f} spent of teacher.max_cost_usd="
-                                 f"${cap:.2f}; raise the cap and rerun the same command to continue")
+    @property
+    def openai(self) -> openai.AsyncOpenAI:
+        return self._client
 
+    @property
+    def spent_usd(self) -> float:
+        return self.budget.spent(self.name)
+
+    async def aclose(self) -> None:
+        for client in self._clients:
+            await client.close()
+
+    def scrub(self, text: str) -> str:
+        """`text` with the API key blanked out (error messages can quote a request)."""
+        return text.replace(self._key, "***") if self._key and len(self._key) > 3 else text
+
+    # -- internals -------------------------------------------------------------------------------
     async def _send_with_retries(self, request: ChatRequest) -> ChatResult:
         last = "no attempt made"
         for attempt in range(1, self.cfg.max_retries + 2):
@@ -146,84 +201,82 @@ class TeacherClient:
                 raise
             except openai.APIStatusError as exc:
                 status = exc.status_code
-                last = f"HTTP {status}: {self._scrub(_short(exc))}"
+                last = f"HTTP {status}: {self.scrub(_short(exc))}"
                 if status in (401, 403):
-                    raise TeacherFatal(f"the teacher at {self.cfg.endpoint} refused the API key ({last}); "
-                                       f"check teacher.api_key_env") from None
+                    raise TeacherFatal(f"the endpoint '{self.name}' at {self.cfg.endpoint} refused the API key "
+                                       f"({last}); check its api_key_env") from None
                 if status == 404:
-                    raise TeacherFatal(f"the teacher at {self.cfg.endpoint} has no model "
+                    raise TeacherFatal(f"the endpoint '{self.name}' at {self.cfg.endpoint} has no model "
                                        f"'{self.cfg.model}' or no chat endpoint ({last})") from None
                 if status not in RETRYABLE_STATUS and status < 500:
                     raise TeacherError(last, attempt) from None
                 wait = _retry_after(exc)
             except (openai.APITimeoutError, openai.APIConnectionError) as exc:
-                last = f"{type(exc).__name__}: {self._scrub(_short(exc))}"
+                last = f"{type(exc).__name__}: {self.scrub(_short(exc))}"
             except (openai.APIResponseValidationError, json.JSONDecodeError, ValueError, KeyError, TypeError,
                     AttributeError, IndexError) as exc:
-                last = f"invalid response body ({type(exc).__name__}: {self._scrub(_short(exc))})"
+                last = f"invalid response body ({type(exc).__name__}: {self.scrub(_short(exc))})"
             if attempt > self.cfg.max_retries:
                 break
             self.usage.retries += 1
-            backoff = min(self.cfg.backoff_max_s, self.cfg.backoff_base_s * 2 ** (attempt - 1))
-            delay = max(wait or 0.0, backoff * random.uniform(0.5, 1.5))
+            delay = max(wait or 0.0, self.backoff(attempt))
             log.debug("teacher retry %d after %.2fs: %s", attempt, delay, last)
             await asyncio.sleep(delay)
         raise TeacherError(f"gave up after {self.cfg.max_retries + 1} attempts; last error: {last}",
                            self.cfg.max_retries + 1)
 
+    def backoff(self, attempt: int) -> float:
+        """Exponential backoff with jitter before retry number `attempt`."""
+        backoff = min(self.cfg.backoff_max_s, self.cfg.backoff_base_s * 2 ** (attempt - 1))
+        return backoff * random.uniform(0.5, 1.5)
+
     async def _send_once(self, request: ChatRequest) -> ChatResult:
-        est_in, est_out = self._estimate_tokens(request)
-        reserve = self._cost(est_in, est_out)
-        self._check_budget(reserve)
-        if self._rpm:
-            await self._rpm.take(1)
-        if self._tpm:
-            await self._tpm.take(est_in + est_out)
-        self._reserved_usd += reserve
+        est_in, est_out = self.estimate_tokens(request)
+        reserve = self.cost(est_in, est_out)
+        self.budget.reserve(self.name, reserve)
         try:
+            if self._rpm:
+                await self._rpm.take(1)
+            if self._tpm:
+                await self._tpm.take(est_in + est_out)
             async with self._sem:
                 self.usage.attempts += 1
-                response = await self._client.chat.completions.create(
-                    model=self.cfg.model, messages=request.messages, **request.params())
+                self.activity.live += 1
+                shard = min(range(len(self._clients)), key=self._in_flight.__getitem__)
+                self._in_flight[shard] += 1
+                try:
+                    # the SDK's documented raw `post` (its errors, timeouts and connection pool) without its
+                    # per-request parameter transform and response models: a fifth of the client's CPU
+                    response = await self._clients[shard].post(
+                        "/chat/completions", cast_to=dict,
+                        body={"model": self.cfg.model, "messages": request.messages, **request.params()})
+                finally:
+                    self.activity.live -= 1
+                    self._in_flight[shard] -= 1
         finally:
-            self._reserved_usd -= reserve
-        if isinstance(response, str) or not getattr(response, "choices", None):
-            raise ValueError("no choices in the response")
-        texts = [c.message.content if c.message.content is not None else "" for c in response.choices]
-        reasons = [c.finish_reason or "stop" for c in response.choices]
-        usage = response.usage
-        p_tok = usage.prompt_tokens if usage else est_in
-        c_tok = usage.completion_tokens if usage else sum(len(t) // 4 for t in texts)
+            self.budget.release(self.name, reserve)
+        result = parse_completion(response, est_in)
         if self._tpm:
-            self._tpm.give_back(max(0, est_in + est_out - p_tok - c_tok))
-        self.usage.requests += 1
-        self.usage.prompt_tokens += p_tok
-        self.usage.completion_tokens += c_tok
-        self.usage.usd += self._cost(p_tok, c_tok)
-        return ChatResult(texts, reasons, p_tok, c_tok)
+            self._tpm.give_back(max(0, est_in + est_out - result.prompt_tokens - result.completion_tokens))
+        return result
 
-    def _scrub(self, text: str) -> str:
-        return text.replace(self._key, "***") if self._key and len(self._key) > 3 else text
+
+def parse_completion(data: Any, est_in: int = 0) -> ChatResult:
+    """A chat completion's JSON (a live response's or a batch line's body) as a ChatResult; ValueError if it is
+    not one."""
+    if not isinstance(data, dict) or not isinstance(data.get("choices"), list) or not data["choices"]:
+        raise ValueError("no choices in the response")
+    texts, reasons = [], []
+    for choice in data["choices"]:
+        content = (choice.get("message") or {}).get("content")
+        texts.append(content if isinstance(content, str) else "")
+        reasons.append(choice.get("finish_reason") or "stop")
+    usage = data.get("usage") or {}
+    p_tok, c_tok = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    return ChatResult(texts, reasons, int(p_tok) if p_tok is not None else est_in,
+                      int(c_tok) if c_tok is not None else sum(len(t) // 4 for t in texts))
 
 
 def _short(exc: Exception, limit: int = 300) -> str:
     text = str(exc).replace("\n", " ")
     return text if len(text) <= limit else text[:limit] + "…"
-
-
-@asynccontextmanager
-async def teacher_session(recipe: Recipe, store: RunStore) -> AsyncIterator[TeacherClient]:
-    """A client for one stage with the run's response cache and the run's spend so far counted against the
-    cap; closes the client and the cache however the stage ends."""
-    client = TeacherClient(recipe.teacher, ResponseCache(cache_path(store, recipe)), spent_usd=run_spend(store))
-    try:
-        yield client
-    finally:
-        await client.aclose()
-        if client.cache is not None:
-            client.cache.close()
-
-
-def run_spend(store: RunStore) -> float:
-    """Dollars the run's stages have paid the teacher so far (counted against teacher.max_cost_usd)."""
-    return sum(float(s.get("cost", {}).get("usd", 0.0)) for s in store.read_manifest().get("stages", {}).values())

@@ -45,6 +45,7 @@ class ChatResult:
 @dataclass
 class Usage:
     requests: int = 0  # successful requests paid for in this process
+    batch_requests: int = 0  # of which answered through the Batch API
     cached: int = 0  # answered from the cache, free
     attempts: int = 0  # HTTP attempts, retries included
     retries: int = 0
@@ -54,3 +55,7 @@ class Usage:
 
     def as_cost(self) -> dict[str, float]:
         return {k: float(v) for k, v in asdict(self).items()}
+
+    def add(self, other: Usage) -> None:
+        for key, value in asdict(other).items():
+            setattr(self, key, getattr(self, key) + value)

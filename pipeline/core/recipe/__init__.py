@@ -3,6 +3,14 @@
 from pipeline.core.recipe.aif import FeedbackConfig, PairsConfig, PoolModel, SampleConfig
 from pipeline.core.recipe.base import BUILTIN_STUDENT, BUILTIN_TEACHER, TASK_PROMPTS, RecipeError, Section
 from pipeline.core.recipe.decontamination import DecontamConfig
+from pipeline.core.recipe.endpoints import (
+    DEFAULT_ENDPOINT,
+    ROLES,
+    BudgetConfig,
+    EstimateConfig,
+    ReplyTokens,
+    RolesConfig,
+)
 from pipeline.core.recipe.evaluate import EvaluateConfig
 from pipeline.core.recipe.generate import (
     ExhaustionConfig,
@@ -21,15 +29,26 @@ from pipeline.core.recipe.load import (
     recipe_from_dict,
 )
 from pipeline.core.recipe.model import ComputeConfig, Recipe, StorageConfig
+from pipeline.core.recipe.roles import (
+    STAGE_ROLES,
+    all_endpoints,
+    endpoint_key,
+    pool_endpoint,
+    role_endpoint,
+    stage_endpoint_identities,
+    unpriced_pool_members,
+)
 from pipeline.core.recipe.series import SeriesConfig
 from pipeline.core.recipe.teacher import TeacherConfig
 from pipeline.core.recipe.training import DPOStageConfig, LoraConfig, SFTStageConfig, TinyStudentConfig
 
 __all__ = [
-    "BUILTIN_STUDENT", "BUILTIN_TEACHER", "ComputeConfig", "DPOStageConfig", "DecontamConfig", "EvaluateConfig",
-    "ExhaustionConfig", "FeedbackConfig", "FilterConfig", "GenerateConfig", "InstructionFilterConfig", "LoraConfig",
-    "PairsConfig", "PoolModel", "PromptSource", "Recipe", "RecipeError", "SFTStageConfig", "SampleConfig",
+    "BUILTIN_STUDENT", "BUILTIN_TEACHER", "BudgetConfig", "ComputeConfig", "DEFAULT_ENDPOINT", "DPOStageConfig",
+    "DecontamConfig", "EstimateConfig", "EvaluateConfig", "ExhaustionConfig", "FeedbackConfig", "FilterConfig",
+    "GenerateConfig", "InstructionFilterConfig", "LoraConfig", "PairsConfig", "PoolModel", "PromptSource", "ROLES",
+    "Recipe", "RecipeError", "ReplyTokens", "RolesConfig", "SFTStageConfig", "STAGE_ROLES", "SampleConfig",
     "Section", "SelfInstructConfig", "SelfPromptingConfig", "SeriesConfig", "StorageConfig", "TASK_PROMPTS",
-    "TeacherConfig", "TinyStudentConfig", "apply_overrides", "load_recipe", "load_recipe_text", "parse_override",
-    "recipe_from_dict",
+    "TeacherConfig", "TinyStudentConfig", "all_endpoints", "apply_overrides", "endpoint_key", "load_recipe",
+    "load_recipe_text", "parse_override", "pool_endpoint", "recipe_from_dict", "role_endpoint",
+    "stage_endpoint_identities", "unpriced_pool_members",
 ]

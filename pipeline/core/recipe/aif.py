@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from pipeline.core.recipe.base import Section
+from pipeline.core.recipe.base import BUILTIN_TEACHER, Section
 from pipeline.core.recipe.generate import PromptSource
 
 
@@ -15,8 +15,11 @@ class PoolModel(Section):
 
     name: str
     backend: Literal["vllm", "openai", "transformers"]
-    model: str  # path, hub id, "sft" (this run's SFT model) or "base" (the untrained student)
-    base_url: str | None = None
+    # path, hub id, "sft" (this run's SFT model) or "base" (the untrained student); an openai member without
+    # one asks its endpoint's model
+    model: str | None = None
+    endpoint: str | None = None  # openai members: `teacher` or a name under `endpoints` (prices, cap, batch)
+    base_url: str | None = None  # openai members without an endpoint: another server, unpriced (prefer endpoint)
     api_key_env: str | None = None
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
@@ -28,6 +31,24 @@ class PoolModel(Section):
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     max_model_len: int | None = Field(None, ge=1)
     principles: bool = True  # False: no principle system prompt (a student never trained with a system turn)
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and value != BUILTIN_TEACHER and not value.startswith(("http://", "https://")):
+            raise ValueError(f"'{value}' is not an http(s) URL (or '{BUILTIN_TEACHER}' for the task's own teacher)")
+        return value.rstrip("/") if value else value
+
+    @model_validator(mode="after")
+    def _where_it_runs(self) -> PoolModel:
+        if self.backend != "openai" and (self.endpoint or self.base_url):
+            raise ValueError(f"pool model '{self.name}': endpoint and base_url are for backend openai only")
+        if self.endpoint and self.base_url:
+            raise ValueError(f"pool model '{self.name}': set endpoint or base_url, not both (an endpoint has its "
+                             "own base_url)")
+        if self.model is None and self.backend != "openai":
+            raise ValueError(f"pool model '{self.name}': model is required for backend {self.backend}")
+        return self
 
 
 class SampleConfig(Section):
@@ -85,6 +106,11 @@ class FeedbackConfig(Section):
     # answer is shown first once when orders = answers) and average; drop a pair whose preference flips
     orders: int = Field(1, ge=1)
     drop_order_flips: bool = False
+    # a panel of raters: endpoints (`teacher` or names under `endpoints`) that each rate every answer; empty: the
+    # `rater` role's endpoint alone. mean: an answer's score is its mean over the panel; majority: that too, and a
+    # pair forms only when more than half the raters score the chosen answer above the rejected one
+    panel: list[str] = Field(default_factory=list)
+    aggregate: Literal["mean", "majority"] = "mean"
     shard_size: int = Field(1000, ge=1)
     max_failure_rate: float = Field(0.5, ge=0, le=1)
 
@@ -94,6 +120,8 @@ class FeedbackConfig(Section):
             raise ValueError("no aspects and no overall_critique: nothing to rate answers on")
         if not self.sources:
             raise ValueError("sources is empty; use pool, on_policy and/or correction")
+        if len(set(self.panel)) != len(self.panel):
+            raise ValueError(f"panel names an endpoint twice: {self.panel}")
         if self.drop_order_flips and self.orders < 2:
             raise ValueError("drop_order_flips needs orders >= 2: a preference can only flip between two orders")
         if "on_policy" in self.sources and self.on_policy_sampler.temperature == 0:

@@ -9,6 +9,14 @@ from pydantic import Field, ValidationError, model_validator
 from pipeline.core.recipe.aif import FeedbackConfig, SampleConfig
 from pipeline.core.recipe.base import Section
 from pipeline.core.recipe.decontamination import DecontamConfig
+from pipeline.core.recipe.endpoints import (
+    BudgetConfig,
+    EstimateConfig,
+    RolesConfig,
+    endpoint_name_problems,
+    secret_variables,
+    unknown_endpoint,
+)
 from pipeline.core.recipe.evaluate import EvaluateConfig
 from pipeline.core.recipe.generate import GenerateConfig, PromptSource
 from pipeline.core.recipe.series import SeriesConfig
@@ -36,6 +44,10 @@ class Recipe(Section):
     name: str = "distill"
     task: str | None = None  # a task plugin: a registered name (`toy`) or `package.module:Class`
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    endpoints: dict[str, TeacherConfig] = Field(default_factory=dict)  # more endpoints, by name
+    roles: RolesConfig = Field(default_factory=RolesConfig)
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
+    estimate: EstimateConfig = Field(default_factory=EstimateConfig)
     prompts: PromptSource = Field(default_factory=PromptSource)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     decontamination: DecontamConfig = Field(default_factory=DecontamConfig)  # generate's and sample's prompts
@@ -47,6 +59,26 @@ class Recipe(Section):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     compute: ComputeConfig = Field(default_factory=ComputeConfig)
     series: SeriesConfig = Field(default_factory=SeriesConfig)
+
+    _secret_variables = model_validator(mode="before")(classmethod(lambda cls, data: secret_variables(data)))
+
+    @model_validator(mode="after")
+    def _endpoints_are_known(self) -> Recipe:
+        names = list(self.endpoints)
+        problems = endpoint_name_problems(names)
+        problems += [unknown_endpoint(f"roles.{role}", name, names) for role, name in self.roles.model_dump().items()
+                     if name != "teacher" and name not in self.endpoints]
+        problems += [unknown_endpoint(f"feedback.panel[{i}]", name, names)
+                     for i, name in enumerate(self.feedback.panel) if name != "teacher" and name not in self.endpoints]
+        for i, member in enumerate([*self.sample.pool, self.feedback.on_policy_sampler]):
+            key = f"sample.pool[{i}]" if i < len(self.sample.pool) else "feedback.on_policy_sampler"
+            if member.endpoint not in (None, "teacher") and member.endpoint not in self.endpoints:
+                problems.append(unknown_endpoint(f"{key}.endpoint ({member.name})", member.endpoint, names))
+            elif member.model is None:  # an openai member asks its endpoint's model
+                member.model = (self.endpoints.get(member.endpoint or "") or self.teacher).model
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
     @model_validator(mode="after")
     def _task_supplies_what_is_asked(self) -> Recipe:
@@ -60,17 +92,10 @@ class Recipe(Section):
             if src is not None and src.from_task and task is None:
                 raise ValueError(f"{key}.source is 'task' but the recipe names no task; set `task:` "
                                  "(e.g. task: toy) or give a prompts file")
-        if self.teacher.is_builtin:
-            if task is None or task.teacher_options is None:
-                what = "names no task" if task is None else f"task '{self.task}' has no built-in teacher"
-                raise ValueError(f"teacher.base_url is 'builtin' but the recipe {what}; set teacher.base_url "
-                                 "to an OpenAI-compatible endpoint")
-            try:
-                task.teacher_options.model_validate(self.teacher.builtin)
-            except ValidationError as exc:
-                problems = "; ".join(f"teacher.builtin.{'.'.join(map(str, e['loc']))}: {e['msg']}"
-                                     for e in exc.errors())
-                raise ValueError(problems) from None
+        builtin = {"teacher": self.teacher, **{f"endpoints.{n}": e for n, e in self.endpoints.items()}}
+        for key, endpoint in builtin.items():
+            if endpoint.is_builtin:
+                _check_builtin(key, endpoint, task, self.task)
         if self.evaluate.checker is not None:
             try:
                 load_callable(self.evaluate.checker)
@@ -81,3 +106,16 @@ class Recipe(Section):
     def snapshot(self) -> dict[str, Any]:
         """The recipe as JSON-able data (it holds no secrets: keys are named, never stored)."""
         return self.model_dump(mode="json")
+
+
+def _check_builtin(key: str, endpoint: TeacherConfig, task: Any, name: str | None) -> None:
+    """A `base_url: builtin` endpoint needs a task with a built-in teacher that takes its `builtin` options."""
+    if task is None or task.teacher_options is None:
+        what = "names no task" if task is None else f"task '{name}' has no built-in teacher"
+        raise ValueError(f"{key}.base_url is 'builtin' but the recipe {what}; set {key}.base_url "
+                         "to an OpenAI-compatible endpoint")
+    try:
+        task.teacher_options.model_validate(endpoint.builtin)
+    except ValidationError as exc:
+        problems = "; ".join(f"{key}.builtin.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ValueError(problems) from None

@@ -1,8 +1,9 @@
-"""The `teacher` section: an OpenAI-compatible endpoint, its limits, retries, prices and budget."""
+"""The `teacher` section (the default endpoint; every entry of `endpoints` takes the same keys): an
+OpenAI-compatible API, its limits, retries, prices, budget and Batch API settings."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
@@ -10,7 +11,7 @@ from pipeline.core.recipe.base import BUILTIN_TEACHER, Section
 
 
 class TeacherConfig(Section):
-    """The teacher and judge: any OpenAI-compatible chat-completions API, or the task's built-in one."""
+    """One endpoint: any OpenAI-compatible chat-completions API, or the task's built-in one."""
 
     base_url: str = BUILTIN_TEACHER
     model: str = "toy-teacher"
@@ -25,7 +26,14 @@ class TeacherConfig(Section):
     backoff_max_s: float = Field(30.0, ge=0)
     price_input_per_1k: float = Field(0.0, ge=0)
     price_output_per_1k: float = Field(0.0, ge=0)
-    max_cost_usd: float | None = Field(None, ge=0)
+    max_cost_usd: float | None = Field(None, ge=0)  # caps this endpoint's spend over the whole run
+    # The Batch API (/v1/files + /v1/batches): one batch per round of requests, billed at batch_discount.
+    batch: bool = False
+    batch_fallback: Literal["retry", "live"] = "retry"  # failed or expired lines: the next batch, or live
+    batch_discount: float = Field(0.5, ge=0, le=1)  # the batch price as a share of the live price
+    batch_poll_s: float = Field(30.0, gt=0)  # longest wait between two polls (the first come sooner)
+    batch_max_requests: int = Field(50_000, ge=1)  # the provider's limits per input file
+    batch_max_bytes: int = Field(200_000_000, ge=1024)
     # options of the task's built-in teacher (base_url: builtin), checked against the task's own model
     builtin: dict[str, Any] = Field(default_factory=dict)
 

@@ -22,8 +22,8 @@ from pipeline.stages.evaluate.records import (
     shows_reference,
     single_id,
 )
-from pipeline.teacher.client import TeacherClient
 from pipeline.teacher.messages import ChatRequest
+from pipeline.teacher.session import RoleClient
 
 
 class JudgeFailed(ItemFailed):
@@ -67,7 +67,7 @@ def conversation_text(turns: list[str], answers: bool) -> str:
     return shown[0] if len(shown) == 1 else "\n\n".join(f"Turn {i + 1}: {t}" for i, t in enumerate(shown))
 
 
-async def ask_judge(client: TeacherClient, cfg: EvaluateConfig, text: str,
+async def ask_judge(client: RoleClient, cfg: EvaluateConfig, text: str,
                     parse: Callable[[str], Any]) -> tuple[str, Any, int]:
     """(reply, parsed verdict, attempts); a reply the strict parser rejects is asked again, then fails."""
     problem, last = "", ""
@@ -84,7 +84,7 @@ async def ask_judge(client: TeacherClient, cfg: EvaluateConfig, text: str,
                       cfg.judge_attempts)
 
 
-async def grade_answer(client: TeacherClient, cfg: EvaluateConfig, item: EvalItem, row: dict[str, Any],
+async def grade_answer(client: RoleClient, cfg: EvaluateConfig, item: EvalItem, row: dict[str, Any],
                        turn: int) -> dict[str, Any]:
     """Single-answer grading of one turn (a later turn with the conversation before it): an explanation and a
     1-10 rating."""
@@ -96,7 +96,7 @@ async def grade_answer(client: TeacherClient, cfg: EvaluateConfig, item: EvalIte
             "attempts": attempts}
 
 
-async def compare_answers(client: TeacherClient, cfg: EvaluateConfig, item: EvalItem, candidate: dict[str, Any],
+async def compare_answers(client: RoleClient, cfg: EvaluateConfig, item: EvalItem, candidate: dict[str, Any],
                           baseline: dict[str, Any]) -> dict[str, Any]:
     """The candidate against the baseline, shown as A and then as B; disagreement between the orders is a tie."""
     question = conversation_text(list(item.turns), answers=False)
@@ -132,7 +132,7 @@ class Judgment:
     turn: int = 0
     baseline_answer: dict[str, Any] | None = None
 
-    async def obtain(self, client: TeacherClient, cfg: EvaluateConfig) -> dict[str, Any]:
+    async def obtain(self, client: RoleClient, cfg: EvaluateConfig) -> dict[str, Any]:
         if self.kind == SINGLE:
             return await grade_answer(client, cfg, self.item, self.answer, self.turn)
         return await compare_answers(client, cfg, self.item, self.answer, self.baseline_answer)

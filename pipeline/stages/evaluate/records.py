@@ -10,7 +10,7 @@ from importlib import resources
 from typing import Any
 
 from pipeline.core.evalsets import EvalRow, EvalSetError, parse_row, read_eval_rows
-from pipeline.core.recipe import EvaluateConfig, Recipe
+from pipeline.core.recipe import EvaluateConfig, Recipe, role_endpoint
 from pipeline.core.task import load_callable, load_task
 
 STAGE = "evaluate"
@@ -174,4 +174,4 @@ def plan_record(recipe: Recipe, eval_set: EvalSet, models: list[EvalModel]) -> d
             "baseline_spec": baseline.spec, "candidate": candidate_model(cfg),
             "outputs_generator": outputs_generator(eval_set) if OUTPUTS in {m.spec for m in models} else None,
             "promote_min_win_rate": cfg.promote_min_win_rate, "promote_stderr_k": cfg.promote_stderr_k,
-            "judge": recipe.teacher.model}
+            "judge": role_endpoint(recipe, "judge")[1].model}

@@ -34,6 +34,7 @@ from pipeline.stages.evaluate.stats import (
     mean_se,
     versus_length_controlled,
 )
+from pipeline.teacher.spend import spend_summary
 
 log = logging.getLogger(__name__)
 DPO_CURVES = ("loss", "rewards/margins", "rewards/accuracies")
@@ -160,23 +161,24 @@ def pair_scores(store: RunStore) -> tuple[dict[str, Any] | None, dict[str, list[
 
 
 def stage_costs(store: RunStore, evaluate_status: str | None = None) -> list[dict[str, Any]]:
-    """Status, items, failures, seconds and teacher cost per stage, from the manifest; `evaluate_status` is the
+    """Status, items, failures, seconds and counts from the manifest, dollars and tokens from
+    the spend ledger (every attempt, killed and reset ones included); `evaluate_status` is the
     outcome of the evaluate stage writing this report (the manifest still says it is running)."""
     stages = store.read_manifest().get("stages", {})
+    paid = spend_summary(store)["stages"]
     rows = []
     for name in STAGE_NAMES:
         st = stages.get(name) or {}
         status = st.get("status", "pending")
-        cost, seconds = dict(st.get("cost") or {}), float(st.get("seconds") or 0.0)
+        seconds = float(st.get("seconds") or 0.0)
         if name == STAGE and status == "running":  # the stage writing this report: not yet recorded
             seconds = time.time() - float(st.get("started_at") or time.time())
             stats = (_read_json(store, STAGE, "stats.json") or {})
-            cost = stats.get("teacher", cost)
             st = {**st, "counts": stats.get("counts") or st.get("counts")}
             status = evaluate_status or status
         rows.append({"stage": name, "status": status, "seconds": seconds,
-                     "cost_usd": float(cost.get("usd", 0.0)),
-                     "teacher_tokens": int(cost.get("prompt_tokens", 0) + cost.get("completion_tokens", 0)),
+                     "cost_usd": float(paid[name]["usd"]),
+                     "teacher_tokens": int(paid[name]["prompt_tokens"] + paid[name]["completion_tokens"]),
                      "items": (st.get("counts") or {}).get("output", 0),
                      "failures": (st.get("counts") or {}).get("failed", 0)})
     return rows

@@ -33,7 +33,7 @@ from pipeline.stages.evaluate.records import (
 )
 from pipeline.stages.evaluate.report import write_report
 from pipeline.stages.evaluate.schema import SCHEMAS
-from pipeline.teacher.client import teacher_session
+from pipeline.teacher.session import teacher_session
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def generate_answers(model: EvalModel, items: list[EvalItem], eval_set: EvalSet,
     path = resolve_model(model.spec, recipe, store)
     spec = PoolModel(name=model.label, backend=cfg.backend, model=path, temperature=0.0, max_tokens=cfg.max_tokens,
                      batch_size=cfg.batch_size, device=recipe.compute.device, principles=False)
-    backend = make_backend(spec, recipe, store)
+    backend = make_backend(spec, recipe, store, STAGE)
     params = SamplingParams(temperature=0.0, top_p=1.0, max_tokens=cfg.max_tokens)  # greedy
     log.info("evaluate: %s (%s) answers %d prompts", model.label, path, len(items))
     try:
@@ -158,7 +158,8 @@ def shipped_answers(model: EvalModel, items: list[EvalItem], eval_set: EvalSet, 
 async def _judge(recipe: Recipe, store: RunStore, items: list[EvalItem], models: list[EvalModel],
                  answers: dict[str, dict[str, Any]]) -> tuple[str, dict[str, float]]:
     """Every planned judgment not yet in the store; (why it stopped early, if it did; the judge's cost)."""
-    async with teacher_session(recipe, store) as client:
+    async with teacher_session(recipe, store, STAGE) as session:
+        judge = session.for_role("judge")
         writers = {kind: store.shard_writer(STAGE, kind, id_key="judgment_id", schema=SCHEMAS[kind])
                    for kind in (SINGLE, PAIRWISE)}
         done = writers[SINGLE].done_ids() | writers[PAIRWISE].done_ids()
@@ -167,11 +168,11 @@ async def _judge(recipe: Recipe, store: RunStore, items: list[EvalItem], models:
         stream = ItemStream(store.ledger(STAGE), lambda j: j.judgment_id, progress=bar,
                             reason_prefix=lambda j: f"{j.kind} judgment: ")
         with writers[SINGLE], writers[PAIRWISE]:
-            async for task, verdict in stream.results(todo, lambda j: j.obtain(client, recipe.evaluate),
-                                                      recipe.teacher.max_concurrency):
+            async for task, verdict in stream.results(todo, lambda j: j.obtain(judge, recipe.evaluate),
+                                                      session.concurrency("judge")):
                 writers[task.kind].add(verdict)
         bar.close()
-    return stream.stopped, client.usage.as_cost()
+    return stream.stopped, session.usage()
 
 
 def _finish(recipe: Recipe, store: RunStore, items: list[EvalItem], models: list[EvalModel],

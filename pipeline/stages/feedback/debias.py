@@ -14,6 +14,7 @@ from pipeline.stages.feedback.ratings import answer_score
 
 ORDER_FLIP = "order_flip"
 LENGTH_ONLY = "won_by_length_only"
+PANEL_SPLIT = "panel_split"
 
 
 def shown_order(seed: int, item_id: str, aspect: str, attempt: int, n: int, order: int, orders: int) -> list[int]:
@@ -35,14 +36,18 @@ def words(text: str) -> int:
 
 
 def pair_filter(order_scores: list[list[float | None]], lengths: list[int], scores: list[float | None],
-                drop_order_flips: bool, min_margin: float,
-                length_margin_per_word: float) -> Callable[[int, int], str | None] | None:
-    """Why (chosen, rejected) may not form a pair, or None when it may: its preference flips in some order, or
-    the chosen answer is longer and its lead does not clear the margin plus the per-word length margin."""
-    if not drop_order_flips and not length_margin_per_word:
+                drop_order_flips: bool, min_margin: float, length_margin_per_word: float,
+                rater_scores: list[list[float | None]] | None = None) -> Callable[[int, int], str | None] | None:
+    """Why (chosen, rejected) may not form a pair, or None when it may: its preference flips in some order; the
+    chosen answer is longer and its lead does not clear the margin plus the per-word length margin; or (a panel
+    voting by majority, `rater_scores` one list per rater) no more than half the raters prefer the chosen one."""
+    if not drop_order_flips and not length_margin_per_word and not rater_scores:
         return None
 
     def why_not(c: int, r: int) -> str | None:
+        if rater_scores and 2 * sum(s[c] is not None and s[r] is not None and s[c] > s[r] + EPS
+                                    for s in rater_scores) <= len(rater_scores):
+            return PANEL_SPLIT
         if drop_order_flips and any(s[c] is None or s[r] is None or s[c] <= s[r] + EPS for s in order_scores):
             return ORDER_FLIP
         extra = max(0, lengths[c] - lengths[r])
@@ -84,5 +89,27 @@ def mitigation_effects(cfg: FeedbackConfig, pairs: list[dict[str, Any]], ratings
                      for p in pairs)
         lines["length_margin_per_word"] = (
             f"{dropped_by_reason.get(LENGTH_ONLY, 0)} items dropped: the chosen answer led by no more than its "
-            f"extra length x {cfg.pairs.length_margin_per_word:g}; chosen has more words in {longer} of {len(pairs)} pairs")
-    return lines or {"none": "no mitigation in use: one order, no flip or length filter"}
+            f"extra length x {cfg.pairs.length_margin_per_word:g}; chosen has more words in {longer} of "
+            f"{len(pairs)} pairs")
+    if len(cfg.panel) > 1:
+        lines["panel"] = (f"{len(cfg.panel)} raters ({', '.join(cfg.panel)}), {cfg.aggregate}: their top-rated "
+                          f"answers share none on {_panel_disagreements(ratings)} items"
+                          + (f"; {dropped_by_reason.get(PANEL_SPLIT, 0)} items dropped: no majority for any pair"
+                             if cfg.aggregate == "majority" else ""))
+    return lines or {"none": "no mitigation in use: one order, no flip or length filter, one rater"}
+
+
+def _panel_disagreements(ratings: list[dict[str, Any]]) -> int:
+    """Items on which no answer is top-rated (mean of aspects and orders) by every rater of the panel."""
+    sums: dict[str, dict[str, dict[str, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    for r in ratings:
+        if r["rating"] is not None:
+            sums[r["item_id"]][r.get("judge_model") or ""][r["completion_id"]].append(r["rating"])
+    split = 0
+    for by_rater in sums.values():
+        tops = []
+        for by_answer in by_rater.values():
+            means = {c: sum(v) / len(v) for c, v in by_answer.items()}
+            tops.append({c for c, m in means.items() if m >= max(means.values()) - EPS})
+        split += len(tops) > 1 and not set.intersection(*tops)
+    return split

@@ -16,8 +16,8 @@ from pipeline.stages.feedback.debias import pair_filter, shown_order, words
 from pipeline.stages.feedback.pairs import binarize, correction_pair
 from pipeline.stages.feedback.ratings import SCALES, ParsedRatings, Rating, answer_score, parse_ratings
 from pipeline.stages.sample.stage import completion_id
-from pipeline.teacher.client import TeacherClient
 from pipeline.teacher.messages import ChatRequest
+from pipeline.teacher.session import RoleClient
 
 ON_POLICY = "on_policy"
 ASPECT_TITLES = {"instruction_following": "instruction following", "honesty": "honesty",
@@ -94,8 +94,8 @@ def _fence(text: str, tag: str) -> str:
     return re.sub(rf"<(/?\s*{tag}\b[^>]*)>", r"‹\1›", text, flags=re.I)
 
 
-async def rate_aspect(client: TeacherClient, cfg: FeedbackConfig, aspect: str, item_id: str, prompt: str,
-                      answers: list[str], shown: int = 0) -> JudgeCall:
+async def rate_aspect(client: RoleClient, cfg: FeedbackConfig, aspect: str, item_id: str, prompt: str,
+                      answers: list[str], shown: int = 0, rater_tag: str = "") -> JudgeCall:
     """One judge call rates all answers on one aspect, in a shuffled order (the `shown`-th of `feedback.orders`)
     mapped back afterwards; an unusable reply is re-asked (new order, a reminder, a new cache tag), then the
     item fails."""
@@ -109,6 +109,7 @@ async def rate_aspect(client: TeacherClient, cfg: FeedbackConfig, aspect: str, i
         tag = "" if attempt == 1 else f"reask-{attempt}"
         if shown >= n:  # a repeated order must still be a request of its own
             tag = f"{tag}order-{shown}"
+        tag = rater_tag + tag
         reply = await client.chat(ChatRequest([{"role": "user", "content": text}], temperature=0.0,
                                               max_tokens=cfg.max_tokens_per_answer * n + 64, tag=tag))
         reply_text = reply.text
@@ -128,12 +129,12 @@ def rated_aspects(cfg: FeedbackConfig) -> list[str]:
     return [*cfg.aspects, *(["overall"] if cfg.overall_critique else [])]
 
 
-async def rate_responses(client: TeacherClient, cfg: FeedbackConfig, item_id: str, prompt: str,
-                         answers: list[str]) -> dict[str, AspectVerdict]:
+async def rate_responses(client: RoleClient, cfg: FeedbackConfig, item_id: str, prompt: str,
+                         answers: list[str], tag: str = "") -> dict[str, AspectVerdict]:
     """Every aspect (and the overall critique if asked) for all answers of one prompt, in every order asked
     for, concurrently."""
     calls = [(a, shown) for a in rated_aspects(cfg) for shown in range(cfg.orders)]
-    results = await asyncio.gather(*(rate_aspect(client, cfg, a, item_id, prompt, answers, shown)
+    results = await asyncio.gather(*(rate_aspect(client, cfg, a, item_id, prompt, answers, shown, tag)
                                      for a, shown in calls), return_exceptions=True)
     errors = [r for r in results if isinstance(r, BaseException)]
     if errors:  # a stop (budget, bad key) outranks an item's own failure
@@ -155,7 +156,7 @@ def score_answers(verdicts: dict[str, AspectVerdict], n: int, call: int | None =
     return scores
 
 
-async def correct_response(client: TeacherClient, recipe: Recipe, prompt: str, draft: str) -> str:
+async def correct_response(client: RoleClient, recipe: Recipe, prompt: str, draft: str) -> str:
     """The teacher's corrected rewrite of the student's draft."""
     text = render("feedback_correction.jinja", question=prompt, draft=_fence(draft, "draft"))
     reply = await client.chat(ChatRequest([{"role": "user", "content": text}], temperature=0.0,
@@ -168,23 +169,31 @@ async def correct_response(client: TeacherClient, recipe: Recipe, prompt: str, d
     return corrected
 
 
-async def judge_item(client: TeacherClient, recipe: Recipe, item: Item) -> Outcome:
-    """Rate one item's answers and binarize them into a pair (or say why not)."""
+async def judge_item(client: RoleClient, recipe: Recipe, item: Item, panel: list[RoleClient] | None = None) -> Outcome:
+    """Rate one item's answers (by the rater, or by every rater of `feedback.panel`) and binarize them into a
+    pair (or say why not); the rater role writes corrections."""
     cfg = recipe.feedback
+    raters = panel or [client]
     answers = list(item.answers)
     if item.source == "correction":
         corrected = await correct_response(client, recipe, item.prompt, answers[0].text)
         if corrected == answers[0].text.strip():
             return Outcome(dropped="correction_unchanged")
-        answers.append(Answer(completion_id(item.prompt_id, "correction", 0), f"{recipe.teacher.model}/correction",
+        answers.append(Answer(completion_id(item.prompt_id, "correction", 0), f"{client.cfg.model}/correction",
                               corrected))
-    verdicts = await rate_responses(client, cfg, item.item_id, item.prompt, [a.text for a in answers])
-    scores = score_answers(verdicts, len(answers))
-    ratings = rating_rows(item, answers, verdicts, scores, recipe.teacher.model)
+    texts, n = [a.text for a in answers], len(answers)
+    tags = [f"rater-{r.endpoint}" if len(raters) > 1 else "" for r in raters]  # one endpoint's cache entries each
+    panel_verdicts = await asyncio.gather(*(rate_responses(r, cfg, item.item_id, item.prompt, texts, tag)
+                                            for r, tag in zip(raters, tags, strict=True)))
+    verdicts = pooled(panel_verdicts)
+    each = [score_answers(v, n) for v in panel_verdicts]
+    scores = score_answers(verdicts, n)
+    ratings = [row for r, v in zip(raters, panel_verdicts, strict=True)
+               for row in rating_rows(item, answers, v, scores, r.cfg.model, r.endpoint if len(raters) > 1 else "")]
     strategy = {"pool": cfg.pairs.strategy, ON_POLICY: "best_vs_worst", "correction": "rewrite_vs_draft"}[item.source]
-    why_not = pair_filter([score_answers(verdicts, len(answers), j) for j in range(cfg.orders)],
-                          [words(a.text) for a in answers], scores, cfg.drop_order_flips, cfg.pairs.min_margin,
-                          cfg.pairs.length_margin_per_word)
+    by_order = [_mean_scores([score_answers(v, n, j) for v in panel_verdicts]) for j in range(cfg.orders)]
+    why_not = pair_filter(by_order, [words(t) for t in texts], scores, cfg.drop_order_flips, cfg.pairs.min_margin,
+                          cfg.pairs.length_margin_per_word, each if cfg.aggregate == "majority" else None)
     if item.source == "correction":
         picked = correction_pair(scores, cfg.pairs.min_margin, why_not)
     else:
@@ -195,22 +204,40 @@ async def judge_item(client: TeacherClient, recipe: Recipe, item: Item) -> Outco
     return Outcome(ratings, pair=pair_row(item, answers, verdicts, scores, picked, strategy))
 
 
+def pooled(panel_verdicts: list[dict[str, AspectVerdict]]) -> dict[str, AspectVerdict]:
+    """Every rater's calls per aspect together: an answer's rating is then its mean over raters and orders."""
+    if len(panel_verdicts) == 1:
+        return panel_verdicts[0]
+    return {a: AspectVerdict(a, [c for v in panel_verdicts for c in v[a].calls]) for a in panel_verdicts[0]}
+
+
+def _mean_scores(per_rater: list[list[float | None]]) -> list[float | None]:
+    """Each answer's mean score over the raters that scored it."""
+    means = []
+    for values in zip(*per_rater, strict=True):
+        rated = [v for v in values if v is not None]
+        means.append(sum(rated) / len(rated) if rated else None)
+    return means
+
+
 def rating_rows(item: Item, answers: list[Answer], verdicts: dict[str, AspectVerdict], scores: list[float | None],
-                judge: str) -> list[dict[str, Any]]:
-    """One row per answer, aspect and order shown (the first order keeps the id it had before orders existed)."""
+                judge: str, rater: str = "") -> list[dict[str, Any]]:
+    """One row per answer, aspect and order shown (and panel rater: `judge_model` is then `endpoint/model`); the
+    first order of a lone rater keeps the id it had before orders and panels existed."""
     rows = []
     for aspect, v in verdicts.items():
         for shown, call in enumerate(v.calls):
             for i, a in enumerate(answers):
                 position, r = call.rating_of(i)
-                key = f"{item.item_id}:{a.completion_id}:{aspect}" + (f":order-{shown}" if shown else "")
+                key = f"{item.item_id}:{a.completion_id}:{aspect}" + (f":order-{shown}" if shown else "") \
+                    + (f":rater-{rater}" if rater else "")
                 rows.append({
                     "rating_id": hashlib.sha256(key.encode()).hexdigest(),
                     "item_id": item.item_id, "source": item.source, "prompt_id": item.prompt_id,
                     "completion_id": a.completion_id, "model": a.model, "aspect": aspect, "rating": r.value,
                     "na": r.na, "type": r.type, "rationale": r.rationale, "position": position,
                     "shown": len(answers), "order": shown, "attempt": call.attempt, "score": scores[i],
-                    "judge_model": judge, "raw": call.raw,
+                    "judge_model": f"{rater}/{judge}" if rater else judge, "raw": call.raw,
                 })
     return rows
 

@@ -51,7 +51,7 @@ def position_bias(ratings: list[dict[str, Any]]) -> dict[str, dict[str, dict[str
     calls = _calls(ratings)
     ratings_at: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     offsets_at: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for (_, aspect, _), rows in calls.items():
+    for (_, aspect, _, _), rows in calls.items():
         mean = sum(r["rating"] for r in rows) / len(rows)
         for r in rows:
             ratings_at[aspect][r["position"]].append(r["rating"])
@@ -61,12 +61,12 @@ def position_bias(ratings: list[dict[str, Any]]) -> dict[str, dict[str, dict[str
             for aspect, by_pos in sorted(ratings_at.items())}
 
 
-def _calls(ratings: list[dict[str, Any]]) -> dict[tuple[str, str, int], list[dict[str, Any]]]:
-    """The ratings of each judge call: one item, aspect and order shown."""
-    calls: dict[tuple[str, str, int], list[dict[str, Any]]] = defaultdict(list)
+def _calls(ratings: list[dict[str, Any]]) -> dict[tuple[str, str, int, str], list[dict[str, Any]]]:
+    """The ratings of each judge call: one item, aspect, order shown and rater."""
+    calls: dict[tuple[str, str, int, str], list[dict[str, Any]]] = defaultdict(list)
     for r in ratings:
         if r["rating"] is not None:
-            calls[(r["item_id"], r["aspect"], r.get("order") or 0)].append(r)
+            calls[(r["item_id"], r["aspect"], r.get("order") or 0, r.get("judge_model") or "")].append(r)
     return calls
 
 
@@ -75,7 +75,7 @@ def first_position_advantage(ratings: list[dict[str, Any]]) -> dict[str, float |
     others in its call. Orders are shuffled, so for a fair judge it is near 0; a judge that adds d to the first
     text shows about d (less where the scale's top or bottom cuts it off)."""
     gaps: dict[str, list[float]] = defaultdict(list)
-    for (_, aspect, _), rows in _calls(ratings).items():
+    for (_, aspect, _, _), rows in _calls(ratings).items():
         first = [r["rating"] for r in rows if r["position"] == 1]
         others = [r["rating"] for r in rows if r["position"] != 1]
         if first and others:

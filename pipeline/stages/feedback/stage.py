@@ -22,7 +22,7 @@ from pipeline.stages.feedback.report import feedback_report, report_markdown
 from pipeline.stages.feedback.schema import RATINGS, pairs_schema
 from pipeline.stages.sample.schema import COMPLETIONS
 from pipeline.stages.sample.stage import NO_PRINCIPLE, Assignment, sample_responses, unique_prompts
-from pipeline.teacher.client import teacher_session
+from pipeline.teacher.session import teacher_session
 
 log = logging.getLogger(__name__)
 STAGE = "feedback"
@@ -111,7 +111,7 @@ def sample_on_policy(recipe: Recipe, store: RunStore, prompts: list[SeedPrompt])
     log.info("feedback: %d on-policy samples from %s", len(todo), sampler.model)
     with writer:
         return sample_responses(sampler, todo, recipe, store, writer, store.ledger(STAGE, "on_policy_failures"),
-                                cfg.shard_size)
+                                cfg.shard_size, stage=STAGE)
 
 
 # -- the stage loop --------------------------------------------------------------------------------
@@ -164,7 +164,9 @@ async def judge_all(recipe: Recipe, store: RunStore, items: list[Item], stop: st
                     excluded: set[str] = frozenset()) -> tuple[str, dict[str, float]]:
     """Judge every item not yet done, streaming; a stop drains what is in flight and starts nothing new.
     Items of `excluded` prompts (sample dropped them, e.g. contaminated) are dropped with that reason."""
-    async with teacher_session(recipe, store) as client:
+    async with teacher_session(recipe, store, STAGE) as session:
+        rater = session.for_role("rater")
+        panel = [session.for_endpoint(name, "rater") for name in recipe.feedback.panel] or None
         with Outbox(store, recipe.feedback.shard_size, rated_aspects(recipe.feedback)) as outbox:
             done = outbox.done_items()
             todo = []
@@ -181,11 +183,11 @@ async def judge_all(recipe: Recipe, store: RunStore, items: list[Item], stop: st
             bar = progress(STAGE, len(todo), "prompt")
             stream = ItemStream(store.ledger(STAGE), lambda it: it.item_id, progress=bar)
             stream.stopped = stop
-            async for item, outcome in stream.results(todo, lambda it: judge_item(client, recipe, it),
-                                                      recipe.teacher.max_concurrency):
+            async for item, outcome in stream.results(todo, lambda it: judge_item(rater, recipe, it, panel),
+                                                      session.concurrency("rater")):
                 outbox.add(item, outcome)
             bar.close()
-    return stream.stopped, client.usage.as_cost()
+    return stream.stopped, session.usage()
 
 
 # -- the stage's accounting ------------------------------------------------------------------------
@@ -200,7 +202,7 @@ def account_feedback(recipe: Recipe, store: RunStore, items: list[Item], cost: d
     pending = item_ids - pair_ids - set(failed) - set(dropped)
     ratings = list(store.read_records(STAGE, "ratings",
                                       columns=["item_id", "completion_id", "aspect", "position", "order", "rating",
-                                               "model", "attempt"]))
+                                               "model", "attempt", "judge_model"]))
     counts = {"input": len(item_ids), "prompts": len({i.prompt_id for i in items}), "output": len(pair_ids),
               "failed": len(failed), "dropped": len(dropped), "pending": len(pending)}
     stats = {"counts": counts, **feedback_stats(recipe, store, items, pairs, ratings, failed, dropped), "teacher": cost}

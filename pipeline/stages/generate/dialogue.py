@@ -13,8 +13,8 @@ from pipeline.core.sources import SeedPrompt
 from pipeline.core.stage import ItemDropped
 from pipeline.stages.generate.filters import DialogueFilters
 from pipeline.stages.generate.truecase import case_vocabulary, truecase
-from pipeline.teacher.client import TeacherClient
 from pipeline.teacher.messages import ChatRequest
+from pipeline.teacher.session import RoleClient
 
 
 @dataclass
@@ -27,6 +27,11 @@ class Dialogue:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     truecased: int = 0
+
+
+def dialogue_rounds(cfg: GenerateConfig, prompt_id: str) -> int:
+    """The number of rounds a seed prompt's dialogue is drawn to have (seeded by the prompt alone)."""
+    return random.Random(f"{cfg.seed}:{prompt_id}").randint(cfg.min_rounds, cfg.max_rounds)
 
 
 def assistant_request(messages: list[dict[str, str]], cfg: GenerateConfig) -> ChatRequest:
@@ -63,15 +68,16 @@ def _user_turn_problem(turn: str, finish_reason: str, cfg: GenerateConfig, filte
     return None
 
 
-async def simulate_dialogue(client: TeacherClient, seed: SeedPrompt, cfg: GenerateConfig, filters: DialogueFilters,
-                            user_system: str, decon: Decontaminator) -> Dialogue:
-    """Alternate the teacher as assistant and as a user simulator for a drawn number of rounds."""
-    rounds = random.Random(f"{cfg.seed}:{seed.prompt_id}").randint(cfg.min_rounds, cfg.max_rounds)
+async def simulate_dialogue(assistant: RoleClient, user_simulator: RoleClient, seed: SeedPrompt, cfg: GenerateConfig,
+                            filters: DialogueFilters, user_system: str, decon: Decontaminator) -> Dialogue:
+    """Alternate the assistant and the user simulator (two roles, maybe two endpoints) for a drawn number of
+    rounds."""
+    rounds = dialogue_rounds(cfg, seed.prompt_id)
     fix = casing(cfg)
     first = fix(seed.prompt, [])
     dlg = Dialogue([{"role": "user", "content": first}], rounds, truecased=int(first != seed.prompt))
     for r in range(rounds):
-        reply = await client.chat(assistant_request(dlg.messages, cfg))
+        reply = await assistant.chat(assistant_request(dlg.messages, cfg))
         dlg.prompt_tokens += reply.prompt_tokens
         dlg.completion_tokens += reply.completion_tokens
         text = reply.text.strip()
@@ -90,8 +96,8 @@ async def simulate_dialogue(client: TeacherClient, seed: SeedPrompt, cfg: Genera
         dlg.messages.append({"role": "assistant", "content": fixed})
         if r == rounds - 1:
             break
-        user = await client.chat(ChatRequest(_flip(dlg.messages, user_system), cfg.user_temperature,
-                                             cfg.max_tokens))
+        user = await user_simulator.chat(ChatRequest(_flip(dlg.messages, user_system), cfg.user_temperature,
+                                                     cfg.max_tokens))
         dlg.prompt_tokens += user.prompt_tokens
         dlg.completion_tokens += user.completion_tokens
         turn = user.text.strip()

@@ -11,8 +11,9 @@ from typing import Any
 
 from pipeline.core.recipe import ExhaustionConfig
 from pipeline.stages.generate.instruction_filter import Candidate, InstructionFilter
-from pipeline.teacher.client import BudgetExceeded, TeacherClient, TeacherError, TeacherFatal
+from pipeline.teacher.client import BudgetExceeded, TeacherError, TeacherFatal
 from pipeline.teacher.messages import ChatRequest, ChatResult
+from pipeline.teacher.session import RoleClient
 
 TARGET_REACHED = "target_reached"
 
@@ -22,7 +23,7 @@ def request_seed(*parts: object) -> int:
     return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:4], "big") >> 1
 
 
-async def ask_in_order(client: TeacherClient, requests: Sequence[ChatRequest],
+async def ask_in_order(client: RoleClient, requests: Sequence[ChatRequest],
                        stats: Counter[str]) -> list[ChatResult | None]:
     """The replies in request order (None where a request failed for good); a stop (budget, bad key) is raised.
 

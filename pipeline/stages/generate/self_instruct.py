@@ -13,8 +13,8 @@ from pipeline.core.sources import SeedPrompt, prompt_id
 from pipeline.core.templates import render
 from pipeline.stages.generate.expansion import Exhaustion, ask_in_order, offer_all, request_seed
 from pipeline.stages.generate.instruction_filter import Candidate, InstructionFilter
-from pipeline.teacher.client import TeacherClient
 from pipeline.teacher.messages import ChatRequest
+from pipeline.teacher.session import RoleClient
 
 log = logging.getLogger(__name__)
 SOURCE = "self_instruct"
@@ -29,7 +29,7 @@ def parse_tasks(text: str, finish_reason: str) -> list[Candidate]:
     return found
 
 
-async def expand(writer: TeacherClient, seeds: list[SeedPrompt], cfg: SelfInstructConfig, filt: InstructionFilter,
+async def expand(writer: RoleClient, seeds: list[SeedPrompt], cfg: SelfInstructConfig, filt: InstructionFilter,
                  seed: int = 0) -> tuple[list[SeedPrompt], dict[str, Any]]:
     """Grow the seed set to `target_count` prompts, or until proposing is exhausted; returns the new prompts
     and stats (proposed, kept, rejected by reason, the stop reason).
@@ -44,7 +44,9 @@ async def expand(writer: TeacherClient, seeds: list[SeedPrompt], cfg: SelfInstru
     exhaustion = Exhaustion(cfg.exhaustion, cfg.target_count)
     while len(human) + len(generated) < cfg.target_count:
         need = cfg.target_count - len(human) - len(generated)
-        n_requests = max(1, min(cfg.requests_per_round, -(-need // cfg.tasks_per_request)))
+        # a round is `requests_per_round` live, or as many as fit in one batch file when the writer batches
+        per_round = writer.cfg.batch_max_requests if writer.cfg.batch else cfg.requests_per_round
+        n_requests = max(1, min(per_round, -(-need // cfg.tasks_per_request)))
         rnd = exhaustion.rounds
         requests = [_request(human, generated, cfg, random.Random(f"{seed}:{rnd}:{i}"), request_seed(seed, rnd, i))
                     for i in range(n_requests)]

@@ -19,8 +19,8 @@ from pipeline.core.templates import render
 from pipeline.stages.generate.dialogue import assistant_request, casing
 from pipeline.stages.generate.expansion import Exhaustion, ask_in_order, offer_all, request_seed
 from pipeline.stages.generate.instruction_filter import Candidate, InstructionFilter
-from pipeline.teacher.client import TeacherClient
 from pipeline.teacher.messages import ChatRequest, ChatResult
+from pipeline.teacher.session import RoleClient
 
 log = logging.getLogger(__name__)
 SOURCE = "self_prompting"
@@ -45,7 +45,7 @@ def parse_instruction(text: str, finish_reason: str) -> Candidate | None:
     return Candidate(line, cut_off=finish_reason == "length") if line else None
 
 
-async def self_prompt(writer: TeacherClient, roots: list[SeedPrompt], cfg: GenerateConfig,
+async def self_prompt(writer: RoleClient, roots: list[SeedPrompt], cfg: GenerateConfig,
                       filt: InstructionFilter) -> tuple[list[SeedPrompt], dict[str, Any]]:
     """Grow a tree below every root: `branching` follow-ons per instruction, `depth` generations, each branch
     asked up to `attempts_per_branch` times; stops at `target_count` prompts (roots included), when the tree is
@@ -86,7 +86,7 @@ async def self_prompt(writer: TeacherClient, roots: list[SeedPrompt], cfg: Gener
     return new, summary
 
 
-async def _grow(writer: TeacherClient, batch: list[tuple[Node, int]], cfg: GenerateConfig, filt: InstructionFilter,
+async def _grow(writer: RoleClient, batch: list[tuple[Node, int]], cfg: GenerateConfig, filt: InstructionFilter,
                 stats: Counter[str], room: int | None) -> list[Node]:
     """One batch of proposals: answer each instruction, ask for a follow-on, filter in order; the new nodes."""
     fix = casing(cfg)

@@ -30,7 +30,7 @@ from pipeline.stages.generate.schema import DIALOGUES
 from pipeline.stages.generate.self_instruct import expand
 from pipeline.stages.generate.self_prompting import self_prompt
 from pipeline.stages.generate.textsim import NearDuplicateIndex
-from pipeline.teacher.client import TeacherClient, teacher_session
+from pipeline.teacher.session import RoleClient, TeacherSession, teacher_session
 
 log = logging.getLogger(__name__)
 STAGE = "generate"
@@ -79,26 +79,25 @@ async def _run(recipe: Recipe, store: RunStore) -> StageReport:
     cfg = recipe.generate
     extra: dict[str, Any] = {"seconds": {}}
     decon = load_decontaminator(recipe.decontamination)
-    async with teacher_session(recipe, store) as client:
+    async with teacher_session(recipe, store, STAGE) as session:
         t0 = time.perf_counter()
         seeds = list(iter_prompts(recipe.prompts, recipe.task))
         kept = ledger_seed_drops(store, seeds, cfg, decon)
         extra["seconds"]["select_prompts"] = round(time.perf_counter() - t0, 3)
-        writer = client  # the instruction writer (role `instruction_writer`): the teacher's client for now
         t0 = time.perf_counter()
-        grown = await grow_prompts(store, writer, kept, cfg, decon, extra)
+        grown = await grow_prompts(store, session.for_role("instruction_writer"), kept, cfg, decon, extra)
         extra["seconds"]["expansion"] = round(time.perf_counter() - t0, 3)
         prompts = kept + grown
         done = store.shard_writer(STAGE).done_ids()
         dropped = {f.item_id for f in store.ledger(STAGE, "dropped").entries()}
         todo = [s for s in prompts if s.prompt_id not in done and s.prompt_id not in dropped]
         t0 = time.perf_counter()
-        stop = await simulate_all(recipe, store, client, todo, decon)
+        stop = await simulate_all(recipe, store, session, todo, decon)
         extra["seconds"]["dialogues"] = round(time.perf_counter() - t0, 3)
     if not stop and cfg.filters.dedup:  # only over the finished set: the decision must not depend on timing
         rank = {s.prompt_id: i for i, s in enumerate(prompts)}
         remove_duplicate_dialogues(store, STAGE, rank, cfg.filters.near_dup_threshold)
-    return _finish(recipe, store, seeds + grown, client.usage.as_cost(), extra, stop)
+    return _finish(recipe, store, seeds + grown, session.usage(), extra, stop)
 
 
 def ledger_seed_drops(store: RunStore, seeds: list[SeedPrompt], cfg: GenerateConfig,
@@ -112,7 +111,7 @@ def ledger_seed_drops(store: RunStore, seeds: list[SeedPrompt], cfg: GenerateCon
     return kept
 
 
-async def grow_prompts(store: RunStore, writer: TeacherClient, kept: list[SeedPrompt], cfg: GenerateConfig,
+async def grow_prompts(store: RunStore, writer: RoleClient, kept: list[SeedPrompt], cfg: GenerateConfig,
                        decon: Decontaminator, extra: dict[str, Any]) -> list[SeedPrompt]:
     """Self-instruct, then self-prompting from every prompt so far; writes instructions.jsonl (with lineage)
     and the contaminated proposals; returns the new prompts."""
@@ -137,7 +136,7 @@ async def grow_prompts(store: RunStore, writer: TeacherClient, kept: list[SeedPr
     return grown
 
 
-async def simulate_all(recipe: Recipe, store: RunStore, client: TeacherClient, todo: list[SeedPrompt],
+async def simulate_all(recipe: Recipe, store: RunStore, session: TeacherSession, todo: list[SeedPrompt],
                        decon: Decontaminator) -> str:
     """Simulate the dialogues and publish them shard by shard; returns why it stopped early, if it did."""
     cfg = recipe.generate
@@ -146,13 +145,14 @@ async def simulate_all(recipe: Recipe, store: RunStore, client: TeacherClient, t
     bar = progress(STAGE, len(todo), "dialogue")
     stream = ItemStream(store.ledger(STAGE), lambda s: s.prompt_id, dropped=store.ledger(STAGE, "dropped"),
                         progress=bar)
+    assistant, user_simulator = session.for_role("assistant"), session.for_role("user_simulator")
     with store.shard_writer(STAGE, shard_size=cfg.shard_size, schema=DIALOGUES) as writer:
-        # Twice the teacher's concurrency in dialogues: a request slot freed by one is taken at once by a
+        # Twice the endpoints' concurrency in dialogues: a request slot freed by one is taken at once by a
         # dialogue already waiting on the client's semaphore (measured: 10% more requests/s than 1x).
         async for seed, dialogue in stream.results(
-                todo, lambda s: simulate_dialogue(client, s, cfg, filters, user_system, decon),
-                2 * recipe.teacher.max_concurrency):
-            writer.add(_record(seed, dialogue, recipe.teacher.model), flush=False)
+                todo, lambda s: simulate_dialogue(assistant, user_simulator, s, cfg, filters, user_system, decon),
+                session.concurrency("assistant", "user_simulator", live_factor=2)):
+            writer.add(_record(seed, dialogue, assistant.cfg.model), flush=False)
             if writer.full:  # publish the shard off the event loop: requests in flight keep going
                 await asyncio.to_thread(writer.flush)
     bar.close()

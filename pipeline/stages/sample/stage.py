@@ -108,9 +108,10 @@ def completion_row(a: Assignment, model: PoolModel, messages: list[dict[str, str
 
 
 def sample_responses(model: PoolModel, todo: list[Assignment], recipe: Recipe, store: RunStore, writer: ShardWriter,
-                     failures: FailureLedger, chunk: int, bar: Any = None) -> tuple[str, dict[str, float]]:
+                     failures: FailureLedger, chunk: int, bar: Any = None,
+                     stage: str = STAGE) -> tuple[str, dict[str, float]]:
     """Load one pool model, answer its assignments chunk by chunk into the writer; (stop message, cost)."""
-    backend = make_backend(model, recipe, store)
+    backend = make_backend(model, recipe, store, stage)
     params = SamplingParams.of(model)
     stop = ""
     try:

@@ -8,7 +8,7 @@ from typing import Any
 
 from pipeline.core.task import Task
 from pipeline.tasks.toy.task import corpus, is_correct, make_prompts, prompt_pool
-from pipeline.tasks.toy.teacher_roles import ToyTeacherConfig, ToyTeacherOptions
+from pipeline.tasks.toy.teacher_roles import ToyTeacherConfig, ToyTeacherOptions, count_tokens
 
 
 class ArithmeticTask(Task):
@@ -29,6 +29,9 @@ class ArithmeticTask(Task):
 
     def corpus(self, size: int, seed: int) -> list[str]:
         return corpus(size, seed)
+
+    def count_teacher_tokens(self, text: str) -> int:
+        return count_tokens(text)
 
     @contextmanager
     def serve_teacher(self, options: ToyTeacherOptions) -> Iterator[str]:

@@ -51,6 +51,12 @@ class ToyTeacherOptions(BaseModel):
     fault_seed: int = 0
     retry_after_s: float = Field(1.0, ge=0)
     hang_s: float = Field(600.0, ge=0)
+    # the Batch API (/v1/files, /v1/batches): served or not, a share of lines failing, how long a batch stays
+    # in_progress, a share of lines left undone (the batch then ends `expired`)
+    batch_api: bool = True
+    batch_fail_rate: float = Field(0.0, ge=0, le=1)
+    batch_in_progress_s: float = Field(0.0, ge=0)
+    batch_expired_share: float = Field(0.0, ge=0, le=1)
 
     @model_validator(mode="after")
     def _rates_add_up(self) -> ToyTeacherOptions:
@@ -65,6 +71,11 @@ class ToyTeacherConfig(ToyTeacherOptions):
     """The options plus the API key the server demands (tests of key handling); the key never enters a recipe."""
 
     api_key: str | None = Field(None, repr=False, exclude=True)
+
+
+def count_tokens(text: str) -> int:
+    """The toy teacher's tokens: whitespace-separated words (what its `usage` reports)."""
+    return len(text.split())
 
 
 def message_text(content: Any) -> str:

@@ -27,7 +27,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from pipeline.tasks.toy.teacher_roles import FAULTS, ToyRoles, ToyTeacherConfig, detect_role, message_text
+from pipeline.tasks.toy.batch_api import ToyBatchAPI
+from pipeline.tasks.toy.teacher_roles import (
+    FAULTS,
+    ToyRoles,
+    ToyTeacherConfig,
+    count_tokens,
+    detect_role,
+    message_text,
+)
 
 __all__ = ["ToyTeacher", "ToyTeacherConfig", "create_app", "request_key", "serve"]
 
@@ -60,6 +68,9 @@ class ToyTeacherApp:
         self.config = config
         self.roles = ToyRoles(config)
         self._ids = itertools.count()
+        self.batch = ToyBatchAPI(config, self.answer, self._authorized, _error)
+        self.hold_after: int | None = None  # tests: answer this many, then hold every request until released
+        self._released = asyncio.Event()
         self.reset()
 
     def reset(self) -> None:
@@ -68,7 +79,9 @@ class ToyTeacherApp:
         self.outcomes: Counter[str] = Counter()
         self.roles_ok: Counter[str] = Counter()
         self.ok_keys: Counter[str] = Counter()
+        self.tokens: Counter[str] = Counter()
         self.in_flight = self.in_flight_max = 0
+        self.batch.reset()
 
     def _fault(self) -> str | None:
         draw, edge = self.fault_rng.random(), 0.0
@@ -116,18 +129,30 @@ class ToyTeacherApp:
             return Response('{"id": "chatcmpl-broken", "choices": [', 200, media_type="application/json")
         try:
             body = json.loads(await request.body())
-            messages = body["messages"]
-            n = int(body.get("n") or 1)
-            if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
-                raise ValueError("messages must be a non-empty list of objects")
-            if not 1 <= n <= 128:
-                raise ValueError(f"n must lie in 1..128, got {n}")
+            answer = self.answer(body)
         except (ValueError, KeyError, TypeError) as exc:
             self.outcomes["400"] += 1
             return _error(400, f"Bad chat-completions request: {exc}", "invalid_request_error")
-        return JSONResponse(self._complete(body, messages, n))
+        if self.hold_after is not None and self.outcomes["ok"] >= self.hold_after:
+            await self._released.wait()
+            if await request.is_disconnected():  # its client is gone: nothing answered, nothing counted
+                return _error(499, "Client closed the request.", "client_closed")
+        self.outcomes["ok"] += 1
+        self.roles_ok[answer.pop("_role")] += 1
+        self.ok_keys[answer.pop("_request_key")] += 1
+        self.tokens["prompt"] += answer["usage"]["prompt_tokens"]
+        self.tokens["completion"] += answer["usage"]["completion_tokens"]
+        return JSONResponse(answer)
 
-    def _complete(self, body: dict[str, Any], messages: list[dict[str, Any]], n: int) -> dict[str, Any]:
+    def answer(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The chat completion for a request body (live or a batch line), with its `_role` and `_request_key`
+        for the caller's counts; ValueError if the body is not a chat request."""
+        messages = body["messages"]
+        n = int(body.get("n") or 1)
+        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+            raise ValueError("messages must be a non-empty list of objects")
+        if not 1 <= n <= 128:
+            raise ValueError(f"n must lie in 1..128, got {n}")
         key = request_key(body)
         role = detect_role(messages)
         temperature = body.get("temperature")
@@ -139,12 +164,9 @@ class ToyTeacherApp:
             content, finish = _truncate(self.roles.answer(role, messages, rng, varied), max_words)
             message = {"role": "assistant", "content": content}
             choices.append({"index": index, "message": message, "finish_reason": finish, "logprobs": None})
-        prompt_tokens = sum(len(message_text(m.get("content")).split()) for m in messages)
-        completion_tokens = sum(len(c["message"]["content"].split()) for c in choices)
-        self.outcomes["ok"] += 1
-        self.roles_ok[role] += 1
-        self.ok_keys[key] += 1
-        return {
+        prompt_tokens = sum(count_tokens(message_text(m.get("content"))) for m in messages)
+        completion_tokens = sum(count_tokens(c["message"]["content"]) for c in choices)
+        return {"_role": role, "_request_key": key,
             "id": f"chatcmpl-toy{next(self._ids):08d}", "object": "chat.completion", "created": int(time.time()),
             "model": body.get("model", "toy-teacher"), "choices": choices, "system_fingerprint": "toy",
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
@@ -161,18 +183,31 @@ class ToyTeacherApp:
         return JSONResponse({"status": "ok"})
 
     async def stats(self, request: Request) -> Response:
+        """Live chat requests (`requests`, `outcomes`, `roles_ok`, `ok_keys`, `tokens`) and `batch` counts."""
         return JSONResponse({
             "requests": self.requests, "outcomes": dict(self.outcomes), "roles_ok": dict(self.roles_ok),
-            "ok_keys": dict(self.ok_keys), "in_flight_max": self.in_flight_max,
+            "ok_keys": dict(self.ok_keys), "tokens": dict(self.tokens), "in_flight": self.in_flight,
+            "in_flight_max": self.in_flight_max, "batch": self.batch.stats(),
         })
 
     async def reset_stats(self, request: Request) -> Response:
         self.reset()
         return JSONResponse({"status": "reset"})
 
+    async def control(self, request: Request) -> Response:
+        """Tests: `{"hold_after": N}` holds live requests once N were answered; `{"release": true}` lets them go."""
+        body = json.loads(await request.body() or b"{}")
+        if "hold_after" in body:
+            self.hold_after = body["hold_after"]
+            self._released.clear()
+        if body.get("release"):
+            self.hold_after = None
+            self._released.set()
+        return JSONResponse({"hold_after": self.hold_after})
+
 
 def create_app(config: ToyTeacherConfig) -> Starlette:
-    """The Starlette app of the toy teacher."""
+    """The Starlette app of the toy teacher (with the Batch API unless `batch_api` is false)."""
     teacher = ToyTeacherApp(config)
     return Starlette(routes=[
         Route("/v1/chat/completions", teacher.chat, methods=["POST"]),
@@ -180,6 +215,8 @@ def create_app(config: ToyTeacherConfig) -> Starlette:
         Route("/health", teacher.health, methods=["GET"]),
         Route("/stats", teacher.stats, methods=["GET"]),
         Route("/stats/reset", teacher.reset_stats, methods=["POST"]),
+        Route("/control", teacher.control, methods=["POST"]),
+        *(teacher.batch.routes() if config.batch_api else []),
     ])
 
 
@@ -264,10 +301,18 @@ class ToyTeacher:
         self.stop()
         raise TimeoutError(f"toy teacher did not answer /health within {self.startup_timeout_s} s")
 
-    def _get(self, path: str, method: str = "GET") -> dict[str, Any]:
-        request = urllib.request.Request(self.url + path, method=method)
+    def _get(self, path: str, method: str = "GET", body: dict[str, Any] | None = None) -> dict[str, Any]:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(self.url + path, method=method, data=data)
         with urllib.request.urlopen(request, timeout=10) as response:
             return json.loads(response.read())
+
+    def hold(self, after: int) -> None:
+        """Answer `after` live requests in all, then hold the rest until `release()` (a quiet moment for a kill)."""
+        self._get("/control", "POST", {"hold_after": after})
+
+    def release(self) -> None:
+        self._get("/control", "POST", {"release": True})
 
     def stats(self) -> dict[str, Any]:
         """The server's counters (see `ToyTeacherApp.stats`)."""
@@ -311,7 +356,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ToyTeacherConfig, argpars
     for name, f in fields.items():
         flag = "--" + name.replace("_", "-")
         if f.annotation in (bool, "bool"):
-            parser.add_argument(flag, action="store_true", default=None)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
         else:
             parser.add_argument(flag, type=int if f.annotation in (int, "int") else float, default=None)
     args = parser.parse_args(argv)

@@ -1,0 +1,73 @@
+"""The one place a role, a pool member or an endpoint name becomes an endpoint's name and settings."""
+
+from __future__ import annotations
+
+from pipeline.core.recipe.aif import PoolModel
+from pipeline.core.recipe.base import BUILTIN_TEACHER
+from pipeline.core.recipe.endpoints import DEFAULT_ENDPOINT, ROLES
+from pipeline.core.recipe.model import Recipe
+from pipeline.core.recipe.teacher import TeacherConfig
+
+# The roles each stage plays through an endpoint (sample's openai pool members are resolved one by one).
+STAGE_ROLES: dict[str, tuple[str, ...]] = {
+    "generate": ("assistant", "user_simulator", "instruction_writer"),
+    "feedback": ("rater",),
+    "evaluate": ("judge",),
+}
+
+
+def all_endpoints(recipe: Recipe) -> dict[str, TeacherConfig]:
+    """`teacher` and every named endpoint."""
+    return {DEFAULT_ENDPOINT: recipe.teacher, **recipe.endpoints}
+
+
+def endpoint_key(name: str) -> str:
+    """Where an endpoint's settings are in the recipe: `teacher` or `endpoints.NAME`."""
+    return DEFAULT_ENDPOINT if name == DEFAULT_ENDPOINT else f"endpoints.{name}"
+
+
+def role_endpoint(recipe: Recipe, role: str) -> tuple[str, TeacherConfig]:
+    """The endpoint (name, settings) that plays `role`."""
+    if role not in ROLES:
+        raise KeyError(f"unknown role '{role}'; the roles are {', '.join(ROLES)}")
+    name = getattr(recipe.roles, role)
+    return name, all_endpoints(recipe)[name]
+
+
+def pool_endpoint(recipe: Recipe, member: PoolModel) -> tuple[str, TeacherConfig]:
+    """The endpoint an `openai` pool member is sent to, with the member's model.
+
+    A member with its own `base_url` (the older form) is an endpoint of its own with the teacher's limits and
+    no prices: its requests are ledgered at $0 (give it an endpoint with prices instead)."""
+    if member.endpoint is not None or member.base_url in (None, BUILTIN_TEACHER):
+        name = member.endpoint or DEFAULT_ENDPOINT
+        update: dict[str, object] = {"model": member.model}
+        if member.api_key_env is not None:
+            update["api_key_env"] = member.api_key_env
+        return name, all_endpoints(recipe)[name].model_copy(update=update)
+    return f"pool-{member.name}", recipe.teacher.model_copy(update={
+        "base_url": member.base_url, "model": member.model, "api_key_env": member.api_key_env,
+        "api_key_secret_block": None, "price_input_per_1k": 0.0, "price_output_per_1k": 0.0, "max_cost_usd": None,
+        "batch": False})
+
+
+def stage_endpoint_identities(recipe: Recipe, stage: str) -> dict[str, object]:
+    """What decides the answers a stage gets from its endpoints: the identity of each role's endpoint
+    (the instruction writer only when self-instruct or self-prompting runs), or of each openai pool member's."""
+    if stage == "sample":
+        return {m.name: pool_endpoint(recipe, m)[1].identity() for m in recipe.sample.pool if m.backend == "openai"}
+    roles = [r for r in STAGE_ROLES.get(stage, ())
+             if r != "instruction_writer" or recipe.generate.self_instruct.enabled
+             or recipe.generate.self_prompting.enabled]
+    identities: dict[str, object] = {role: role_endpoint(recipe, role)[1].identity() for role in roles}
+    if stage == "feedback":  # the panel's raters (absent without one, so no fingerprint moves)
+        identities |= {f"panel:{n}": all_endpoints(recipe)[n].identity() for n in recipe.feedback.panel}
+    return identities
+
+
+def unpriced_pool_members(recipe: Recipe) -> list[str]:
+    """Notes on openai pool members whose spend the recipe cannot price (their own base_url, no endpoint)."""
+    return [f"sample.pool[{i}] ({m.name}) has its own base_url and no endpoint: its requests are ledgered at $0 "
+            "and only the run cap applies; name an endpoint with prices instead"
+            for i, m in enumerate(recipe.sample.pool)
+            if m.backend == "openai" and m.endpoint is None and m.base_url not in (None, BUILTIN_TEACHER)]

@@ -1,0 +1,33 @@
+"""What the evaluate stage will ask of the judge before it runs: a grade per turn of every model's answer and,
+for each model but the baseline, a comparison with the baseline in both orders (some asked again)."""
+
+from __future__ import annotations
+
+from pipeline.core.recipe import Recipe
+from pipeline.core.templates import render
+from pipeline.stages.evaluate.judging import conversation_text, judged_question
+from pipeline.stages.evaluate.records import eval_models, load_eval_set
+from pipeline.teacher.demand import Planner
+
+
+def demand(recipe: Recipe, plan: Planner) -> None:
+    cfg = recipe.evaluate
+    judge = plan.role("judge")
+    models = eval_models(cfg)
+    answer = min(plan.reply.answer, cfg.max_tokens)
+    out = min(plan.reply.judge, cfg.judge_max_tokens)
+    again = 1 + plan.reask_rate
+    # an answer identical to the baseline's is graded once (the same request) and not compared
+    distinct = 1 - recipe.estimate.identical_answer_rate
+    graded = 1 + (len(models) - 1) * distinct
+    for item in load_eval_set(recipe).items:
+        blanks = [""] * len(item.turns)
+        for turn in range(len(item.turns)):
+            text = render("judge_single.jinja", question=judged_question(item, blanks, turn), answer="")
+            judge.add(judge.tokens(text) + (turn + 1) * answer + judge.overhead(1), out, again * graded)
+        question = conversation_text(list(item.turns), answers=False)
+        if item.reference is not None:
+            question += f"\n\n(Reference answer to the first question, for the judge only: {item.reference})"
+        text = render("judge_pairwise.jinja", question=question, answer_a="", answer_b="")
+        pairs = 2 * (len(models) - 1) * distinct  # every model but the baseline, in both orders
+        judge.add(judge.tokens(text) + 2 * len(item.turns) * answer + judge.overhead(1), out, again * pairs)

@@ -1,0 +1,128 @@
+"""A stage's teacher session: one client per endpoint (and model), a client for each role, one budget and one
+spend ledger for them all. `session.for_role("judge")` is the only way a stage reaches an endpoint."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from pipeline.core.recipe import (
+    PoolModel,
+    Recipe,
+    TeacherConfig,
+    all_endpoints,
+    endpoint_key,
+    pool_endpoint,
+    role_endpoint,
+)
+from pipeline.core.store import RunStore
+from pipeline.teacher.batch import BatchDriver
+from pipeline.teacher.batch_journal import BatchJournal
+from pipeline.teacher.budget import Budget
+from pipeline.teacher.cache import ResponseCache, cache_path
+from pipeline.teacher.client import Activity, TeacherClient
+from pipeline.teacher.messages import ChatRequest, ChatResult, Usage
+
+# Items a stage keeps in flight when a role's endpoint batches: every one of them joins the round, so a
+# round is this big at most (split into files by the provider's limits); more items wait for the next wave.
+BATCH_ITEMS_IN_FLIGHT = 100_000
+
+
+class RoleClient:
+    """A client bound to a role: stages call `chat` on it; its requests are ledgered under the role."""
+
+    def __init__(self, client: TeacherClient, role: str):
+        self.client, self.role = client, role
+
+    @property
+    def cfg(self) -> TeacherConfig:
+        return self.client.cfg
+
+    @property
+    def endpoint(self) -> str:
+        return self.client.name
+
+    @property
+    def usage(self) -> Usage:
+        return self.client.usage
+
+    async def chat(self, request: ChatRequest) -> ChatResult:
+        return await self.client.chat(request, self.role)
+
+
+class TeacherSession:
+    """The clients of one stage, sharing the run's response cache, spend ledger and budget."""
+
+    def __init__(self, recipe: Recipe, store: RunStore, stage: str):
+        self.recipe, self.store, self.stage = recipe, store, stage
+        self.cache = ResponseCache(cache_path(store, recipe))
+        # the run's spend so far is the ledger's: killed and reset stages included
+        self.budget = Budget(recipe.budget.max_cost_usd, self.cache.ledger.totals_by_endpoint())
+        for name, cfg in all_endpoints(recipe).items():
+            self.budget.set_cap(name, cfg.max_cost_usd, endpoint_key(name))
+        self.activity = Activity()
+        self._clients: dict[tuple[str, str, str | None], TeacherClient] = {}
+        self._drivers: list[BatchDriver] = []
+
+    def for_role(self, role: str) -> RoleClient:
+        """The client for `role` (assistant, user_simulator, instruction_writer, rater, judge)."""
+        name, cfg = role_endpoint(self.recipe, role)
+        return RoleClient(self._client(name, cfg), role)
+
+    def for_endpoint(self, name: str, role: str) -> RoleClient:
+        """The client of a named endpoint playing `role` (a feedback panel's raters): ledgered under that endpoint."""
+        return RoleClient(self._client(name, all_endpoints(self.recipe)[name]), role)
+
+    def for_pool_member(self, member: PoolModel) -> RoleClient:
+        """The client for an `openai` pool member (ledgered as role `pool:<name>`)."""
+        name, cfg = pool_endpoint(self.recipe, member)
+        return RoleClient(self._client(name, cfg), f"pool:{member.name}")
+
+    def concurrency(self, *roles: str, live_factor: int = 1) -> int:
+        """Items a stage keeps in flight for these roles: a whole round when one of their endpoints batches,
+        else `live_factor` times the largest max_concurrency."""
+        cfgs = [role_endpoint(self.recipe, r)[1] for r in roles]
+        if any(c.batch for c in cfgs):
+            return BATCH_ITEMS_IN_FLIGHT
+        return live_factor * max(c.max_concurrency for c in cfgs)
+
+    def usage(self) -> dict[str, float]:
+        """What this stage's requests cost, all endpoints together (the stage report's `cost`)."""
+        total = Usage()
+        for client in self._clients.values():
+            total.add(client.usage)
+        return total.as_cost()
+
+    def _client(self, name: str, cfg: TeacherConfig) -> TeacherClient:
+        key = (name, cfg.model, cfg.api_key_env)
+        if key not in self._clients:
+            client = TeacherClient(cfg, self.cache, name=name, stage=self.stage, budget=self.budget,
+                                   activity=self.activity)
+            if cfg.batch:
+                driver = BatchDriver(client, BatchJournal(self.store, name), self.stage)
+                client.batch = driver
+                self._drivers.append(driver)
+            self._clients[key] = client
+        return self._clients[key]
+
+    async def aclose(self) -> None:
+        try:
+            for driver in self._drivers:
+                await driver.aclose()
+            for client in self._clients.values():
+                for role, hits in client.hits.items():
+                    self.cache.ledger.add_hits(self.stage, client.name, role, hits)
+                await client.aclose()
+        finally:
+            self.cache.close()
+
+
+@asynccontextmanager
+async def teacher_session(recipe: Recipe, store: RunStore, stage: str) -> AsyncIterator[TeacherSession]:
+    """The session of one stage; closes its clients, batch pollers and the cache however the stage ends."""
+    session = TeacherSession(recipe, store, stage)
+    try:
+        yield session
+    finally:
+        await session.aclose()
+
