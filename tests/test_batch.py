@@ -93,6 +93,8 @@ def test_the_estimate_is_within_30_percent_of_what_the_run_paid_per_stage(batch_
     paid = json.loads(subprocess.run([*DISTILL, "status", str(run_dir), "--json"], capture_output=True, text=True,
                                      check=True).stdout)
     assert set(estimate) >= {"stages", "total_usd"}
+    for stage in STAGE_NAMES:  # shown with `pytest -rP`
+        print(f"{stage:<9} estimated ${estimate['stages'][stage]['usd']:.4f}  paid ${paid['stages'][stage]['usd']:.4f}")
     for stage in STAGE_NAMES:
         expected, actual = estimate["stages"][stage]["usd"], paid["stages"][stage]["usd"]
         if actual == 0:

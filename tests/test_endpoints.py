@@ -207,13 +207,14 @@ def test_sigkill_inside_a_stage_then_rerun_the_ledger_equals_server_tokens_times
     ({"sample": {"k": 1, "pool": [{"name": "m", "backend": "openai", "model": "x", "base_url": "not a url"}]}},
      "sample.pool.0.base_url: 'not a url' is not an http(s) URL"),
     ({"endpoints": {"critic": {"base_url": "not a url"}}}, "endpoints.critic.base_url: 'not a url' is not an http"),
+    ({"teacher": {"base_url": "not a url"}}, "teacher.base_url: 'not a url' is not an http(s) URL"),
     ({"endpoints": {"teacher": {"base_url": "http://x/v1"}}}, "'teacher' is the default endpoint"),
 ])
 def test_bad_endpoints_are_errors_naming_the_key(tmp_path, edit, expected):
     data = {"name": "bad", "task": "toy", "teacher": {"base_url": "http://127.0.0.1:9/v1", "api_key_env": None},
             "endpoints": {"critic": {"base_url": "http://127.0.0.1:9/v1", "api_key_env": None}}}
     for key, value in edit.items():
-        data[key] = {**data.get(key, {}), **value} if key == "endpoints" else value
+        data[key] = {**data.get(key, {}), **value} if key in ("endpoints", "teacher") else value
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(data))
     res = subprocess.run([*DISTILL, "validate", str(path)], capture_output=True, text=True, cwd=tmp_path)

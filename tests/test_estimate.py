@@ -79,3 +79,27 @@ def test_an_unpriced_pool_member_is_pointed_out(write_recipe, tmp_path):
     res = subprocess.run([*DISTILL, "estimate", str(write_recipe(data))], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert "sample.pool[1] (b) has its own base_url and no endpoint: its requests are ledgered at $0" in res.stderr
+
+
+def test_self_prompting_requests_are_estimated_on_the_instruction_writers_endpoint(write_recipe):
+    from pipeline.tasks.toy.teacher_server import ToyTeacher, ToyTeacherConfig
+
+    with ToyTeacher(ToyTeacherConfig()) as toy:
+        data = _recipe(toy.base_url, roles={"instruction_writer": "cheap"})
+        data["endpoints"]["cheap"]["batch"] = False
+        data["prompts"]["count"] = 12
+        data["generate"] = {"max_rounds": 1, "temperature": 0.0,
+                            "self_prompting": {"enabled": True, "depth": 2, "branching": 2}}
+        rec = load_recipe(write_recipe(data))
+        store = open_run(rec, "sp")
+        run_stage("generate", rec, store)
+    stats = json.loads(open(store.join("generate", "stats.json")).read())["self_prompting"]
+    ledger = SpendLedger.open(store.join("cache", "teacher.sqlite"))
+    paid = ledger.summary()["stages"]["generate"]["endpoints"]["cheap"]
+    ledger.close()
+    # what the filter kept is the one rate the estimate has to assume; given it, the tree's requests follow
+    rec.estimate.self_instruct_keep_rate = stats["kept"] / stats["proposed"]
+    expected = estimate(rec)["stages"]["generate"]["endpoints"]["cheap"]
+    assert set(expected["roles"]) == {"instruction_writer"}
+    print(f"instruction writer: estimated {expected['requests']:.0f} requests, paid {paid['requests']}")
+    assert 0.7 <= expected["requests"] / paid["requests"] <= 1.3, (expected["requests"], paid["requests"])

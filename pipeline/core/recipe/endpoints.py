@@ -51,7 +51,8 @@ class EstimateConfig(Section):
     correction_unchanged_rate: float = Field(0.0, ge=0, le=1)
     # share of an evaluated model's answers identical to the baseline's: not compared, graded once
     identical_answer_rate: float = Field(0.0, ge=0, le=1)
-    self_instruct_keep_rate: float = Field(0.5, gt=0, le=1)  # share of proposed instructions the filters keep
+    # share of proposed instructions the filter keeps (self-instruct and self-prompting)
+    self_instruct_keep_rate: float = Field(0.5, gt=0, le=1)
 
 
 def endpoint_name_problems(names: list[str]) -> list[str]:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pipeline.core.recipe import Recipe
 from pipeline.core.templates import render
-from pipeline.stages.evaluate.judging import conversation_text, judged_question
-from pipeline.stages.evaluate.records import eval_models, load_eval_set
+from pipeline.stages.evaluate.judging import conversation_text, judged_question, references_text
+from pipeline.stages.evaluate.records import eval_models, load_eval_set, shows_reference
 from pipeline.teacher.demand import Planner
 
 
@@ -22,12 +22,12 @@ def demand(recipe: Recipe, plan: Planner) -> None:
     graded = 1 + (len(models) - 1) * distinct
     for item in load_eval_set(recipe).items:
         blanks = [""] * len(item.turns)
+        shown = shows_reference(cfg, item)
         for turn in range(len(item.turns)):
-            text = render("judge_single.jinja", question=judged_question(item, blanks, turn), answer="")
+            context, question = judged_question(item, blanks, turn, shown)
+            text = render("judge_single.jinja", context=context, question=question, answer="")
             judge.add(judge.tokens(text) + (turn + 1) * answer + judge.overhead(1), out, again * graded)
-        question = conversation_text(list(item.turns), answers=False)
-        if item.reference is not None:
-            question += f"\n\n(Reference answer to the first question, for the judge only: {item.reference})"
+        question = conversation_text(list(item.turns), answers=False) + (references_text(item) if shown else "")
         text = render("judge_pairwise.jinja", question=question, answer_a="", answer_b="")
         pairs = 2 * (len(models) - 1) * distinct  # every model but the baseline, in both orders
         judge.add(judge.tokens(text) + 2 * len(item.turns) * answer + judge.overhead(1), out, again * pairs)
