@@ -266,3 +266,28 @@ def test_command_line_flags_override_the_json_config(monkeypatch: pytest.MonkeyP
         parse_args(["--config-json", '{"eror_rate": 0.5}'])
     with pytest.raises(ValueError, match="add up to more than 1"):
         ToyTeacherConfig(fault_429=0.6, fault_500=0.6)
+
+
+def test_judge_flaws_are_off_by_default_and_each_shifts_ratings_as_configured() -> None:
+    """Position (first shown +1), length (+0.5 a word beyond the mean, 2 - 1.5 rounds to 1) and self-preference (+2), over real HTTP."""
+    wrong = [f"The answer is {n}." for n in (9, 1, 6)]  # instruction following 2 each: room on both sides
+    longer = "Well, let me think about it for a while: the answer is 9."  # 13 words vs 4
+    own = next(p for p in (Problem(a, "+", 4) for a in range(10)) if teacher_answer(p, 0.3, 0) != p.answer)
+    own_text = f"{own.a} + {own.b} = {teacher_answer(own, 0.3, 0)}. The answer is {teacher_answer(own, 0.3, 0)}."
+    flaws = [({}, [2, 2, 2], wrong, "What is 3 + 5?"),
+             ({"position_bias": 1.0}, [3, 2, 2], wrong, "What is 3 + 5?"),
+             ({"length_bias": 0.5}, [1, 1, 5], [*wrong[:2], longer], "What is 3 + 5?"),
+             ({"self_preference": 2.0}, [2, 4, 2], ["The answer is 1.", own_text, "The answer is 2."],
+              f"What is {own.a} + {own.b}?")]
+    for options, expected, texts, question in flaws:
+        with ToyTeacher(ToyTeacherConfig(**options)) as server:
+            client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+            prompt = rater_prompt("instruction_following", question, texts)
+            first, again = ask(client, prompt), ask(client, prompt)
+        assert [ratings(first)[i] for i in (1, 2, 3)] == expected, options
+        assert first == again  # deterministic: the same request gets the same ratings
+
+
+def test_judge_flaws_parse_from_the_command_line() -> None:
+    config, _ = parse_args(["--position-bias", "1", "--length-bias", "0.2", "--self-preference", "0.5"])
+    assert (config.position_bias, config.length_bias, config.self_preference) == (1.0, 0.2, 0.5)

@@ -69,6 +69,10 @@ class TeacherSession:
         name, cfg = role_endpoint(self.recipe, role)
         return RoleClient(self._client(name, cfg), role)
 
+    def for_endpoint(self, name: str, role: str) -> RoleClient:
+        """The client of a named endpoint playing `role` (a feedback panel's raters): ledgered under that endpoint."""
+        return RoleClient(self._client(name, all_endpoints(self.recipe)[name]), role)
+
     def for_pool_member(self, member: PoolModel) -> RoleClient:
         """The client for an `openai` pool member (ledgered as role `pool:<name>`)."""
         name, cfg = pool_endpoint(self.recipe, member)

@@ -84,6 +84,9 @@ class SampleConfig(Section):
 class PairsConfig(Section):
     strategy: Literal["best_vs_random", "best_vs_worst"] = "best_vs_random"
     min_margin: float = Field(0.0, ge=0)
+    # length-aware selection: a chosen answer longer than the rejected one must win by this much more per extra
+    # word, so a judge's length bias alone cannot make a pair (0: off)
+    length_margin_per_word: float = Field(0.0, ge=0)
     seed: int = 0
 
 
@@ -102,6 +105,15 @@ class FeedbackConfig(Section):
         name="on_policy", backend="transformers", model="sft", temperature=1.0, max_tokens=256, principles=False))
     max_tokens_per_answer: int = Field(256, ge=16)  # the judge's reply budget per rated answer
     seed: int = 0  # the order answers are shown in
+    # position-bias mitigations: rate every aspect in this many orders (rotations of the shuffled one, so each
+    # answer is shown first once when orders = answers) and average; drop a pair whose preference flips
+    orders: int = Field(1, ge=1)
+    drop_order_flips: bool = False
+    # a panel of raters: endpoints (`teacher` or names under `endpoints`) that each rate every answer; empty: the
+    # `rater` role's endpoint alone. mean: an answer's score is its mean over the panel; majority: that too, and a
+    # pair forms only when more than half the raters score the chosen answer above the rejected one
+    panel: list[str] = Field(default_factory=list)
+    aggregate: Literal["mean", "majority"] = "mean"
     shard_size: int = Field(1000, ge=1)
     max_failure_rate: float = Field(0.5, ge=0, le=1)
 
@@ -111,6 +123,10 @@ class FeedbackConfig(Section):
             raise ValueError("no aspects and no overall_critique: nothing to rate answers on")
         if not self.sources:
             raise ValueError("sources is empty; use pool, on_policy and/or correction")
+        if len(set(self.panel)) != len(self.panel):
+            raise ValueError(f"panel names an endpoint twice: {self.panel}")
+        if self.drop_order_flips and self.orders < 2:
+            raise ValueError("drop_order_flips needs orders >= 2: a preference can only flip between two orders")
         if "on_policy" in self.sources and self.on_policy_sampler.temperature == 0:
             raise ValueError("on_policy_sampler.temperature is 0: its k samples would all be the same answer")
         return self

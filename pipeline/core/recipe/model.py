@@ -68,6 +68,8 @@ class Recipe(Section):
         problems = endpoint_name_problems(names)
         problems += [unknown_endpoint(f"roles.{role}", name, names) for role, name in self.roles.model_dump().items()
                      if name != "teacher" and name not in self.endpoints]
+        problems += [unknown_endpoint(f"feedback.panel[{i}]", name, names)
+                     for i, name in enumerate(self.feedback.panel) if name != "teacher" and name not in self.endpoints]
         for i, member in enumerate([*self.sample.pool, self.feedback.on_policy_sampler]):
             key = f"sample.pool[{i}]" if i < len(self.sample.pool) else "feedback.on_policy_sampler"
             if member.endpoint not in (None, "teacher") and member.endpoint not in self.endpoints:

@@ -59,7 +59,10 @@ def stage_endpoint_identities(recipe: Recipe, stage: str) -> dict[str, object]:
     roles = [r for r in STAGE_ROLES.get(stage, ())
              if r != "instruction_writer" or recipe.generate.self_instruct.enabled
              or recipe.generate.self_prompting.enabled]
-    return {role: role_endpoint(recipe, role)[1].identity() for role in roles}
+    identities: dict[str, object] = {role: role_endpoint(recipe, role)[1].identity() for role in roles}
+    if stage == "feedback":  # the panel's raters (absent without one, so no fingerprint moves)
+        identities |= {f"panel:{n}": all_endpoints(recipe)[n].identity() for n in recipe.feedback.panel}
+    return identities
 
 
 def unpriced_pool_members(recipe: Recipe) -> list[str]:

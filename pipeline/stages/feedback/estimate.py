@@ -46,7 +46,7 @@ def rate(rater: RolePlan, plan: Planner, aspects: list[str], prompt_tokens: floa
                       type_hint=TYPE_HINTS.get(aspect, ""), scale_max=SCALES[aspect][1], allow_na=aspect == "honesty",
                       reminder="")
         rater.add(rater.tokens(text) + prompt_tokens + sum(answers) + rater.overhead(1), out,
-                  share * (1 + plan.reask_rate))
+                  share * (1 + plan.reask_rate) * cfg.orders)  # one request per order shown
 
 
 def _answer(plan: Planner, member: PoolModel | None) -> float:

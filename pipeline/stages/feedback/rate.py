@@ -12,6 +12,7 @@ from typing import Any
 from pipeline.core.recipe import FeedbackConfig, Recipe
 from pipeline.core.stage import ItemFailed, StageStopped
 from pipeline.core.templates import render
+from pipeline.stages.feedback.debias import pair_filter, shown_order, words
 from pipeline.stages.feedback.pairs import binarize, correction_pair
 from pipeline.stages.feedback.ratings import SCALES, ParsedRatings, Rating, answer_score, parse_ratings
 from pipeline.stages.sample.stage import completion_id
@@ -50,10 +51,9 @@ class Item:
 
 
 @dataclass
-class AspectVerdict:
-    """The accepted judge reply for one aspect: `order[p]` is the answer shown as text p + 1."""
+class JudgeCall:
+    """One accepted judge reply: `order[p]` is the answer shown as text p + 1."""
 
-    aspect: str
     order: list[int]
     parsed: ParsedRatings
     raw: str
@@ -62,6 +62,24 @@ class AspectVerdict:
     def rating_of(self, answer: int) -> tuple[int, Rating]:
         position = self.order.index(answer) + 1
         return position, self.parsed.ratings[position]
+
+
+@dataclass
+class AspectVerdict:
+    """One aspect's ratings of every answer: one judge call per order shown (`feedback.orders`)."""
+
+    aspect: str
+    calls: list[JudgeCall]
+
+    @property
+    def raw(self) -> str:
+        return self.calls[0].raw
+
+    def value_of(self, answer: int, call: int | None = None) -> float | None:
+        """The answer's rating in one call, or its mean over the calls (N/A left out)."""
+        values = [c.rating_of(answer)[1].value for c in (self.calls if call is None else [self.calls[call]])]
+        rated = [v for v in values if v is not None]
+        return sum(rated) / len(rated) if rated else None
 
 
 @dataclass
@@ -77,24 +95,27 @@ def _fence(text: str, tag: str) -> str:
 
 
 async def rate_aspect(client: RoleClient, cfg: FeedbackConfig, aspect: str, item_id: str, prompt: str,
-                      answers: list[str]) -> AspectVerdict:
-    """One judge call rates all answers on one aspect, in a shuffled order mapped back afterwards; an
-    unusable reply is re-asked (new order, a reminder, a new cache tag), then the item fails."""
+                      answers: list[str], shown: int = 0, rater_tag: str = "") -> JudgeCall:
+    """One judge call rates all answers on one aspect, in a shuffled order (the `shown`-th of `feedback.orders`)
+    mapped back afterwards; an unusable reply is re-asked (new order, a reminder, a new cache tag), then the
+    item fails."""
     n, problem, reminder, reply_text = len(answers), "", "", ""
     for attempt in range(1, cfg.max_parse_attempts + 1):
-        order = list(range(n))
-        random.Random(f"{cfg.seed}:{item_id}:{aspect}:{attempt}").shuffle(order)
+        order = shown_order(cfg.seed, item_id, aspect, attempt, n, shown, cfg.orders)
         text = render("feedback_rating.jinja", aspect_title=ASPECT_TITLES[aspect],
                       rubric=render(f"feedback_{aspect}.jinja"), instruction=prompt,
                       texts=[_fence(answers[i], "text") for i in order], type_hint=TYPE_HINTS.get(aspect, ""),
                       scale_max=SCALES[aspect][1], allow_na=aspect == "honesty", reminder=reminder)
+        tag = "" if attempt == 1 else f"reask-{attempt}"
+        if shown >= n:  # a repeated order must still be a request of its own
+            tag = f"{tag}order-{shown}"
+        tag = rater_tag + tag
         reply = await client.chat(ChatRequest([{"role": "user", "content": text}], temperature=0.0,
-                                              max_tokens=cfg.max_tokens_per_answer * n + 64,
-                                              tag="" if attempt == 1 else f"reask-{attempt}"))
+                                              max_tokens=cfg.max_tokens_per_answer * n + 64, tag=tag))
         reply_text = reply.text
         parsed = parse_ratings(reply.text, n, aspect)
         if parsed.complete:
-            return AspectVerdict(aspect, order, parsed, reply.text, attempt)
+            return JudgeCall(order, parsed, reply.text, attempt)
         cut = " - the reply was cut off" if reply.finish_reason == "length" else ""
         problem = parsed.summary() + cut
         # the next attempt shows the answers in another order, so the reminder names no text numbers
@@ -109,23 +130,28 @@ def rated_aspects(cfg: FeedbackConfig) -> list[str]:
 
 
 async def rate_responses(client: RoleClient, cfg: FeedbackConfig, item_id: str, prompt: str,
-                         answers: list[str]) -> dict[str, AspectVerdict]:
-    """Every aspect (and the overall critique if asked) for all answers of one prompt, concurrently."""
-    aspects = rated_aspects(cfg)
-    results = await asyncio.gather(*(rate_aspect(client, cfg, a, item_id, prompt, answers) for a in aspects),
-                                   return_exceptions=True)
+                         answers: list[str], tag: str = "") -> dict[str, AspectVerdict]:
+    """Every aspect (and the overall critique if asked) for all answers of one prompt, in every order asked
+    for, concurrently."""
+    calls = [(a, shown) for a in rated_aspects(cfg) for shown in range(cfg.orders)]
+    results = await asyncio.gather(*(rate_aspect(client, cfg, a, item_id, prompt, answers, shown, tag)
+                                     for a, shown in calls), return_exceptions=True)
     errors = [r for r in results if isinstance(r, BaseException)]
     if errors:  # a stop (budget, bad key) outranks an item's own failure
         raise next((e for e in errors if isinstance(e, StageStopped)), errors[0])
-    return dict(zip(aspects, results, strict=True))
+    verdicts: dict[str, AspectVerdict] = {}
+    for (aspect, _), call in zip(calls, results, strict=True):
+        verdicts.setdefault(aspect, AspectVerdict(aspect, [])).calls.append(call)
+    return verdicts
 
 
-def score_answers(verdicts: dict[str, AspectVerdict], n: int) -> list[float | None]:
-    """Mean of each answer's aspect ratings (N/A left out), with the overall score if it was asked for."""
+def score_answers(verdicts: dict[str, AspectVerdict], n: int, call: int | None = None) -> list[float | None]:
+    """Mean of each answer's aspect ratings (N/A left out), with the overall score if it was asked for; each
+    rating is its mean over the orders shown, or the one of order `call`."""
     scores = []
     for i in range(n):
-        aspects = {a: v.rating_of(i)[1].value for a, v in verdicts.items() if a != "overall"}
-        overall = verdicts["overall"].rating_of(i)[1].value if "overall" in verdicts else None
+        aspects = {a: v.value_of(i, call) for a, v in verdicts.items() if a != "overall"}
+        overall = verdicts["overall"].value_of(i, call) if "overall" in verdicts else None
         scores.append(answer_score(aspects, overall))
     return scores
 
@@ -143,9 +169,11 @@ async def correct_response(client: RoleClient, recipe: Recipe, prompt: str, draf
     return corrected
 
 
-async def judge_item(client: RoleClient, recipe: Recipe, item: Item) -> Outcome:
-    """Rate one item's answers and binarize them into a pair (or say why not)."""
+async def judge_item(client: RoleClient, recipe: Recipe, item: Item, panel: list[RoleClient] | None = None) -> Outcome:
+    """Rate one item's answers (by the rater, or by every rater of `feedback.panel`) and binarize them into a
+    pair (or say why not); the rater role writes corrections."""
     cfg = recipe.feedback
+    raters = panel or [client]
     answers = list(item.answers)
     if item.source == "correction":
         corrected = await correct_response(client, recipe, item.prompt, answers[0].text)
@@ -153,32 +181,64 @@ async def judge_item(client: RoleClient, recipe: Recipe, item: Item) -> Outcome:
             return Outcome(dropped="correction_unchanged")
         answers.append(Answer(completion_id(item.prompt_id, "correction", 0), f"{client.cfg.model}/correction",
                               corrected))
-    verdicts = await rate_responses(client, cfg, item.item_id, item.prompt, [a.text for a in answers])
-    scores = score_answers(verdicts, len(answers))
-    ratings = rating_rows(item, answers, verdicts, scores, client.cfg.model)
+    texts, n = [a.text for a in answers], len(answers)
+    tags = [f"rater-{r.endpoint}" if len(raters) > 1 else "" for r in raters]  # one endpoint's cache entries each
+    panel_verdicts = await asyncio.gather(*(rate_responses(r, cfg, item.item_id, item.prompt, texts, tag)
+                                            for r, tag in zip(raters, tags, strict=True)))
+    verdicts = pooled(panel_verdicts)
+    each = [score_answers(v, n) for v in panel_verdicts]
+    scores = score_answers(verdicts, n)
+    ratings = [row for r, v in zip(raters, panel_verdicts, strict=True)
+               for row in rating_rows(item, answers, v, scores, r.cfg.model, r.endpoint if len(raters) > 1 else "")]
     strategy = {"pool": cfg.pairs.strategy, ON_POLICY: "best_vs_worst", "correction": "rewrite_vs_draft"}[item.source]
+    by_order = [_mean_scores([score_answers(v, n, j) for v in panel_verdicts]) for j in range(cfg.orders)]
+    why_not = pair_filter(by_order, [words(t) for t in texts], scores, cfg.drop_order_flips, cfg.pairs.min_margin,
+                          cfg.pairs.length_margin_per_word, each if cfg.aggregate == "majority" else None)
     if item.source == "correction":
-        picked = correction_pair(scores, cfg.pairs.min_margin)
+        picked = correction_pair(scores, cfg.pairs.min_margin, why_not)
     else:
-        picked = binarize(scores, strategy, cfg.pairs.min_margin, random.Random(f"{cfg.pairs.seed}:{item.item_id}"))
+        picked = binarize(scores, strategy, cfg.pairs.min_margin, random.Random(f"{cfg.pairs.seed}:{item.item_id}"),
+                          why_not)
     if isinstance(picked, str):
         return Outcome(ratings, dropped=picked)
     return Outcome(ratings, pair=pair_row(item, answers, verdicts, scores, picked, strategy))
 
 
+def pooled(panel_verdicts: list[dict[str, AspectVerdict]]) -> dict[str, AspectVerdict]:
+    """Every rater's calls per aspect together: an answer's rating is then its mean over raters and orders."""
+    if len(panel_verdicts) == 1:
+        return panel_verdicts[0]
+    return {a: AspectVerdict(a, [c for v in panel_verdicts for c in v[a].calls]) for a in panel_verdicts[0]}
+
+
+def _mean_scores(per_rater: list[list[float | None]]) -> list[float | None]:
+    """Each answer's mean score over the raters that scored it."""
+    means = []
+    for values in zip(*per_rater, strict=True):
+        rated = [v for v in values if v is not None]
+        means.append(sum(rated) / len(rated) if rated else None)
+    return means
+
+
 def rating_rows(item: Item, answers: list[Answer], verdicts: dict[str, AspectVerdict], scores: list[float | None],
-                judge: str) -> list[dict[str, Any]]:
+                judge: str, rater: str = "") -> list[dict[str, Any]]:
+    """One row per answer, aspect and order shown (and panel rater: `judge_model` is then `endpoint/model`); the
+    first order of a lone rater keeps the id it had before orders and panels existed."""
     rows = []
     for aspect, v in verdicts.items():
-        for i, a in enumerate(answers):
-            position, r = v.rating_of(i)
-            rows.append({
-                "rating_id": hashlib.sha256(f"{item.item_id}:{a.completion_id}:{aspect}".encode()).hexdigest(),
-                "item_id": item.item_id, "source": item.source, "prompt_id": item.prompt_id,
-                "completion_id": a.completion_id, "model": a.model, "aspect": aspect, "rating": r.value,
-                "na": r.na, "type": r.type, "rationale": r.rationale, "position": position, "shown": len(answers),
-                "attempt": v.attempt, "score": scores[i], "judge_model": judge, "raw": v.raw,
-            })
+        for shown, call in enumerate(v.calls):
+            for i, a in enumerate(answers):
+                position, r = call.rating_of(i)
+                key = f"{item.item_id}:{a.completion_id}:{aspect}" + (f":order-{shown}" if shown else "") \
+                    + (f":rater-{rater}" if rater else "")
+                rows.append({
+                    "rating_id": hashlib.sha256(key.encode()).hexdigest(),
+                    "item_id": item.item_id, "source": item.source, "prompt_id": item.prompt_id,
+                    "completion_id": a.completion_id, "model": a.model, "aspect": aspect, "rating": r.value,
+                    "na": r.na, "type": r.type, "rationale": r.rationale, "position": position,
+                    "shown": len(answers), "order": shown, "attempt": call.attempt, "score": scores[i],
+                    "judge_model": f"{rater}/{judge}" if rater else judge, "raw": call.raw,
+                })
     return rows
 
 
@@ -197,6 +257,6 @@ def pair_row(item: Item, answers: list[Answer], verdicts: dict[str, AspectVerdic
         "rated_answers": sum(s is not None for s in scores),
     }
     for aspect, v in verdicts.items():
-        row[f"chosen_{aspect}"] = v.rating_of(c)[1].value
-        row[f"rejected_{aspect}"] = v.rating_of(r)[1].value
+        row[f"chosen_{aspect}"] = v.value_of(c)
+        row[f"rejected_{aspect}"] = v.value_of(r)
     return row

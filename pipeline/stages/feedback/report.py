@@ -48,13 +48,10 @@ def shortcut_tokens(pairs: list[dict[str, Any]], min_pairs: int = 5, min_ratio: 
 def position_bias(ratings: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
     """Per aspect and shown position: mean rating, and mean distance from the mean of its own judge call.
     Answers are shuffled before each call, so a position whose distance is far from 0 is one the judge favours."""
-    calls: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
-    for r in ratings:
-        if r["rating"] is not None:
-            calls[(r["item_id"], r["aspect"])].append(r)
+    calls = _calls(ratings)
     ratings_at: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     offsets_at: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for (_, aspect), rows in calls.items():
+    for (_, aspect, _, _), rows in calls.items():
         mean = sum(r["rating"] for r in rows) / len(rows)
         for r in rows:
             ratings_at[aspect][r["position"]].append(r["rating"])
@@ -64,8 +61,33 @@ def position_bias(ratings: list[dict[str, Any]]) -> dict[str, dict[str, dict[str
             for aspect, by_pos in sorted(ratings_at.items())}
 
 
-def feedback_report(pairs: list[dict[str, Any]], ratings: list[dict[str, Any]]) -> dict[str, Any]:
-    """Pair count, margins, length bias, position bias, per-model win rates and shortcut tokens."""
+def _calls(ratings: list[dict[str, Any]]) -> dict[tuple[str, str, int, str], list[dict[str, Any]]]:
+    """The ratings of each judge call: one item, aspect, order shown and rater."""
+    calls: dict[tuple[str, str, int, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in ratings:
+        if r["rating"] is not None:
+            calls[(r["item_id"], r["aspect"], r.get("order") or 0, r.get("judge_model") or "")].append(r)
+    return calls
+
+
+def first_position_advantage(ratings: list[dict[str, Any]]) -> dict[str, float | None]:
+    """Per aspect (and `all`): the mean over judge calls of the first-shown answer's rating minus the mean of the
+    others in its call. Orders are shuffled, so for a fair judge it is near 0; a judge that adds d to the first
+    text shows about d (less where the scale's top or bottom cuts it off)."""
+    gaps: dict[str, list[float]] = defaultdict(list)
+    for (_, aspect, _, _), rows in _calls(ratings).items():
+        first = [r["rating"] for r in rows if r["position"] == 1]
+        others = [r["rating"] for r in rows if r["position"] != 1]
+        if first and others:
+            gap = first[0] - sum(others) / len(others)
+            gaps[aspect].append(gap)
+            gaps["all"].append(gap)
+    return {aspect: _mean(values) for aspect, values in sorted(gaps.items())}
+
+
+def feedback_report(pairs: list[dict[str, Any]], ratings: list[dict[str, Any]],
+                    mitigations: dict[str, str] | None = None) -> dict[str, Any]:
+    """Pair count, margins, length bias, position bias, per-model win rates, shortcut tokens, mitigations."""
     margins = [p["score_chosen"] - p["score_rejected"] for p in pairs]
     chosen_len = [len(p["chosen"][-1]["content"]) for p in pairs]
     rejected_len = [len(p["rejected"][-1]["content"]) for p in pairs]
@@ -86,10 +108,12 @@ def feedback_report(pairs: list[dict[str, Any]], ratings: list[dict[str, Any]]) 
             "mean_length_ratio": _mean([c / max(1, r) for c, r in zip(chosen_len, rejected_len, strict=True)]),
             "mean_chosen_chars": _mean(chosen_len), "mean_rejected_chars": _mean(rejected_len)},
         "position_bias": position_bias(ratings),
+        "first_position_advantage": first_position_advantage(ratings),
         "models": {m: {"chosen": wins[m], "rejected": losses[m],
                        "win_rate": _round(wins[m] / (wins[m] + losses[m])) if wins[m] + losses[m] else None,
                        "mean_aspect_rating": _mean(by_model.get(m, []))} for m in models},
         "shortcut_tokens": shortcut_tokens(pairs),
+        "mitigations": mitigations or {},
     }
 
 
@@ -121,6 +145,11 @@ def report_markdown(report: dict[str, Any], stats: dict[str, Any]) -> str:
     for aspect, by_pos in report["position_bias"].items():
         lines.append(f"| {aspect} | " + " | ".join(str(by_pos.get(p, {}).get("mean_offset", ""))
                                                    for p in _positions(report)) + " |")
+    advantage = report.get("first_position_advantage", {})
+    lines += ["", "First-position advantage (first shown minus the others of its call): "
+              + (", ".join(f"{a} {v}" for a, v in advantage.items()) or "none")]
+    if report.get("mitigations"):
+        lines += ["", "## Mitigations", "", *[f"- `{k}`: {v}" for k, v in report["mitigations"].items()]]
     lines += ["", "## Models", "", "| model | chosen | rejected | win rate | mean rating |", "|---|---|---|---|---|"]
     for name, row in report["models"].items():
         lines.append(f"| {name} | {row['chosen']} | {row['rejected']} | {row['win_rate']} | "

@@ -12,7 +12,8 @@ RATINGS = schema(
     ("completion_id", pa.string()), ("model", pa.string()), ("aspect", pa.string()),
     ("rating", pa.float64()),  # null when the rater said N/A
     ("na", pa.bool_()), ("type", pa.string()), ("rationale", pa.string()), ("position", pa.int64()),
-    ("shown", pa.int64()), ("attempt", pa.int64()), ("score", pa.float64()), ("judge_model", pa.string()),
+    ("shown", pa.int64()), ("order", pa.int64()),  # which of feedback.orders the rating was given in
+    ("attempt", pa.int64()), ("score", pa.float64()), ("judge_model", pa.string()),
     ("raw", pa.string()),
 )
 

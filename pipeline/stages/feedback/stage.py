@@ -16,6 +16,7 @@ from pipeline.core.recipe import Recipe
 from pipeline.core.sources import SeedPrompt
 from pipeline.core.stage import ItemStream, StageReport, conclude
 from pipeline.core.store import RunStore
+from pipeline.stages.feedback.debias import mitigation_effects
 from pipeline.stages.feedback.rate import ON_POLICY, Answer, Item, Outcome, judge_item, rated_aspects
 from pipeline.stages.feedback.report import feedback_report, report_markdown
 from pipeline.stages.feedback.schema import RATINGS, pairs_schema
@@ -165,6 +166,7 @@ async def judge_all(recipe: Recipe, store: RunStore, items: list[Item], stop: st
     Items of `excluded` prompts (sample dropped them, e.g. contaminated) are dropped with that reason."""
     async with teacher_session(recipe, store, STAGE) as session:
         rater = session.for_role("rater")
+        panel = [session.for_endpoint(name, "rater") for name in recipe.feedback.panel] or None
         with Outbox(store, recipe.feedback.shard_size, rated_aspects(recipe.feedback)) as outbox:
             done = outbox.done_items()
             todo = []
@@ -181,7 +183,7 @@ async def judge_all(recipe: Recipe, store: RunStore, items: list[Item], stop: st
             bar = progress(STAGE, len(todo), "prompt")
             stream = ItemStream(store.ledger(STAGE), lambda it: it.item_id, progress=bar)
             stream.stopped = stop
-            async for item, outcome in stream.results(todo, lambda it: judge_item(rater, recipe, it),
+            async for item, outcome in stream.results(todo, lambda it: judge_item(rater, recipe, it, panel),
                                                       session.concurrency("rater")):
                 outbox.add(item, outcome)
             bar.close()
@@ -199,11 +201,13 @@ def account_feedback(recipe: Recipe, store: RunStore, items: list[Item], cost: d
     item_ids = {i.item_id for i in items}
     pending = item_ids - pair_ids - set(failed) - set(dropped)
     ratings = list(store.read_records(STAGE, "ratings",
-                                      columns=["item_id", "aspect", "position", "rating", "model", "attempt"]))
+                                      columns=["item_id", "completion_id", "aspect", "position", "order", "rating",
+                                               "model", "attempt", "judge_model"]))
     counts = {"input": len(item_ids), "prompts": len({i.prompt_id for i in items}), "output": len(pair_ids),
               "failed": len(failed), "dropped": len(dropped), "pending": len(pending)}
     stats = {"counts": counts, **feedback_stats(recipe, store, items, pairs, ratings, failed, dropped), "teacher": cost}
-    report = feedback_report(pairs, ratings)
+    report = feedback_report(pairs, ratings, mitigation_effects(recipe.feedback, pairs, ratings,
+                                                                stats["dropped_by_reason"]))
     store.write_json(store.join(STAGE, "stats.json"), stats)
     store.write_json(store.join(STAGE, "report.json"), report)
     store.write_bytes(store.join(STAGE, "report.md"), report_markdown(report, stats).encode())

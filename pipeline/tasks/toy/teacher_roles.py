@@ -8,6 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from pipeline.tasks.toy.judge_flaws import biased_ratings, own_answers
 from pipeline.tasks.toy.task import (
     DISCLAIMER,
     GENERIC_REPLY,
@@ -36,8 +37,13 @@ class ToyTeacherOptions(BaseModel):
     disclaimer_rate: float = Field(0.0, ge=0, le=1)
     drift_rate: float = Field(0.0, ge=0, le=1)
     empty_rate: float = Field(0.0, ge=0, le=1)
-    rater_noise: float = Field(0.0, ge=0, le=1)
+    rater_noise: float = Field(0.0, ge=0, le=1)  # share of ratings replaced by a uniform draw on the scale
     messy_rater: bool = False
+    # a judge's flaws (judge_flaws.py): the first text shown gains position_bias, a text gains length_bias per
+    # word beyond the mean of those shown with it, the teacher's own answers gain self_preference
+    position_bias: float = 0.0
+    length_bias: float = 0.0
+    self_preference: float = 0.0
     fault_429: float = Field(0.0, ge=0, le=1)
     fault_500: float = Field(0.0, ge=0, le=1)
     fault_hang: float = Field(0.0, ge=0, le=1)
@@ -157,9 +163,10 @@ class ToyRoles:
         aspect = aspect_match.group(1).strip().lower().replace(" ", "_").replace("-", "_") if aspect_match else ""
         instruction = _section(body, "instruction") or body[: body.lower().index("<text 1>")]
         responses = re.findall(r"<text (\d+)>\s*(.*?)\s*</text \1>", body, re.I | re.S)
+        fair = [self._rate(aspect, instruction, response) for _, response in responses]
+        ratings = self._flawed([r for r, _, _ in fair], instruction, [t for _, t in responses], aspect)
         blocks = []
-        for number, response in responses:
-            rating, rationale, kind = self._rate(aspect, instruction, response)
+        for (number, _), rating, (_, rationale, kind) in zip(responses, ratings, fair, strict=True):
             if rng.random() < self.config.rater_noise:
                 rating = rng.randint(1, 5)
             lines = [f"Type: {kind}"] if kind else []
@@ -171,6 +178,15 @@ class ToyRoles:
         bold = [head + "\n\n" + "\n\n".join(re.sub(r"^(\w+):", r"**\1:**", ln) for ln in lines)
                 for head, lines in blocks]
         return "Here is my evaluation of each text.\n\n" + "\n\n\n".join(bold)
+
+    def _flawed(self, ratings: list[int], instruction: str, texts: list[str], aspect: str) -> list[int]:
+        cfg = self.config
+        if not (cfg.position_bias or cfg.length_bias or cfg.self_preference):
+            return ratings
+        problem = parse_problem(instruction)
+        mine = own_answers(problem, cfg.error_rate, cfg.seed) if problem else set()
+        return biased_ratings(ratings, texts, [t.strip() in mine for t in texts], cfg.position_bias,
+                              cfg.length_bias, cfg.self_preference, (1, 10) if aspect == "overall" else (1, 5))
 
     def _rate(self, aspect: str, instruction: str, response: str) -> tuple[int, str, str]:
         types = ASPECT_TYPES.get(aspect)
