@@ -62,6 +62,7 @@ def test_generate_killed_on_one_worker_finishes_on_another_without_paying_twice(
         assert done.returncode == 0, done.stderr[-3000:]
         stats = toy.stats()
     repeated = sum(n - 1 for n in stats["ok_keys"].values())
+    print(f"answered on A: {answered_on_a}, in all: {stats['outcomes']['ok']}, repeated on B: {repeated}")
     assert answered_on_a >= 120
     assert repeated <= CONCURRENCY, f"{repeated} paid requests repeated on worker B"
     store = RunStore(root, "follow", create=False)
