@@ -233,6 +233,8 @@ class BatchDriver:
                                    stage=entry["stage"], batch_id=batch.id, custom_id=key)
             else:
                 errors.setdefault(key, f"no result line (batch {batch.status})")
+        if self.client.cache is not None:  # stored in the run store before the entry says consumed
+            await self.client.cache.flush()
         counts = batch.request_counts
         # a consumed entry keeps its counts, not its line list (a rerun never looks at it again)
         self.journal.write({**entry, "status": batch.status, "consumed": True, "lines": {},

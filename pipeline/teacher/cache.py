@@ -1,11 +1,13 @@
 """The persistent response cache: every successful teacher response, keyed by model and request, committed
-together with its charge in the spend ledger (the same SQLite file)."""
+together with its charge in the spend ledger (the same SQLite file). On a remote run store the file is on the
+worker's disk and a `RemoteMirror` keeps every entry in the store too, so the cache follows the run."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import sqlite3
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ from pipeline.core.recipe import Recipe
 from pipeline.core.store import RunStore
 from pipeline.teacher.ledger import Charge, SpendLedger
 from pipeline.teacher.messages import ChatRequest, ChatResult
+from pipeline.teacher.mirror import RemoteMirror
 
 
 def cache_key(model: str, request: ChatRequest) -> str:
@@ -28,15 +31,18 @@ class ResponseCache:
     WAL with synchronous=NORMAL: a commit survives a killed process (only a machine crash could lose the last
     ones); each commit costs tens of microseconds, not an fsync."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+    def __init__(self, path: str | Path, mirror: RemoteMirror | None = None):
+        self.path, self.mirror = Path(path), mirror
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("CREATE TABLE IF NOT EXISTS responses "
                          "(key TEXT PRIMARY KEY, value TEXT NOT NULL, request TEXT)")
+        self._db.execute("CREATE TABLE IF NOT EXISTS imported (segment TEXT PRIMARY KEY)")
         self.ledger = SpendLedger(self._db)
+        if mirror is not None:
+            self.pull()
 
     def get(self, key: str) -> ChatResult | None:
         row = self._db.execute("SELECT value FROM responses WHERE key = ?", (key,)).fetchone()
@@ -58,7 +64,47 @@ class ResponseCache:
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
+        if self.mirror is not None:
+            self.mirror.add({"key": key, "value": value, "request": request,
+                             "charge": asdict(charge) if charge is not None else None, "at": time.time()})
         return True
+
+    async def flush(self) -> None:
+        """Return once every response put so far is in the run store too (nothing to do for a local run)."""
+        if self.mirror is not None:
+            await self.mirror.flush()
+
+    def pull(self) -> int:
+        """Import the run store's segments this file has not seen (responses and charges other workers paid
+        for); the number of entries imported."""
+        assert self.mirror is not None
+        seen = {r[0] for r in self._db.execute("SELECT segment FROM imported").fetchall()}
+        imported, missing = 0, False
+        for name in self.mirror.segments():
+            if name in seen:
+                continue
+            entries = self.mirror.read(name)
+            if entries is None:  # folded into a newer segment meanwhile: list again afterwards
+                missing = True
+                continue
+            imported += self._import(name, entries)
+        return imported + (self.pull() if missing else 0)
+
+    def _import(self, segment: str, entries: list[dict[str, Any]]) -> int:
+        self._db.execute("BEGIN")
+        try:
+            for e in entries:
+                if e.get("charge"):
+                    self.ledger.add(Charge(**e["charge"]), at=e.get("at"))
+                self._db.execute("INSERT OR IGNORE INTO responses (key, value, request) VALUES (?, ?, ?)",
+                                 (e["key"], e["value"], json.dumps(e["request"]) if e["request"] is not None
+                                  else None))
+            self._db.execute("INSERT OR IGNORE INTO imported (segment) VALUES (?)", (segment,))
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        return len(entries)
 
     def requests(self) -> list[dict[str, Any]]:
         """Every cached request (model, messages, params): what a rerun will not pay for again."""
@@ -69,7 +115,17 @@ class ResponseCache:
         return self._db.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
 
     def close(self) -> None:
-        self._db.close()
+        try:
+            if self.mirror is not None:
+                self.mirror.fold()
+        finally:
+            self._db.close()
+
+
+def open_cache(store: RunStore, cache_dir: str | None) -> ResponseCache:
+    """The run's response cache: the file in the run directory, or on a remote store the worker's local copy,
+    brought up to date from the store and mirrored to it."""
+    return ResponseCache(cache_path_for(store, cache_dir), None if store.is_local else RemoteMirror(store))
 
 
 def cache_path(store: RunStore, recipe: Recipe) -> Path:

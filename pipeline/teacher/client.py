@@ -135,6 +135,8 @@ class TeacherClient:
             else:
                 result = await self._send_with_retries(request)
                 self.record(key, request, result, role)
+                if self.cache is not None:  # on a remote run store: answered only once stored there too
+                    await self.cache.flush()
             future.set_result(result)
             return result
         except BaseException as exc:

@@ -55,11 +55,11 @@ class SpendLedger:
         db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30)
         return cls(db)
 
-    def add(self, charge: Charge) -> bool:
+    def add(self, charge: Charge, at: float | None = None) -> bool:
         """Insert a charge (inside the caller's transaction); False if this charge is recorded already."""
         cur = self._db.execute(
             "INSERT OR IGNORE INTO spend VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (charge.charge_id, time.time(), charge.endpoint, charge.stage, charge.role, charge.model,
+            (charge.charge_id, time.time() if at is None else at, charge.endpoint, charge.stage, charge.role, charge.model,
              charge.prompt_tokens, charge.completion_tokens, charge.usd, charge.mode, charge.batch_id))
         return cur.rowcount == 1
 

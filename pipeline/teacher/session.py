@@ -19,7 +19,7 @@ from pipeline.core.store import RunStore
 from pipeline.teacher.batch import BatchDriver
 from pipeline.teacher.batch_journal import BatchJournal
 from pipeline.teacher.budget import Budget
-from pipeline.teacher.cache import ResponseCache, cache_path
+from pipeline.teacher.cache import open_cache
 from pipeline.teacher.client import Activity, TeacherClient
 from pipeline.teacher.messages import ChatRequest, ChatResult, Usage
 
@@ -55,7 +55,7 @@ class TeacherSession:
 
     def __init__(self, recipe: Recipe, store: RunStore, stage: str):
         self.recipe, self.store, self.stage = recipe, store, stage
-        self.cache = ResponseCache(cache_path(store, recipe))
+        self.cache = open_cache(store, recipe.storage.cache_dir)
         # the run's spend so far is the ledger's: killed and reset stages included
         self.budget = Budget(recipe.budget.max_cost_usd, self.cache.ledger.totals_by_endpoint())
         for name, cfg in all_endpoints(recipe).items():

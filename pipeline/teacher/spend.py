@@ -7,7 +7,7 @@ from typing import Any
 from pipeline.core.stage import STAGE_NAMES
 from pipeline.core.store import RunStore
 from pipeline.teacher.batch_journal import BatchJournal
-from pipeline.teacher.cache import cache_path_for
+from pipeline.teacher.cache import cache_path_for, open_cache
 from pipeline.teacher.ledger import SpendLedger
 
 
@@ -15,7 +15,10 @@ def spend_summary(store: RunStore) -> dict[str, Any]:
     """Per stage (and endpoint within it) and per endpoint: requests, batch requests, tokens, dollars, cache
     hits; the caps the run's recipe sets; the batches sent. Empty numbers when nothing was paid yet."""
     recipe = store.read_manifest().get("recipe") or {}
-    path = cache_path_for(store, (recipe.get("storage") or {}).get("cache_dir"))
+    cache_dir = (recipe.get("storage") or {}).get("cache_dir")
+    path = cache_path_for(store, cache_dir)
+    if not store.is_local:  # bring this worker's copy up to date with what other workers paid for
+        open_cache(store, cache_dir).close()
     if path.exists():
         ledger = SpendLedger.open(path)
         try:
