@@ -173,3 +173,30 @@ def test_multi_process_training_on_s3_uploads_once_from_the_parent(s3, tmp_path:
     puts = re.findall(rf'"PUT /{s3.bucket}/{prefix}/ranks/sft/model/config\.json', s3.log_path.read_text())
     assert len(puts) == 1  # one upload of the model, by the launching process, not one per rank
     assert Path(local_model(store, "sft"), "config.json").is_file()
+
+
+def test_reading_the_manifest_while_another_process_rewrites_it_never_fails(s3) -> None:
+    """`distill status` (or a test) polls a run's manifest while its stage rewrites it: each read is one GET,
+    which sees the old or the new object (a HEAD then a ranged GET tied to the old ETag failed with
+    PreconditionFailed when the object was replaced in between)."""
+    import threading
+
+    store = RunStore(s3.url(f"poll-{uuid.uuid4().hex[:8]}"), "run")
+    store.write_manifest({"stages": {}, "n": 0, "pad": "x" * 50_000})
+    stop = threading.Event()
+
+    def rewrite() -> None:
+        writer = RunStore(store.root, "run", create=False)
+        n = 0
+        while not stop.is_set():
+            n += 1
+            writer.write_manifest({"stages": {}, "n": n, "pad": "x" * 50_000})
+
+    thread = threading.Thread(target=rewrite)
+    thread.start()
+    try:
+        seen = {store.read_manifest()["n"] for _ in range(150)}
+    finally:
+        stop.set()
+        thread.join()
+    assert len(seen) > 1  # the reads overlapped the rewrites

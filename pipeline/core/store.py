@@ -92,11 +92,17 @@ class RunStore:
     def write_json(self, path: str, obj: Any) -> None:
         self.write_bytes(path, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
 
+    def read_bytes(self, path: str) -> bytes | None:
+        """A whole file in one read (one GET on an object store, so a writer replacing it meanwhile gives the
+        old or the new object, never an error); None when it does not exist."""
+        try:
+            return self.fs.cat_file(path)
+        except FileNotFoundError:
+            return None
+
     def read_json(self, path: str, default: Any = None) -> Any:
-        if not self.fs.exists(path):
-            return default
-        with self.fs.open(path, "rb") as fh:
-            return json.loads(fh.read())
+        raw = self.read_bytes(path)
+        return default if raw is None else json.loads(raw)
 
     # -- manifest --------------------------------------------------------------------------------
     @property
@@ -313,10 +319,7 @@ class FailureLedger:
             self.store.write_bytes(self.path, self._raw() + data.encode())
 
     def _raw(self) -> bytes:
-        if not self.store.fs.exists(self.path):
-            return b""
-        with self.store.fs.open(self.path, "rb") as fh:
-            return fh.read()
+        return self.store.read_bytes(self.path) or b""
 
     def entries(self) -> list[Failure]:
         """All entries; a line cut short by a crash is ignored."""
