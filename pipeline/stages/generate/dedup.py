@@ -35,12 +35,10 @@ def find_duplicates(records: list[dict], rank: dict[str, int], threshold: float)
         if sha in seen_sha:
             dups[pid] = ("duplicate_dialogue", seen_sha[sha])
             continue
-        text = dialogue_text(r["messages"])
-        if (near := index.find(text)) is not None:
+        if (near := index.match_or_add(pid, dialogue_text(r["messages"]))) is not None:
             dups[pid] = ("near_duplicate_dialogue", near)
             continue
         seen_sha[sha] = pid
-        index.add(pid, text)
     return dups
 
 

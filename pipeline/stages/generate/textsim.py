@@ -48,26 +48,37 @@ class NearDuplicateIndex:
 
     def find(self, text: str) -> str | None:
         """The key of an added text this one nearly duplicates, or None."""
-        toks = words(text)
-        norm = " ".join(toks)
-        if norm in self._exact:
-            return self._exact[norm]
-        sig = self._signature(toks)
-        for key in sorted(self._lsh.query(sig)):  # sorted: the same answer whatever the bucket order
-            if sig.jaccard(self._sigs[key]) >= self.threshold:
-                return key
-        return None
+        return self._match(text)[0]
 
     def add(self, key: str, text: str) -> None:
-        toks = words(text)
-        self._exact.setdefault(" ".join(toks), key)
-        if key not in self._sigs:
-            self._sigs[key] = sig = self._signature(toks)
-            self._lsh.insert(key, sig)
+        found, norm, sig = self._match(text)
+        self._add(key, norm, sig)
+
+    def match_or_add(self, key: str, text: str) -> str | None:
+        """The key of an added text this one nearly duplicates; if there is none, this text is added under
+        `key` (its words and signature computed once)."""
+        found, norm, sig = self._match(text)
+        if found is None:
+            self._add(key, norm, sig)
+        return found
 
     def seen(self, text: str, key: str | None = None) -> bool:
         """Whether a near copy was added before; if not, this text is added (under `key`, default its index)."""
-        if self.find(text) is not None:
-            return True
-        self.add(key if key is not None else str(len(self._sigs)), text)
-        return False
+        return self.match_or_add(key if key is not None else str(len(self._sigs)), text) is not None
+
+    def _match(self, text: str) -> tuple[str | None, str, MinHash | None]:
+        toks = words(text)
+        norm = " ".join(toks)
+        if norm in self._exact:
+            return self._exact[norm], norm, None
+        sig = self._signature(toks)
+        for key in sorted(self._lsh.query(sig)):  # sorted: the same answer whatever the bucket order
+            if sig.jaccard(self._sigs[key]) >= self.threshold:
+                return key, norm, sig
+        return None, norm, sig
+
+    def _add(self, key: str, norm: str, sig: MinHash | None) -> None:
+        self._exact.setdefault(norm, key)
+        if key not in self._sigs:
+            self._sigs[key] = sig = sig if sig is not None else self._signature(norm.split())
+            self._lsh.insert(key, sig)
