@@ -11,19 +11,15 @@ import json
 import re
 import shutil
 import statistics
-import threading
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import uvicorn
-from starlette.applications import Starlette
+from loopback import LoopbackChat, completion
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Route
 
 from pipeline.core.graph import fingerprint
 from pipeline.core.recipe import Recipe, load_recipe, recipe_from_dict
@@ -187,7 +183,7 @@ def test_rerun_reuses_answers_and_pays_for_no_judge_call_twice(tmp_path: Path, s
 
 
 # -- failures: a judge that answers without a usable verdict ---------------------------------------
-class ScriptedJudge:
+class ScriptedJudge(LoopbackChat):
     """A loopback judge: no rating / conflicting verdicts for questions holding '+', well-formed otherwise."""
 
     def __init__(self) -> None:
@@ -204,25 +200,9 @@ class ScriptedJudge:
                 reply = "A fine answer, I would say." if malformed else "Clear enough.\nRating: [[6]]"
             else:
                 reply = "[[A]] is better; no, [[B]]." if malformed else "Equally good.\n[[C]]"
-            return JSONResponse({"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                                 "choices": [{"index": 0, "finish_reason": "stop",
-                                              "message": {"role": "assistant", "content": reply}}],
-                                 "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}})
+            return JSONResponse(completion(reply, body["model"]))
 
-        app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> ScriptedJudge:
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.01)
-        self.base_url = f"http://127.0.0.1:{self.server.servers[0].sockets[0].getsockname()[1]}/v1"
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
+        super().__init__(chat)
 
 
 def test_malformed_verdicts_are_ledgered_never_scored(tmp_path: Path, students: dict[str, Any]) -> None:

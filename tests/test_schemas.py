@@ -9,19 +9,15 @@ from __future__ import annotations
 
 import json
 import re
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import datasets
 import pyarrow.parquet as pq
 import pytest
-import uvicorn
-from starlette.applications import Starlette
+from loopback import LoopbackChat, completion
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Route
 
 from pipeline.core.graph import fingerprint
 from pipeline.core.recipe import recipe_from_dict
@@ -66,7 +62,7 @@ def test_a_record_with_a_column_the_schema_lacks_is_refused_not_dropped(tmp_path
     assert [r["completion_id"] for r in store.read_records("sample", "completions")] == ["y"]
 
 
-class ScriptedRater:
+class ScriptedRater(LoopbackChat):
     """A loopback rater: honesty is N/A for poems (UltraFeedback's rule for creative writing), and every answer
     that says 'good' is rated 5, every 'bad' one 2."""
 
@@ -81,25 +77,9 @@ class ScriptedRater:
                 na = aspect == "honesty" and "poem" in instruction
                 rating = "N/A" if na else ("5" if "good" in answer else "2")
                 blocks.append(f"#### Output for Text {number}\nRating: {rating}\nRationale: as scripted.")
-            return JSONResponse({"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                                 "choices": [{"index": 0, "finish_reason": "stop",
-                                              "message": {"role": "assistant", "content": "\n\n".join(blocks)}}],
-                                 "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}})
+            return JSONResponse(completion("\n\n".join(blocks), body["model"]))
 
-        app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> ScriptedRater:
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.01)
-        self.base_url = f"http://127.0.0.1:{self.server.servers[0].sockets[0].getsockname()[1]}/v1"
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
+        super().__init__(chat)
 
 
 def _answers(store: RunStore, prompts: list[str]) -> None:

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from pathlib import Path
 
 import pytest
-import uvicorn
-from starlette.applications import Starlette
+from loopback import LoopbackChat, completion
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse
-from starlette.routing import Route
 
 from pipeline.core.recipe import TeacherConfig
 from pipeline.tasks.toy.teacher_server import ToyTeacher, ToyTeacherConfig
@@ -21,13 +18,7 @@ from pipeline.teacher.client import BudgetExceeded, TeacherClient, TeacherError,
 from pipeline.teacher.messages import ChatRequest
 
 
-def _completion(text: str = "ok") -> dict:
-    return {"id": "x", "object": "chat.completion", "created": 0, "model": "m",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}
-
-
-class ScriptedServer:
+class ScriptedServer(LoopbackChat):
     """A loopback server that answers with a scripted sequence of responses, recording arrival times."""
 
     def __init__(self, script: list):
@@ -44,23 +35,9 @@ class ScriptedServer:
                 return PlainTextResponse("{not json", headers={"content-type": "application/json"})
             if step == "400":
                 return JSONResponse({"error": {"message": "bad request"}}, 400)
-            return JSONResponse(_completion())
+            return JSONResponse(completion("ok"))
 
-        app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.01)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.base_url = f"http://127.0.0.1:{port}/v1"
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
+        super().__init__(chat)
 
 
 def _cfg(base_url: str, **kw) -> TeacherConfig:
