@@ -28,8 +28,8 @@ def rouge_l(a: str | list[str], b: str | list[str]) -> float:
 
 
 class NearDuplicateIndex:
-    """MinHash over word shingles with LSH; `seen(text)` says whether a near copy (Jaccard >= threshold by the
-    MinHash estimate) or an exact copy (after lower-casing and tokenising) was added before."""
+    """MinHash over word shingles with LSH; `match_or_add` / `seen` say whether a near copy (Jaccard >= threshold
+    by the MinHash estimate) or an exact copy (after lower-casing and tokenising) was added before."""
 
     def __init__(self, threshold: float = 0.9, num_perm: int = 128, shingle: int = 3):
         self.threshold, self.shingle, self.num_perm = threshold, shingle, num_perm
@@ -46,39 +46,23 @@ class NearDuplicateIndex:
         sig.update_batch(sorted(grams))
         return sig
 
-    def find(self, text: str) -> str | None:
-        """The key of an added text this one nearly duplicates, or None."""
-        return self._match(text)[0]
-
-    def add(self, key: str, text: str) -> None:
-        found, norm, sig = self._match(text)
-        self._add(key, norm, sig)
-
     def match_or_add(self, key: str, text: str) -> str | None:
         """The key of an added text this one nearly duplicates; if there is none, this text is added under
         `key` (its words and signature computed once)."""
-        found, norm, sig = self._match(text)
-        if found is None:
-            self._add(key, norm, sig)
-        return found
+        toks = words(text)
+        norm = " ".join(toks)
+        if norm in self._exact:
+            return self._exact[norm]
+        sig = self._signature(toks)
+        for found in sorted(self._lsh.query(sig)):  # sorted: the same answer whatever the bucket order
+            if sig.jaccard(self._sigs[found]) >= self.threshold:
+                return found
+        self._exact[norm] = key
+        if key not in self._sigs:
+            self._sigs[key] = sig
+            self._lsh.insert(key, sig)
+        return None
 
     def seen(self, text: str, key: str | None = None) -> bool:
         """Whether a near copy was added before; if not, this text is added (under `key`, default its index)."""
         return self.match_or_add(key if key is not None else str(len(self._sigs)), text) is not None
-
-    def _match(self, text: str) -> tuple[str | None, str, MinHash | None]:
-        toks = words(text)
-        norm = " ".join(toks)
-        if norm in self._exact:
-            return self._exact[norm], norm, None
-        sig = self._signature(toks)
-        for key in sorted(self._lsh.query(sig)):  # sorted: the same answer whatever the bucket order
-            if sig.jaccard(self._sigs[key]) >= self.threshold:
-                return key, norm, sig
-        return None, norm, sig
-
-    def _add(self, key: str, norm: str, sig: MinHash | None) -> None:
-        self._exact.setdefault(norm, key)
-        if key not in self._sigs:
-            self._sigs[key] = sig = sig if sig is not None else self._signature(norm.split())
-            self._lsh.insert(key, sig)
