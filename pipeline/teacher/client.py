@@ -100,6 +100,9 @@ class TeacherClient:
         self._client = self._clients[0]
         self._in_flight = [0] * len(self._clients)
         self._sem = asyncio.Semaphore(cfg.max_concurrency)
+        # On a remote run store an answer is in flight until the store holds it too: the window bounds the
+        # requests sent or not yet stored, so a kill repeats at most max_concurrency paid requests elsewhere.
+        self._window = asyncio.Semaphore(cfg.max_concurrency)
         self._rpm = TokenBucket(cfg.requests_per_minute) if cfg.requests_per_minute else None
         self._tpm = TokenBucket(cfg.tokens_per_minute) if cfg.tokens_per_minute else None
         if budget is None:  # a client on its own: only its endpoint's cap
@@ -133,10 +136,7 @@ class TeacherClient:
             if self.batch is not None:
                 result = await self.batch.submit(key, request, role)  # recorded by the batch on arrival
             else:
-                result = await self._send_with_retries(request)
-                self.record(key, request, result, role)
-                if self.cache is not None:  # on a remote run store: answered only once stored there too
-                    await self.cache.flush()
+                result = await self._send_live(key, request, role)
             future.set_result(result)
             return result
         except BaseException as exc:
@@ -145,6 +145,18 @@ class TeacherClient:
             raise
         finally:
             del self._inflight[key]
+
+    async def _send_live(self, key: str, request: ChatRequest, role: str) -> ChatResult:
+        """Send, then cache and ledger the answer; on a remote run store it returns once the store has it."""
+        if self.cache is None or self.cache.mirror is None:
+            result = await self._send_with_retries(request)
+            self.record(key, request, result, role)
+            return result
+        async with self._window:
+            result = await self._send_with_retries(request)
+            self.record(key, request, result, role)
+            await self.cache.flush()
+        return result
 
     def record(self, key: str, request: ChatRequest | None, result: ChatResult, role: str, *, stage: str = "",
                batch_id: str | None = None, custom_id: str = "") -> bool:
