@@ -188,11 +188,13 @@ class ScriptedJudge(LoopbackChat):
 
     def __init__(self) -> None:
         self.requests: list[str] = []
+        self.bodies: list[dict[str, Any]] = []
 
         async def chat(request: Request) -> JSONResponse:
             body = await request.json()
             text = "\n".join(m["content"] for m in body["messages"])
             self.requests.append(text)
+            self.bodies.append(body)
             question = text.split("## Question", 1)[1]
             question = re.split(r"<answer", question, maxsplit=1)[0]
             malformed = "+" in question
@@ -217,13 +219,18 @@ def test_malformed_verdicts_are_ledgered_never_scored(tmp_path: Path, students: 
         relaxed = live(recipe.model_copy(update={"evaluate": recipe.evaluate.model_copy(
             update={"max_failure_rate": 0.5})}), judge.base_url)
         result = evaluate.run(relaxed, store)
-        assert len(judge.requests) == asked  # the malformed replies were cached too: a rerun pays nothing
+        bodies = [json.dumps(b, sort_keys=True) for b in judge.bodies]
     # 3 judgments per item (sft and dpo graded, dpo vs sft compared); all 3 of each bad item fail
     assert strict.status == "failed" and "evaluate.max_failure_rate" in strict.message
+    assert "rerun to retry them" in strict.message
     assert result.status == "completed" and result.counts["failed"] == 3 * len(bad)
     assert result.counts["judgments"] == 3 * N_ITEMS - 3 * len(bad) and result.counts["pending"] == 0
     # each single grading was asked judge_attempts (2) times, each pairwise order too
     assert asked == 4 * N_ITEMS + 4 * len(bad)
+    # the malformed replies were marked unusable: the rerun asked the bad items' judgments again (2 more
+    # attempts each), with requests no run had sent before, and paid for each
+    assert len(bodies) == asked + 8 * len(bad) and len(set(bodies)) == len(bodies)
+    assert result.cost["requests"] == 8 * len(bad) and result.cost["cached"] == 0
 
     ledger = store.ledger("evaluate").latest()
     singles, pairs = read(store, "single"), read(store, "pairwise")
@@ -232,6 +239,7 @@ def test_malformed_verdicts_are_ledgered_never_scored(tmp_path: Path, students: 
     reasons = Counter(f.reason.split(":")[0] for f in ledger.values())
     assert reasons == {"single judgment": 2 * len(bad), "pairwise judgment": len(bad)}
     assert all("after 2 attempts" in f.reason for f in ledger.values())
+    assert all(f.attempts == 4 for f in ledger.values())  # summed over the two runs
     assert any("no rating" in f.reason for f in ledger.values())
     assert any("conflicting verdicts" in f.reason for f in ledger.values())
 
@@ -243,6 +251,48 @@ def test_malformed_verdicts_are_ledgered_never_scored(tmp_path: Path, students: 
     vs = ev["models"]["dpo"]["vs_baseline"]
     assert (vs["n"], vs["ties"], vs["failed"], vs["win_rate"]) == (N_ITEMS - len(bad), N_ITEMS - len(bad),
                                                                    len(bad), 0.5)
+
+
+def test_a_judge_reask_differs_from_its_first_ask(tmp_path: Path, students: dict[str, Any]) -> None:
+    recipe, store = toy_run(tmp_path, students, teacher={"base_url": "http://unused", "model": "judge"},
+                            models=["sft", "dpo"], max_failure_rate=1.0)
+    with ScriptedJudge() as judge:
+        evaluate.run(live(recipe, judge.base_url), store)
+    by_question: dict[str, list[dict[str, Any]]] = {}
+    for body in judge.bodies:
+        if body.get("seed") is None:
+            by_question.setdefault(body["messages"][-1]["content"], [])
+    reasks = [b for b in judge.bodies if b.get("seed") is not None]
+    assert reasks and len(reasks) == len(judge.bodies) - len(by_question)
+    for body in reasks:
+        text = body["messages"][-1]["content"]
+        assert body["temperature"] > 0 and body["seed"] == 2 and body["messages"][-1]["content"] not in by_question
+        assert "Note: your previous reply could not be used (no rating" in text or \
+            "Note: your previous reply could not be used (conflicting verdicts" in text
+
+
+def test_structured_verdicts_carry_schemas_and_give_the_text_modes_report(tmp_path: Path,
+                                                                          students: dict[str, Any]) -> None:
+    reports = {}
+    for mode in ("off", "json_schema"):
+        recipe, store = toy_run(tmp_path / mode, students, models=["sft", "dpo"], teacher={"structured": mode})
+        with ToyTeacher(ToyTeacherConfig()) as toy:
+            result = evaluate.run(live(recipe, toy.base_url), store)
+        assert result.status == "completed", result.message
+        reports[mode] = json.loads(Path(store.join("evaluate", "report.json")).read_text())
+    judge = reports["json_schema"]["parsing"]["evaluate: judge"]
+    assert (judge["used"], judge["calls"], judge["json_ok"], judge["first_attempt_rate"]) == (
+        "structured", 4 * N_ITEMS, 4 * N_ITEMS, 1.0)
+    assert reports["off"]["parsing"]["evaluate: judge"]["text_ok"] == 4 * N_ITEMS
+    # the toy judge draws a grade from 8-10 (right) or 1-3 (wrong): the same sides, the same verdicts
+    vs = [reports[m]["evaluation"]["models"]["dpo"]["vs_baseline"] for m in ("off", "json_schema")]
+    assert [(v["wins"], v["ties"], v["losses"]) for v in vs] == [(vs[0]["wins"], vs[0]["ties"], vs[0]["losses"])] * 2
+    correct = {(a["item_id"], a["model"]): a["correct"] for a in read(store, "answers")}
+    for s in read(store, "single"):
+        assert json.loads(s["explanation"])["rating"] == s["rating"]
+        assert (8 <= s["rating"] <= 10) if correct[(s["item_id"], s["model"])] else (1 <= s["rating"] <= 3)
+    md = Path(store.join("evaluate", "report.md")).read_text()
+    assert "- evaluate: judge: structured (asked: json_schema): 160 calls, 100.0% usable at the first attempt" in md
 
 
 # -- evaluation sets from a file: multi-turn items and references ----------------------------------

@@ -77,14 +77,14 @@ class ItemStream:
 
 
 def conclude(stage: str, *, stop: str, pending: int, failed: int, total: int, max_failure_rate: float,
-             ledger: str, saved: str, done: str) -> tuple[str, str]:
+             ledger: str, saved: str, done: str, retry: str = "rerun to retry them") -> tuple[str, str]:
     """(status, message) of a stage from its accounting: stopped early, items unaccounted for, too many
-    failures, or completed with `done` as its closing line."""
+    failures (with `retry`, what a rerun would do about them), or completed with `done` as its closing line."""
     if stop:
         return "failed", f"stopped early: {stop} ({saved} saved); rerun the same command to continue"
     if pending:
         return "failed", f"{pending} items neither done nor recorded as failed; rerun to resume"
     if failed / max(1, total) > max_failure_rate:
         return "failed", (f"{failed} of {total} items failed (> {stage}.max_failure_rate={max_failure_rate}); "
-                          f"see {ledger}; rerun to retry them")
+                          f"see {ledger}; {retry}")
     return "completed", done

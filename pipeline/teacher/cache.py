@@ -1,6 +1,10 @@
 """The persistent response cache: every successful teacher response, keyed by model and request, committed
 together with its charge in the spend ledger (the same SQLite file). On a remote run store the file is on the
-worker's disk and a `RemoteMirror` keeps every entry in the store too, so the cache follows the run."""
+worker's disk and a `RemoteMirror` keeps every entry in the store too, so the cache follows the run.
+
+A reply a stage could not use (an unparseable rating or verdict) is marked so: it stays stored and charged,
+but `get` no longer answers with it, and `unusable` gives it back to the stage that asks (its next attempt
+then differs, so a rerun pays for new requests, never for the same one twice)."""
 
 from __future__ import annotations
 
@@ -40,13 +44,30 @@ class ResponseCache:
         self._db.execute("CREATE TABLE IF NOT EXISTS responses "
                          "(key TEXT PRIMARY KEY, value TEXT NOT NULL, request TEXT)")
         self._db.execute("CREATE TABLE IF NOT EXISTS imported (segment TEXT PRIMARY KEY)")
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(responses)").fetchall()}
+        if "unusable" not in columns:  # a cache file from before replies could be marked unusable
+            self._db.execute("ALTER TABLE responses ADD COLUMN unusable TEXT")
         self.ledger = SpendLedger(self._db)
         if mirror is not None:
             self.pull()
 
     def get(self, key: str) -> ChatResult | None:
-        row = self._db.execute("SELECT value FROM responses WHERE key = ?", (key,)).fetchone()
+        """The stored answer to a request; None when there is none or it was marked unusable."""
+        row = self._db.execute("SELECT value FROM responses WHERE key = ? AND unusable IS NULL", (key,)).fetchone()
         return ChatResult(**json.loads(row[0])) if row else None
+
+    def unusable(self, key: str) -> tuple[ChatResult, str] | None:
+        """(the stored reply, why it was unusable) when the request's reply was marked unusable."""
+        row = self._db.execute("SELECT value, unusable FROM responses WHERE key = ? AND unusable IS NOT NULL",
+                               (key,)).fetchone()
+        return (ChatResult(**{**json.loads(row[0]), "cached": True}), row[1]) if row else None
+
+    def mark_unusable(self, key: str, why: str) -> bool:
+        """Keep the reply (and its charge) but never answer with it again; False if the key holds no reply."""
+        changed = self._db.execute("UPDATE responses SET unusable = ? WHERE key = ?", (why or "unusable", key))
+        if changed.rowcount and self.mirror is not None:
+            self.mirror.add({"key": key, "unusable": why or "unusable", "at": time.time()})
+        return bool(changed.rowcount)
 
     def put(self, key: str, result: ChatResult, request: dict[str, Any] | None = None,
             charge: Charge | None = None) -> bool:
@@ -94,6 +115,9 @@ class ResponseCache:
         self._db.execute("BEGIN")
         try:
             for e in entries:
+                if "value" not in e:  # a mark: the reply it names was unusable
+                    self._db.execute("UPDATE responses SET unusable = ? WHERE key = ?", (e["unusable"], e["key"]))
+                    continue
                 if e.get("charge"):
                     self.ledger.add(Charge(**e["charge"]), at=e.get("at"))
                 self._db.execute("INSERT OR IGNORE INTO responses (key, value, request) VALUES (?, ?, ?)",
@@ -107,8 +131,9 @@ class ResponseCache:
         return len(entries)
 
     def requests(self) -> list[dict[str, Any]]:
-        """Every cached request (model, messages, params): what a rerun will not pay for again."""
-        rows = self._db.execute("SELECT request FROM responses WHERE request IS NOT NULL").fetchall()
+        """Every cached request (model, messages, params) with a usable reply: what a rerun will not pay for again."""
+        rows = self._db.execute("SELECT request FROM responses WHERE request IS NOT NULL AND unusable IS NULL"
+                                ).fetchall()
         return [json.loads(r[0]) for r in rows]
 
     def __len__(self) -> int:

@@ -32,11 +32,17 @@ log = logging.getLogger(__name__)
 
 RETRYABLE_STATUS = {408, 409, 425, 429}
 POOL_CONNECTIONS = 16  # connections per HTTP client (see TeacherClient.__init__)
-__all__ = ["Activity", "BudgetExceeded", "TeacherClient", "TeacherError", "TeacherFatal", "resolve_api_key"]
+__all__ = ["Activity", "BudgetExceeded", "StructuredUnsupported", "TeacherClient", "TeacherError", "TeacherFatal",
+           "resolve_api_key"]
 
 
 class TeacherError(ItemFailed):
     """A request that failed for good (after retries, or not retryable); `attempts` says how often."""
+
+
+class StructuredUnsupported(TeacherError):
+    """An endpoint with `structured: auto` refused a request's response_format (HTTP 400/422): the client uses
+    text mode from now on, and the caller asks again in text mode."""
 
 
 class TeacherFatal(StageStopped):
@@ -114,22 +120,52 @@ class TeacherClient:
         self.hits: Counter[str] = Counter()  # cache hits per role
         self.batch: Submitter | None = None  # set by the session when the endpoint uses the Batch API
         self._inflight: dict[str, asyncio.Future[ChatResult]] = {}
+        # `structured: auto`: None until the endpoint answered a request carrying a schema; the first such request
+        # goes alone (the others wait for its outcome), so an endpoint without support refuses one request
+        self._structured: bool | None = None
+        self._probe: asyncio.Future[None] | None = None
+        self.structured_fallback = ""  # the refusal that made auto fall back to text
+
+    # -- structured replies ----------------------------------------------------------------------
+    async def structured_mode(self) -> bool:
+        """Whether the next request should carry a response_format (see `TeacherConfig.structured`)."""
+        if self.cfg.structured != "auto":
+            return self.cfg.structured == "json_schema"
+        while self._structured is None and self._probe is not None:
+            await asyncio.shield(self._probe)
+        return self._structured is not False
+
+    def mark_unusable(self, request: ChatRequest, why: str) -> None:
+        """The reply to `request` could not be used: the cache keeps it (and its charge) but never answers with
+        it again."""
+        if self.cache is not None:
+            self.cache.mark_unusable(cache_key(self.cfg.model, request), why)
+
+    def unusable(self, request: ChatRequest) -> tuple[ChatResult, str] | None:
+        """(reply, why) when this request was answered before and the reply was marked unusable."""
+        return None if self.cache is None else self.cache.unusable(cache_key(self.cfg.model, request))
 
     # -- public ----------------------------------------------------------------------------------
     async def chat(self, request: ChatRequest, role: str = "assistant") -> ChatResult:
         """One chat completion: from the cache if this exact request succeeded before, else over HTTP (or in
         the endpoint's next batch)."""
         key = cache_key(self.cfg.model, request)
+        auto = request.response_format is not None and self.cfg.structured == "auto"
         if self.cache is not None and (hit := self.cache.get(key)) is not None:
             self.usage.cached += 1
             self.hits[role] += 1
             hit.cached = True
+            if auto and self._structured is None:  # the endpoint took a schema before
+                self._structured = True
             return hit
         if (running := self._inflight.get(key)) is not None:
             # the same request is already on its way (e.g. two models gave the same answer to be judged)
             self.usage.cached += 1
             self.hits[role] += 1
             return dataclasses.replace(await asyncio.shield(running), cached=True)
+        probe = auto and self._structured is None and self._probe is None
+        if probe:
+            self._probe = asyncio.get_running_loop().create_future()
         future: asyncio.Future[ChatResult] = asyncio.get_running_loop().create_future()
         self._inflight[key] = future
         try:
@@ -137,6 +173,8 @@ class TeacherClient:
                 result = await self.batch.submit(key, request, role)  # recorded by the batch on arrival
             else:
                 result = await self._send_live(key, request, role)
+            if auto and self._structured is None:
+                self._structured = True
             future.set_result(result)
             return result
         except BaseException as exc:
@@ -145,6 +183,9 @@ class TeacherClient:
             raise
         finally:
             del self._inflight[key]
+            if probe and self._probe is not None:
+                self._probe.set_result(None)
+                self._probe = None
 
     async def _send_live(self, key: str, request: ChatRequest, role: str) -> ChatResult:
         """Send, then cache and ledger the answer; on a remote run store it returns once the store has it."""
@@ -222,6 +263,8 @@ class TeacherClient:
                 if status == 404:
                     raise TeacherFatal(f"the endpoint '{self.name}' at {self.cfg.endpoint} has no model "
                                        f"'{self.cfg.model}' or no chat endpoint ({last})") from None
+                if status in (400, 422) and request.response_format is not None:
+                    self._refused_schema(last, attempt)
                 if status not in RETRYABLE_STATUS and status < 500:
                     raise TeacherError(last, attempt) from None
                 wait = _retry_after(exc)
@@ -238,6 +281,17 @@ class TeacherClient:
             await asyncio.sleep(delay)
         raise TeacherError(f"gave up after {self.cfg.max_retries + 1} attempts; last error: {last}",
                            self.cfg.max_retries + 1)
+
+    def _refused_schema(self, last: str, attempt: int) -> None:
+        """A 400/422 to a request carrying a schema: auto falls back to text for good; json_schema says what to do."""
+        if self.cfg.structured == "auto":
+            self._structured = False
+            self.structured_fallback = last
+            log.warning("endpoint '%s' refused a JSON-schema response_format (%s): text mode from now on",
+                        self.name, last)
+            raise StructuredUnsupported(last, attempt) from None
+        raise TeacherError(f"{last}; the endpoint '{self.name}' may not take a JSON-schema response_format: "
+                           f"set its structured: auto (or off)", attempt) from None
 
     def backoff(self, attempt: int) -> float:
         """Exponential backoff with jitter before retry number `attempt`."""

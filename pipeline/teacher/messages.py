@@ -15,6 +15,8 @@ class ChatRequest:
     n: int = 1
     seed: int | None = None
     tag: str = ""  # tells apart requests that must not share a cache entry (a deliberate re-ask)
+    # OpenAI's `{"type": "json_schema", "json_schema": {...}}`: sent as is, so part of the cache key too
+    response_format: dict[str, Any] | None = None
 
     def params(self) -> dict[str, Any]:
         p: dict[str, Any] = {"temperature": self.temperature, "max_tokens": self.max_tokens, "n": self.n}
@@ -22,6 +24,8 @@ class ChatRequest:
             p["top_p"] = self.top_p
         if self.seed is not None:
             p["seed"] = self.seed
+        if self.response_format is not None:
+            p["response_format"] = self.response_format
         return p
 
 

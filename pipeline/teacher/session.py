@@ -22,6 +22,7 @@ from pipeline.teacher.budget import Budget
 from pipeline.teacher.cache import open_cache
 from pipeline.teacher.client import Activity, TeacherClient
 from pipeline.teacher.messages import ChatRequest, ChatResult, Usage
+from pipeline.teacher.structured import ParseTally
 
 # Items a stage keeps in flight when a role's endpoint batches: every one of them joins the round, so a
 # round is this big at most (split into files by the provider's limits); more items wait for the next wave.
@@ -31,8 +32,9 @@ BATCH_ITEMS_IN_FLIGHT = 100_000
 class RoleClient:
     """A client bound to a role: stages call `chat` on it; its requests are ledgered under the role."""
 
-    def __init__(self, client: TeacherClient, role: str):
+    def __init__(self, client: TeacherClient, role: str, tally: ParseTally | None = None):
         self.client, self.role = client, role
+        self.tally = tally if tally is not None else ParseTally(client.cfg.structured)
 
     @property
     def cfg(self) -> TeacherConfig:
@@ -49,6 +51,20 @@ class RoleClient:
     async def chat(self, request: ChatRequest) -> ChatResult:
         return await self.client.chat(request, self.role)
 
+    async def structured(self) -> bool:
+        """Whether to ask for a schema-constrained reply now (the endpoint's `structured`, after any fallback)."""
+        on = await self.client.structured_mode()
+        self.tally.used = "structured" if on else ("text after a fallback" if self.client.structured_fallback
+                                                   else "text")
+        self.tally.fallback = self.client.structured_fallback
+        return on
+
+    def mark_unusable(self, request: ChatRequest, why: str) -> None:
+        self.client.mark_unusable(request, why)
+
+    def unusable(self, request: ChatRequest) -> tuple[ChatResult, str] | None:
+        return self.client.unusable(request)
+
 
 class TeacherSession:
     """The clients of one stage, sharing the run's response cache, spend ledger and budget."""
@@ -63,15 +79,24 @@ class TeacherSession:
         self.activity = Activity()
         self._clients: dict[tuple[str, str, str | None], TeacherClient] = {}
         self._drivers: list[BatchDriver] = []
+        self.tallies: dict[str, ParseTally] = {}  # how each role's replies parsed, by `role` or `role@endpoint`
 
     def for_role(self, role: str) -> RoleClient:
         """The client for `role` (assistant, user_simulator, instruction_writer, rater, judge)."""
         name, cfg = role_endpoint(self.recipe, role)
-        return RoleClient(self._client(name, cfg), role)
+        return RoleClient(self._client(name, cfg), role, self._tally(role, cfg))
 
     def for_endpoint(self, name: str, role: str) -> RoleClient:
         """The client of a named endpoint playing `role` (a feedback panel's raters): ledgered under that endpoint."""
-        return RoleClient(self._client(name, all_endpoints(self.recipe)[name]), role)
+        cfg = all_endpoints(self.recipe)[name]
+        return RoleClient(self._client(name, cfg), role, self._tally(f"{role}@{name}", cfg))
+
+    def _tally(self, key: str, cfg: TeacherConfig) -> ParseTally:
+        return self.tallies.setdefault(key, ParseTally(cfg.structured))
+
+    def parse_tallies(self) -> dict[str, dict[str, object]]:
+        """Each role's parse tally of this session (what the stage reports say about modes and parse rates)."""
+        return {key: t.as_dict() for key, t in self.tallies.items()}
 
     def for_pool_member(self, member: PoolModel) -> RoleClient:
         """The client for an `openai` pool member (ledgered as role `pool:<name>`)."""

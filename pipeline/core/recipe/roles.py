@@ -14,6 +14,7 @@ STAGE_ROLES: dict[str, tuple[str, ...]] = {
     "feedback": ("rater",),
     "evaluate": ("judge",),
 }
+STRUCTURED_ROLES = ("rater", "judge")  # the roles an endpoint's `structured` setting changes the replies of
 
 
 def all_endpoints(recipe: Recipe) -> dict[str, TeacherConfig]:
@@ -59,9 +60,10 @@ def stage_endpoint_identities(recipe: Recipe, stage: str) -> dict[str, object]:
     roles = [r for r in STAGE_ROLES.get(stage, ())
              if r != "instruction_writer" or recipe.generate.self_instruct.enabled
              or recipe.generate.self_prompting.enabled]
-    identities: dict[str, object] = {role: role_endpoint(recipe, role)[1].identity() for role in roles}
+    identities: dict[str, object] = {role: role_endpoint(recipe, role)[1].identity(role in STRUCTURED_ROLES)
+                                     for role in roles}
     if stage == "feedback":  # the panel's raters (absent without one, so no fingerprint moves)
-        identities |= {f"panel:{n}": all_endpoints(recipe)[n].identity() for n in recipe.feedback.panel}
+        identities |= {f"panel:{n}": all_endpoints(recipe)[n].identity(True) for n in recipe.feedback.panel}
     return identities
 
 

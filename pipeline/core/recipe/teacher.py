@@ -34,6 +34,9 @@ class TeacherConfig(Section):
     batch_poll_s: float = Field(30.0, gt=0)  # longest wait between two polls (the first come sooner)
     batch_max_requests: int = Field(50_000, ge=1)  # the provider's limits per input file
     batch_max_bytes: int = Field(200_000_000, ge=1024)
+    # JSON-schema-constrained replies for the rater and the judge: off, always (json_schema), or auto (asked
+    # for on the first request; an HTTP 400/422 to it means unsupported, and text mode is used from then on)
+    structured: Literal["off", "json_schema", "auto"] = "off"
     # options of the task's built-in teacher (base_url: builtin), checked against the task's own model
     builtin: dict[str, Any] = Field(default_factory=dict)
 
@@ -74,9 +77,12 @@ class TeacherConfig(Section):
         copy._live_url = url
         return copy
 
-    def identity(self) -> dict[str, Any]:
-        """What decides the teacher's answers (endpoint, limits and prices do not)."""
+    def identity(self, structured_role: bool = False) -> dict[str, Any]:
+        """What decides the teacher's answers (endpoint, limits and prices do not); `structured` only for a role
+        that asks for structured replies (rater, judge), and only when on, so no other fingerprint moves."""
         ident: dict[str, Any] = {"model": self.model}
         if self.is_builtin:
             ident["builtin"] = self.builtin
+        if structured_role and self.structured != "off":
+            ident["structured"] = self.structured
         return ident

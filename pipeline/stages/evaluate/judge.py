@@ -1,9 +1,12 @@
-"""Strict parsers for judge verdicts (MT-Bench style): a single 1-10 rating, or a pairwise [[A]]/[[B]]/[[C]]."""
+"""Strict parsers for judge verdicts (MT-Bench style): a single 1-10 rating, or a pairwise [[A]]/[[B]]/[[C]]; and
+their structured form, a JSON object with an explanation and the rating or verdict (`SINGLE_SCHEMA`,
+`PAIRWISE_SCHEMA`)."""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 # Text the judge quotes back from the answers is the assistants' words, never a verdict.
 _QUOTED = re.compile(r"<answer(?: [AB])?>.*?</answer(?: [AB])?>", re.IGNORECASE | re.DOTALL)
@@ -49,6 +52,35 @@ def parse_pairwise(text: str) -> str:
     if len(found) > 1:
         raise VerdictError(f"conflicting verdicts {sorted(found)} in the judge output")
     return found.pop()
+
+
+SINGLE_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["explanation", "rating"],
+                 "properties": {"explanation": {"type": "string"},
+                                "rating": {"type": "integer", "enum": list(range(1, 11))}}}
+PAIRWISE_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["explanation", "verdict"],
+                   "properties": {"explanation": {"type": "string"},
+                                  "verdict": {"type": "string", "enum": ["A", "B", "C"]}}}
+
+
+def parse_single_json(value: Any, low: int = 1, high: int = 10) -> float:
+    """The `rating` of a structured single grading; a missing, non-numeric or out-of-range one is an error."""
+    rating = value.get("rating") if isinstance(value, dict) else None
+    if isinstance(rating, str) and re.fullmatch(r"\s*\d+(?:\.\d+)?\s*", rating):
+        rating = float(rating)
+    if isinstance(rating, bool) or not isinstance(rating, int | float):
+        raise VerdictError("no numeric rating in the judge's JSON reply")
+    if not low <= rating <= high:
+        raise VerdictError(f"rating {rating:g} is outside {low}..{high}")
+    return float(rating)
+
+
+def parse_pairwise_json(value: Any) -> str:
+    """The `verdict` (A, B or C) of a structured pairwise comparison; anything else is an error."""
+    verdict = value.get("verdict") if isinstance(value, dict) else None
+    verdict = verdict.strip().strip("[]").strip().upper() if isinstance(verdict, str) else verdict
+    if verdict not in ("A", "B", "C"):
+        raise VerdictError(f"no A/B/C verdict in the judge's JSON reply (got {verdict!r})")
+    return verdict
 
 
 def combine_orders(candidate_first: str, candidate_second: str) -> PairwiseOutcome:

@@ -11,7 +11,16 @@ from typing import Any
 from pipeline.core.recipe import EvaluateConfig
 from pipeline.core.stage import ItemFailed
 from pipeline.core.templates import render
-from pipeline.stages.evaluate.judge import VerdictError, combine_orders, parse_pairwise, parse_single
+from pipeline.stages.evaluate.judge import (
+    PAIRWISE_SCHEMA,
+    SINGLE_SCHEMA,
+    VerdictError,
+    combine_orders,
+    parse_pairwise,
+    parse_pairwise_json,
+    parse_single,
+    parse_single_json,
+)
 from pipeline.stages.evaluate.records import (
     PAIRWISE,
     SINGLE,
@@ -22,8 +31,17 @@ from pipeline.stages.evaluate.records import (
     shows_reference,
     single_id,
 )
+from pipeline.teacher.client import StructuredUnsupported
 from pipeline.teacher.messages import ChatRequest
 from pipeline.teacher.session import RoleClient
+from pipeline.teacher.structured import json_reply, response_format
+
+REASK_TEMPERATURE = 0.7  # a re-ask is sampled: asked greedily again, a judge mostly repeats the reply that failed
+# kind -> (schema name, schema, text parser, JSON parser)
+JUDGE_FORMATS: dict[str, tuple[str, dict[str, Any], Callable[[str], Any], Callable[[Any], Any]]] = {
+    "single": ("single_grade", SINGLE_SCHEMA, parse_single, parse_single_json),
+    "pairwise": ("pairwise_verdict", PAIRWISE_SCHEMA, parse_pairwise, parse_pairwise_json),
+}
 
 
 class JudgeFailed(ItemFailed):
@@ -67,19 +85,61 @@ def conversation_text(turns: list[str], answers: bool) -> str:
     return shown[0] if len(shown) == 1 else "\n\n".join(f"Turn {i + 1}: {t}" for i, t in enumerate(shown))
 
 
-async def ask_judge(client: RoleClient, cfg: EvaluateConfig, text: str,
-                    parse: Callable[[str], Any]) -> tuple[str, Any, int]:
-    """(reply, parsed verdict, attempts); a reply the strict parser rejects is asked again, then fails."""
-    problem, last = "", ""
-    for attempt in range(1, cfg.judge_attempts + 1):
-        reply = await client.chat(ChatRequest([{"role": "user", "content": text}], temperature=0.0,
-                                              max_tokens=cfg.judge_max_tokens,
-                                              tag="" if attempt == 1 else f"reask-{attempt}"))
+def read_verdict(text: str, kind: str, structured: bool) -> tuple[Any, str]:
+    """(verdict, `json` or `text`); VerdictError when the reply holds none. A structured reply that is not JSON
+    goes to the text parser."""
+    _, _, from_text, from_json = JUDGE_FORMATS[kind]
+    value = json_reply(text) if structured else None
+    if value is not None:
+        return from_json(value), "json"
+    return from_text(text), "text"
+
+
+def judge_request(cfg: EvaluateConfig, kind: str, prompt: Callable[[bool, str], str], attempt: int, problem: str,
+                  structured: bool) -> ChatRequest:
+    """One attempt's request: a re-ask says what was wrong and is sampled (a new seed, REASK_TEMPERATURE), so
+    it can get another reply than the one that failed."""
+    name, schema, _, _ = JUDGE_FORMATS[kind]
+    return ChatRequest([{"role": "user", "content": prompt(structured, problem if attempt > 1 else "")}],
+                       temperature=0.0 if attempt == 1 else REASK_TEMPERATURE, max_tokens=cfg.judge_max_tokens,
+                       seed=None if attempt == 1 else attempt, tag="" if attempt == 1 else f"reask-{attempt}",
+                       response_format=response_format(name, schema) if structured else None)
+
+
+async def ask_judge(client: RoleClient, cfg: EvaluateConfig, prompt: Callable[[bool, str], str],
+                    kind: str) -> tuple[str, Any, int]:
+    """(reply, parsed verdict, attempt); `prompt(structured, reminder)` renders the question. A reply the strict
+    parser rejects is marked unusable in the cache and asked again, then the judgment fails; a reply an earlier
+    run marked is read again, not paid for, and this run's `judge_attempts` new requests come after it."""
+    problem, last, attempt, asked = "", "", 0, 0
+    while asked < cfg.judge_attempts:
+        attempt += 1
+        structured = await client.structured()
+        request = judge_request(cfg, kind, prompt, attempt, problem, structured)
+        known = client.unusable(request)
+        if known is None:
+            try:
+                reply = await client.chat(request)
+            except StructuredUnsupported:  # auto found the endpoint takes no schema: the same attempt as text
+                attempt -= 1
+                continue
+            asked += 1
+        else:
+            reply, client.tally.known_unusable = known[0], client.tally.known_unusable + 1
         try:
-            return reply.text, parse(reply.text), attempt
+            verdict, parsed_as = read_verdict(reply.text, kind, structured)
         except VerdictError as exc:
             problem = str(exc) + (" (the reply was cut off)" if reply.finish_reason == "length" else "")
             last = reply.text
+            if known is None:
+                client.tally.reply(None)
+                client.mark_unusable(request, problem)
+            continue
+        if known is None:
+            client.tally.reply(parsed_as)
+        client.tally.call(attempt)
+        return reply.text, verdict, attempt
+    client.tally.call(None)
     raise JudgeFailed(f"{problem}, after {cfg.judge_attempts} attempts; last reply {last[:200]!r}",
                       cfg.judge_attempts)
 
@@ -89,8 +149,11 @@ async def grade_answer(client: RoleClient, cfg: EvaluateConfig, item: EvalItem, 
     """Single-answer grading of one turn (a later turn with the conversation before it): an explanation and a
     1-10 rating."""
     context, question = judged_question(item, row["answers"], turn, shows_reference(cfg, item))
-    text = render("judge_single.jinja", context=context, question=question, answer=_fence(row["answers"][turn]))
-    reply, rating, attempts = await ask_judge(client, cfg, text, parse_single)
+    answer = _fence(row["answers"][turn])
+    reply, rating, attempts = await ask_judge(
+        client, cfg, lambda structured, reminder: render("judge_single.jinja", context=context, question=question,
+                                                         answer=answer, structured=structured, reminder=reminder),
+        "single")
     return {"judgment_id": single_id(row["answer_id"], turn), "item_id": item.item_id, "model": row["model"],
             "category": item.category, "turn": turn + 1, "rating": float(rating), "explanation": reply,
             "attempts": attempts}
@@ -108,11 +171,13 @@ async def compare_answers(client: RoleClient, cfg: EvaluateConfig, item: EvalIte
     if mine == theirs:  # the same text cannot win or lose against itself
         return {**row, "verdict_first": "C", "verdict_second": "C", "score": 0.5, "identical": True,
                 "explanation_first": "", "explanation_second": "", "attempts": 0}
-    both = await asyncio.gather(
-        ask_judge(client, cfg, render("judge_pairwise.jinja", question=question, answer_a=mine, answer_b=theirs),
-                  parse_pairwise),
-        ask_judge(client, cfg, render("judge_pairwise.jinja", question=question, answer_a=theirs, answer_b=mine),
-                  parse_pairwise), return_exceptions=True)  # let both orders finish, then fail on either
+    def shown(a: str, b: str) -> Callable[[bool, str], str]:
+        return lambda structured, reminder: render("judge_pairwise.jinja", question=question, answer_a=a,
+                                                   answer_b=b, structured=structured, reminder=reminder)
+
+    both = await asyncio.gather(ask_judge(client, cfg, shown(mine, theirs), "pairwise"),
+                                ask_judge(client, cfg, shown(theirs, mine), "pairwise"),
+                                return_exceptions=True)  # let both orders finish, then fail on either
     for failed in (r for r in both if isinstance(r, BaseException)):
         raise failed
     (text_1, first, n_1), (text_2, second, n_2) = both

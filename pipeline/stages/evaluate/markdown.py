@@ -25,6 +25,11 @@ def render_markdown(report: dict[str, Any], images: dict[str, str] | None = None
     if pairs:
         lines += ["## Preference pairs", "", f"{pairs['count']} pairs; score chosen {pm(pairs['score_chosen'])}, "
                   f"rejected {pm(pairs['score_rejected'])}, margin {pm(pairs['margin'])}.", ""]
+    if report.get("parsing"):
+        from pipeline.teacher.structured import describe
+
+        lines += ["## Rater and judge replies (mode, parse rate at the first attempt and overall)", "",
+                  *[f"- {role}: {describe(tally)}" for role, tally in report["parsing"].items()], ""]
     lines += ["## Cost and time per stage", "", "| stage | status | items | failures | teacher tokens | cost $ | time s |",
               "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['stage']} | {r['status']} | {r['items']} | {r['failures']} | {r['teacher_tokens']} | "

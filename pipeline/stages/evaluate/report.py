@@ -219,6 +219,8 @@ def build_report(store: RunStore, evaluate_status: str | None = None) -> tuple[d
     report["pairs"], raw = pair_scores(store)
     if report["pairs"] is None:
         notes.append("no feedback pairs: no pair score histogram")
+    report["parsing"] = {f"{stage}: {role}": tally for stage in ("feedback", STAGE)
+                         for role, tally in ((_read_json(store, stage, "stats.json") or {}).get("parsing") or {}).items()}
     report["stages"] = stage_costs(store, evaluate_status)
     report["totals"] = {"seconds": sum(r["seconds"] for r in report["stages"]),
                         "cost_usd": sum(r["cost_usd"] for r in report["stages"])}

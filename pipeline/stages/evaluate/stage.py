@@ -15,7 +15,7 @@ from pipeline.core.progress import progress
 from pipeline.core.recipe import PoolModel, Recipe
 from pipeline.core.stage import ItemStream, StageReport, conclude
 from pipeline.core.store import FailureLedger, RunStore, ShardWriter
-from pipeline.stages.evaluate.judging import plan_judgments
+from pipeline.stages.evaluate.judging import JudgeFailed, Judgment, plan_judgments
 from pipeline.stages.evaluate.records import (
     ANSWERS,
     OUTPUTS,
@@ -33,7 +33,9 @@ from pipeline.stages.evaluate.records import (
 )
 from pipeline.stages.evaluate.report import write_report
 from pipeline.stages.evaluate.schema import SCHEMAS
+from pipeline.teacher.client import TeacherError
 from pipeline.teacher.session import teacher_session
+from pipeline.teacher.structured import merge_tallies
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +58,8 @@ def run(recipe: Recipe, store: RunStore) -> StageReport:
                 generate_answers(model, todo[model.label], eval_set, recipe, store, writer, failures, bar)
         bar.close()
     answers = {r["answer_id"]: r for r in store.read_records(STAGE, ANSWERS)}
-    stop, cost = asyncio.run(_judge(recipe, store, eval_set.items, models, answers))
-    return _finish(recipe, store, eval_set.items, models, answers, cost, stop)
+    stop, cost, parsing, resend = asyncio.run(_judge(recipe, store, eval_set.items, models, answers))
+    return _finish(recipe, store, eval_set.items, models, answers, cost, stop, parsing, resend)
 
 
 def resolve_model(spec: str, recipe: Recipe, store: RunStore) -> str:
@@ -158,8 +160,19 @@ def shipped_answers(model: EvalModel, items: list[EvalItem], eval_set: EvalSet, 
 
 # -- judging ---------------------------------------------------------------------------------------
 async def _judge(recipe: Recipe, store: RunStore, items: list[EvalItem], models: list[EvalModel],
-                 answers: dict[str, dict[str, Any]]) -> tuple[str, dict[str, float]]:
-    """Every planned judgment not yet in the store; (why it stopped early, if it did; the judge's cost)."""
+                 answers: dict[str, dict[str, Any]]) -> tuple[str, dict[str, float], dict[str, Any], bool]:
+    """Every planned judgment not yet in the store; (why it stopped early, if it did; the judge's cost; its parse
+    tally; whether a failed judgment would be asked again by a rerun)."""
+    resend = False
+
+    async def obtain(j: Judgment) -> dict[str, Any]:
+        nonlocal resend
+        try:
+            return await j.obtain(judge, recipe.evaluate)
+        except (JudgeFailed, TeacherError):  # the unusable replies are marked, a failed request is not cached
+            resend = True
+            raise
+
     async with teacher_session(recipe, store, STAGE) as session:
         judge = session.for_role("judge")
         writers = {kind: store.shard_writer(STAGE, kind, id_key="judgment_id", schema=SCHEMAS[kind])
@@ -170,15 +183,15 @@ async def _judge(recipe: Recipe, store: RunStore, items: list[EvalItem], models:
         stream = ItemStream(store.ledger(STAGE), lambda j: j.judgment_id, progress=bar,
                             reason_prefix=lambda j: f"{j.kind} judgment: ")
         with writers[SINGLE], writers[PAIRWISE]:
-            async for task, verdict in stream.results(todo, lambda j: j.obtain(judge, recipe.evaluate),
-                                                      session.concurrency("judge")):
+            async for task, verdict in stream.results(todo, obtain, session.concurrency("judge")):
                 writers[task.kind].add(verdict)
         bar.close()
-    return stream.stopped, session.usage()
+    return stream.stopped, session.usage(), session.parse_tallies(), resend
 
 
 def _finish(recipe: Recipe, store: RunStore, items: list[EvalItem], models: list[EvalModel],
-            answers: dict[str, dict[str, Any]], cost: dict[str, float], stop: str) -> StageReport:
+            answers: dict[str, dict[str, Any]], cost: dict[str, float], stop: str, parsing: dict[str, Any],
+            rerun_sends: bool) -> StageReport:
     """Account for every planned answer and judgment from what the store holds; write stats and the report."""
     cfg = recipe.evaluate
     planned_answers = {answer_id(it.item_id, m.spec) for it in items for m in models}
@@ -189,11 +202,15 @@ def _finish(recipe: Recipe, store: RunStore, items: list[EvalItem], models: list
     pending = len((planned_answers | planned_judgments) - set(answers) - judged - set(failed))
     counts = {"input": len(planned_answers), "items": len(items), "models": len(models), "output": len(answers),
               "judgments": len(judged), "failed": len(failed), "pending": pending}
-    store.write_json(store.join(STAGE, "stats.json"), {"counts": counts, "teacher": cost})
+    before = store.read_json(store.join(STAGE, "stats.json"), {}) or {}
+    store.write_json(store.join(STAGE, "stats.json"), {"counts": counts, "teacher": cost,
+                                                       "parsing": merge_tallies(before.get("parsing"), parsing)})
     status, message = conclude(
         STAGE, stop=stop, pending=pending, failed=len(failed), total=len(planned_answers) + len(planned_judgments),
         max_failure_rate=cfg.max_failure_rate, ledger=store.join(STAGE, "failures.jsonl"),
-        saved=f"{len(judged)} judgments", done="")
+        saved=f"{len(judged)} judgments", done="",
+        retry="rerun to retry them" if rerun_sends else "a rerun would answer their requests from the response "
+        "cache or the same models again and fail them the same way: change what their reasons name")
     report = write_report(store, evaluate_status=status)  # its cost table shows how this stage ends
     if status == "completed":
         message = f"{summary_line(report)}; {len(failed)} failed; report {store.join(STAGE, 'report.md')}"

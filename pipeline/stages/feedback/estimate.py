@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import statistics
 
-from pipeline.core.recipe import PoolModel, Recipe
+from pipeline.core.recipe import PoolModel, Recipe, role_endpoint
 from pipeline.core.templates import render
 from pipeline.stages.feedback.rate import ASPECT_TITLES, ON_POLICY, TYPE_HINTS
 from pipeline.stages.feedback.ratings import SCALES
@@ -20,7 +20,7 @@ def demand(recipe: Recipe, plan: Planner) -> None:
     pool_answer = statistics.mean([_answer(plan, m) for m in recipe.sample.pool] or [plan.reply.answer])
     students = [m for m in recipe.sample.pool if m.model == "sft"]
     draft = _answer(plan, cfg.on_policy_sampler if ON_POLICY in cfg.sources else (students or [None])[0])
-    correction = render("feedback_correction.jinja", question="", draft="")
+    correction = render("feedback_correction.jinja", question="", draft="", reminder="")
     for prompt in unique_prompts(recipe):
         tokens = rater.tokens(prompt.prompt)
         if "pool" in cfg.sources and recipe.sample.k >= 2:
@@ -44,7 +44,7 @@ def rate(rater: RolePlan, plan: Planner, aspects: list[str], prompt_tokens: floa
         text = render("feedback_rating.jinja", aspect_title=ASPECT_TITLES[aspect],
                       rubric=render(f"feedback_{aspect}.jinja"), instruction="", texts=[""] * n,
                       type_hint=TYPE_HINTS.get(aspect, ""), scale_max=SCALES[aspect][1], allow_na=aspect == "honesty",
-                      reminder="")
+                      reminder="", structured=role_endpoint(plan.recipe, "rater")[1].structured != "off")
         rater.add(rater.tokens(text) + prompt_tokens + sum(answers) + rater.overhead(1), out,
                   share * (1 + plan.reask_rate) * cfg.orders)  # one request per order shown
 

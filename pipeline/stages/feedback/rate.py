@@ -14,15 +14,26 @@ from pipeline.core.stage import ItemFailed, StageStopped
 from pipeline.core.templates import render
 from pipeline.stages.feedback.debias import pair_filter, shown_order, words
 from pipeline.stages.feedback.pairs import binarize, correction_pair
-from pipeline.stages.feedback.ratings import SCALES, ParsedRatings, Rating, answer_score, parse_ratings
+from pipeline.stages.feedback.ratings import (
+    SCALES,
+    ParsedRatings,
+    Rating,
+    answer_score,
+    parse_json_ratings,
+    parse_ratings,
+    rating_schema,
+)
 from pipeline.stages.sample.stage import completion_id
+from pipeline.teacher.client import StructuredUnsupported
 from pipeline.teacher.messages import ChatRequest
 from pipeline.teacher.session import RoleClient
+from pipeline.teacher.structured import json_reply, response_format
 
 ON_POLICY = "on_policy"
 ASPECT_TITLES = {"instruction_following": "instruction following", "honesty": "honesty",
                  "truthfulness": "truthfulness", "helpfulness": "helpfulness", "overall": "overall quality"}
 TYPE_HINTS = {"truthfulness": "hallucination kinds found, or None", "helpfulness": "qualities present, or None"}
+REASK_TEMPERATURE = 0.7  # a re-ask is sampled: asked greedily again, most servers return the reply that failed
 
 
 class RatingFailed(ItemFailed):
@@ -94,32 +105,72 @@ def _fence(text: str, tag: str) -> str:
     return re.sub(rf"<(/?\s*{tag}\b[^>]*)>", r"‹\1›", text, flags=re.I)
 
 
+def rating_request(cfg: FeedbackConfig, aspect: str, item_id: str, prompt: str, answers: list[str], shown: int,
+                   rater_tag: str, attempt: int, reminder: str, structured: bool) -> tuple[list[int], ChatRequest]:
+    """(the order shown, the request) of one attempt: a re-ask shows another order, says what was wrong, and
+    is sampled (a new seed, REASK_TEMPERATURE), so it is a new request that can get another reply."""
+    n = len(answers)
+    order = shown_order(cfg.seed, item_id, aspect, attempt, n, shown, cfg.orders)
+    text = render("feedback_rating.jinja", aspect_title=ASPECT_TITLES[aspect],
+                  rubric=render(f"feedback_{aspect}.jinja"), instruction=prompt,
+                  texts=[_fence(answers[i], "text") for i in order], type_hint=TYPE_HINTS.get(aspect, ""),
+                  scale_max=SCALES[aspect][1], allow_na=aspect == "honesty", reminder=reminder, structured=structured)
+    tag = "" if attempt == 1 else f"reask-{attempt}"
+    if shown >= n:  # a repeated order must still be a request of its own
+        tag = f"{tag}order-{shown}"
+    schema = response_format("ratings", rating_schema(n, aspect, aspect in TYPE_HINTS)) if structured else None
+    return order, ChatRequest([{"role": "user", "content": text}], temperature=0.0 if attempt == 1 else REASK_TEMPERATURE,
+                              max_tokens=cfg.max_tokens_per_answer * n + 64, seed=None if attempt == 1 else attempt,
+                              tag=rater_tag + tag, response_format=schema)
+
+
+def read_ratings(text: str, n: int, aspect: str, structured: bool) -> tuple[ParsedRatings, str]:
+    """(ratings, `json` or `text`): a structured reply that holds no JSON goes to the text parser."""
+    value = json_reply(text) if structured else None
+    if value is not None:
+        return parse_json_ratings(value, n, aspect), "json"
+    return parse_ratings(text, n, aspect), "text"
+
+
 async def rate_aspect(client: RoleClient, cfg: FeedbackConfig, aspect: str, item_id: str, prompt: str,
                       answers: list[str], shown: int = 0, rater_tag: str = "") -> JudgeCall:
     """One judge call rates all answers on one aspect, in a shuffled order (the `shown`-th of `feedback.orders`)
-    mapped back afterwards; an unusable reply is re-asked (new order, a reminder, a new cache tag), then the
-    item fails."""
+    mapped back afterwards; an unusable reply is marked so in the cache and re-asked, then the item fails.
+
+    A reply an earlier run marked unusable is read again, not asked for: this run's `max_parse_attempts` new
+    requests come after it, so a rerun asks what no run asked before and pays for nothing twice."""
     n, problem, reminder, reply_text = len(answers), "", "", ""
-    for attempt in range(1, cfg.max_parse_attempts + 1):
-        order = shown_order(cfg.seed, item_id, aspect, attempt, n, shown, cfg.orders)
-        text = render("feedback_rating.jinja", aspect_title=ASPECT_TITLES[aspect],
-                      rubric=render(f"feedback_{aspect}.jinja"), instruction=prompt,
-                      texts=[_fence(answers[i], "text") for i in order], type_hint=TYPE_HINTS.get(aspect, ""),
-                      scale_max=SCALES[aspect][1], allow_na=aspect == "honesty", reminder=reminder)
-        tag = "" if attempt == 1 else f"reask-{attempt}"
-        if shown >= n:  # a repeated order must still be a request of its own
-            tag = f"{tag}order-{shown}"
-        tag = rater_tag + tag
-        reply = await client.chat(ChatRequest([{"role": "user", "content": text}], temperature=0.0,
-                                              max_tokens=cfg.max_tokens_per_answer * n + 64, tag=tag))
+    attempt = asked = 0
+    while asked < cfg.max_parse_attempts:
+        attempt += 1
+        structured = await client.structured()
+        order, request = rating_request(cfg, aspect, item_id, prompt, answers, shown, rater_tag, attempt, reminder,
+                                        structured)
+        known = client.unusable(request)
+        if known is None:
+            try:
+                reply = await client.chat(request)
+            except StructuredUnsupported:  # auto found the endpoint takes no schema: the same attempt as text
+                attempt -= 1
+                continue
+            asked += 1
+        else:
+            reply, client.tally.known_unusable = known[0], client.tally.known_unusable + 1
         reply_text = reply.text
-        parsed = parse_ratings(reply.text, n, aspect)
+        parsed, parsed_as = read_ratings(reply.text, n, aspect, structured)
         if parsed.complete:
+            if known is None:
+                client.tally.reply(parsed_as)
+            client.tally.call(attempt)
             return JudgeCall(order, parsed, reply.text, attempt)
         cut = " - the reply was cut off" if reply.finish_reason == "length" else ""
         problem = parsed.summary() + cut
         # the next attempt shows the answers in another order, so the reminder names no text numbers
         reminder = "; ".join(sorted(set(parsed.problems.values()))) + cut
+        if known is None:
+            client.tally.reply(None)
+            client.mark_unusable(request, problem)
+    client.tally.call(None)
     raise RatingFailed(f"unusable {aspect} rating after {cfg.max_parse_attempts} attempts ({problem}); "
                        f"last reply {reply_text[:200]!r}", cfg.max_parse_attempts)
 
@@ -157,16 +208,31 @@ def score_answers(verdicts: dict[str, AspectVerdict], n: int, call: int | None =
 
 
 async def correct_response(client: RoleClient, recipe: Recipe, prompt: str, draft: str) -> str:
-    """The teacher's corrected rewrite of the student's draft."""
-    text = render("feedback_correction.jinja", question=prompt, draft=_fence(draft, "draft"))
-    reply = await client.chat(ChatRequest([{"role": "user", "content": text}], temperature=0.0,
-                                          max_tokens=recipe.feedback.max_tokens_per_answer))
-    corrected = re.sub(r"^\W*corrected answer\W*", "", reply.text.strip(), flags=re.I).strip()
-    if reply.finish_reason == "length":
-        raise RatingFailed("correction: the rewrite was cut off at feedback.max_tokens_per_answer")
-    if not corrected:
-        raise RatingFailed("correction: the teacher returned an empty rewrite")
-    return corrected
+    """The teacher's corrected rewrite of the student's draft; an empty or cut-off one is marked unusable and
+    asked again (sampled, with a note of what was wrong), as a rating is."""
+    cfg, note, asked, attempt, problem = recipe.feedback, "", 0, 0, ""
+    while asked < cfg.max_parse_attempts:
+        attempt += 1
+        text = render("feedback_correction.jinja", question=prompt, draft=_fence(draft, "draft"), reminder=note)
+        request = ChatRequest([{"role": "user", "content": text}], temperature=0.0 if attempt == 1 else REASK_TEMPERATURE,
+                              max_tokens=cfg.max_tokens_per_answer, seed=None if attempt == 1 else attempt,
+                              tag="" if attempt == 1 else f"reask-{attempt}")
+        known = client.unusable(request)
+        if known is None:
+            reply = await client.chat(request)
+            asked += 1
+        else:
+            reply = known[0]
+        corrected = re.sub(r"^\W*corrected answer\W*", "", reply.text.strip(), flags=re.I).strip()
+        if reply.finish_reason == "length":
+            problem, note = "the rewrite was cut off at feedback.max_tokens_per_answer", "it was cut off: be brief"
+        elif not corrected:
+            problem, note = "the teacher returned an empty rewrite", "it was empty"
+        else:
+            return corrected
+        if known is None:
+            client.mark_unusable(request, problem)
+    raise RatingFailed(f"correction: {problem}", cfg.max_parse_attempts)
 
 
 async def judge_item(client: RoleClient, recipe: Recipe, item: Item, panel: list[RoleClient] | None = None) -> Outcome:

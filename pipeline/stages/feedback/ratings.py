@@ -4,12 +4,16 @@ A judge reply holds one block per rated text: a header naming the text (`#### Ou
 `Type:` (some aspects), `Rating:` and `Rationale:` lines. Preambles, blank lines, markdown emphasis,
 reordered blocks and N/A are read as meant; a number off the scale, a missing block or two conflicting
 ratings for one text make that text's rating unusable (the caller re-asks), never a default.
+
+A structured reply is the same in JSON (`rating_schema`): one entry per shown text with its number, rating and
+rationale (and type, for the aspects that have one), read by `parse_json_ratings` with the same rules.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 # (lowest, highest) of each scale; `overall` is the optional 1-10 critique score
 SCALES: dict[str, tuple[int, int]] = {
@@ -152,6 +156,52 @@ def parse_ratings(judge_text: str, n: int, aspect: str) -> ParsedRatings:
         else:
             r = good[0]
             parsed.ratings[number] = Rating(number, r.value, r.type, r.rationale)
+    return parsed
+
+
+def rating_schema(n: int, aspect: str, with_type: bool) -> dict[str, Any]:
+    """The JSON schema of a rating reply for n shown texts: exactly n entries, UltraFeedback's fields."""
+    low, high = SCALES[aspect]
+    rating: dict[str, Any] = {"type": "integer", "enum": list(range(low, high + 1))}
+    if aspect == "honesty":  # the honesty rubric lets the rater decline (N/A)
+        rating = {"anyOf": [rating, {"type": "string", "enum": ["N/A"]}]}
+    props: dict[str, Any] = {"text": {"type": "integer", "enum": list(range(1, n + 1))}}
+    if with_type:
+        props["type"] = {"type": "string"}
+    props |= {"rating": rating, "rationale": {"type": "string"}}
+    entry = {"type": "object", "properties": props, "required": list(props), "additionalProperties": False}
+    return {"type": "object", "additionalProperties": False, "required": ["ratings"],
+            "properties": {"ratings": {"type": "array", "items": entry, "minItems": n, "maxItems": n}}}
+
+
+def parse_json_ratings(value: Any, n: int, aspect: str) -> ParsedRatings:
+    """The ratings of texts 1..n in a JSON reply (`{"ratings": [...]}` or the list alone); a text without
+    exactly one entry with a rating on the scale is a problem, as in the text parser."""
+    entries = value.get("ratings") if isinstance(value, dict) else value
+    parsed = ParsedRatings()
+    if not isinstance(entries, list):
+        parsed.problems = {i: "the JSON reply holds no list of ratings" for i in range(1, n + 1)}
+        return parsed
+    found: dict[int, list[dict[str, Any]]] = {}
+    for entry in entries:
+        number = entry.get("text") if isinstance(entry, dict) else None
+        if isinstance(number, str):
+            number = int(digits.group()) if (digits := re.search(r"\d+", number)) else None
+        if isinstance(number, int) and 1 <= number <= n:
+            found.setdefault(number, []).append(entry)
+    for number in range(1, n + 1):
+        got = found.get(number, [])
+        if len(got) != 1:
+            parsed.problems[number] = "no entry for this text" if not got else f"{len(got)} entries for this text"
+            continue
+        raw = got[0].get("rating")
+        value_, problem = (None, "no rating") if raw is None or isinstance(raw, bool) else \
+            _read_value(str(raw), SCALES[aspect])
+        if problem:
+            parsed.problems[number] = problem
+        else:
+            parsed.ratings[number] = Rating(number, value_, str(got[0].get("type") or ""),
+                                            str(got[0].get("rationale") or ""))
     return parsed
 
 

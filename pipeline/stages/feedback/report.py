@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from pipeline.stages.feedback.pairs import EPS
+from pipeline.teacher.structured import describe
 
 _TOKEN = re.compile(r"[a-z]+|\d+|[^\sa-z\d]", re.I)
 
@@ -133,6 +134,9 @@ def report_markdown(report: dict[str, Any], stats: dict[str, Any]) -> str:
              f"{counts['failed']} failed, {counts['dropped']} dropped, {counts['pending']} pending.", ""]
     if stats.get("dropped_by_reason"):
         lines += ["Dropped: " + ", ".join(f"{k} {v}" for k, v in sorted(stats["dropped_by_reason"].items())), ""]
+    if report.get("parsing"):
+        lines += ["## Rating replies (mode and parse rate per rater)", "",
+                  *[f"- {role}: {describe(tally)}" for role, tally in sorted(report["parsing"].items())], ""]
     m, lb = report["margin"], report["length_bias"]
     lines += ["## Margins", "", f"mean {m['mean']}, min {m['min']}, max {m['max']}", "",
               "| margin | pairs |", "|---|---|", *[f"| {k} | {v} |" for k, v in m["histogram"].items()], "",

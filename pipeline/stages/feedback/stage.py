@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter, defaultdict
+from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.core.progress import progress
@@ -17,16 +18,28 @@ from pipeline.core.sources import SeedPrompt
 from pipeline.core.stage import ItemStream, StageReport, conclude
 from pipeline.core.store import RunStore
 from pipeline.stages.feedback.debias import mitigation_effects
-from pipeline.stages.feedback.rate import ON_POLICY, Answer, Item, Outcome, judge_item, rated_aspects
+from pipeline.stages.feedback.rate import (
+    ON_POLICY,
+    Answer,
+    Item,
+    Outcome,
+    RatingFailed,
+    judge_item,
+    rated_aspects,
+)
 from pipeline.stages.feedback.report import feedback_report, report_markdown
 from pipeline.stages.feedback.schema import RATINGS, pairs_schema
 from pipeline.stages.sample.schema import COMPLETIONS
 from pipeline.stages.sample.stage import NO_PRINCIPLE, Assignment, sample_responses, unique_prompts
+from pipeline.teacher.client import TeacherError
 from pipeline.teacher.session import teacher_session
+from pipeline.teacher.structured import merge_tallies
 
 log = logging.getLogger(__name__)
 STAGE = "feedback"
 SAMPLE_DROPPED = "prompt_dropped_by_sample"  # e.g. contaminated: see sample/dropped.jsonl
+NO_RETRY = ("a rerun would answer their requests from the response cache and fail them the same way: "
+            "change what their reasons name")
 ANSWER_COLUMNS = ["completion_id", "prompt_id", "prompt", "prompt_source", "model", "model_path", "completion",
                   "sample_index"]
 
@@ -49,9 +62,9 @@ def run(recipe: Recipe, store: RunStore) -> StageReport:
         stop, cost = sample_on_policy(recipe, store, [p for p in prompts if p.prompt_id not in excluded])
         on_policy = read_answers(store, STAGE, ON_POLICY, [])
     items = build_items(recipe, prompts, pool, on_policy)
-    stop, rated = asyncio.run(judge_all(recipe, store, items, stop, set(excluded)))
-    total = {k: rated.get(k, 0.0) + cost.get(k, 0.0) for k in set(rated) | set(cost)}
-    return account_feedback(recipe, store, items, total, stop)
+    judged = asyncio.run(judge_all(recipe, store, items, stop, set(excluded)))
+    total = {k: judged.cost.get(k, 0.0) + cost.get(k, 0.0) for k in set(judged.cost) | set(cost)}
+    return account_feedback(recipe, store, items, total, judged.stop, judged)
 
 
 def read_answers(store: RunStore, stage: str, name: str, order: list[str]) -> dict[str, list[dict[str, Any]]]:
@@ -160,10 +173,30 @@ class Outbox:
         self.flush()  # what finished is kept even when the stage stops
 
 
+@dataclass
+class Judged:
+    """How the rating loop ended: why it stopped early (if it did), its cost, each rater's parse tally, and
+    whether some item failed in a way a rerun asks again for (an unusable reply, a failed request)."""
+
+    stop: str = ""
+    cost: dict[str, float] = field(default_factory=dict)
+    parsing: dict[str, dict[str, Any]] = field(default_factory=dict)
+    rerun_sends: bool = False
+
+
 async def judge_all(recipe: Recipe, store: RunStore, items: list[Item], stop: str,
-                    excluded: set[str] = frozenset()) -> tuple[str, dict[str, float]]:
+                    excluded: set[str] = frozenset()) -> Judged:
     """Judge every item not yet done, streaming; a stop drains what is in flight and starts nothing new.
     Items of `excluded` prompts (sample dropped them, e.g. contaminated) are dropped with that reason."""
+    judged = Judged()
+
+    async def judge(item: Item) -> Outcome:
+        try:
+            return await judge_item(rater, recipe, item, panel)
+        except (RatingFailed, TeacherError):  # the unusable replies are marked, a failed request is not cached
+            judged.rerun_sends = True
+            raise
+
     async with teacher_session(recipe, store, STAGE) as session:
         rater = session.for_role("rater")
         panel = [session.for_endpoint(name, "rater") for name in recipe.feedback.panel] or None
@@ -183,16 +216,16 @@ async def judge_all(recipe: Recipe, store: RunStore, items: list[Item], stop: st
             bar = progress(STAGE, len(todo), "prompt")
             stream = ItemStream(store.ledger(STAGE), lambda it: it.item_id, progress=bar)
             stream.stopped = stop
-            async for item, outcome in stream.results(todo, lambda it: judge_item(rater, recipe, it, panel),
-                                                      session.concurrency("rater")):
+            async for item, outcome in stream.results(todo, judge, session.concurrency("rater")):
                 outbox.add(item, outcome)
             bar.close()
-    return stream.stopped, session.usage()
+    judged.stop, judged.cost, judged.parsing = stream.stopped, session.usage(), session.parse_tallies()
+    return judged
 
 
 # -- the stage's accounting ------------------------------------------------------------------------
 def account_feedback(recipe: Recipe, store: RunStore, items: list[Item], cost: dict[str, float],
-                     stop: str) -> StageReport:
+                     stop: str, judged: Judged | None = None) -> StageReport:
     """Every item is a pair, failed or dropped (or pending); stats.json, report.json and report.md from the store."""
     pairs = list(store.read_records(STAGE, "pairs"))
     pair_ids = {p["pair_id"] for p in pairs}
@@ -205,16 +238,20 @@ def account_feedback(recipe: Recipe, store: RunStore, items: list[Item], cost: d
                                                "model", "attempt", "judge_model"]))
     counts = {"input": len(item_ids), "prompts": len({i.prompt_id for i in items}), "output": len(pair_ids),
               "failed": len(failed), "dropped": len(dropped), "pending": len(pending)}
-    stats = {"counts": counts, **feedback_stats(recipe, store, items, pairs, ratings, failed, dropped), "teacher": cost}
+    judged = judged or Judged()
+    before = store.read_json(store.join(STAGE, "stats.json"), {}) or {}
+    stats = {"counts": counts, **feedback_stats(recipe, store, items, pairs, ratings, failed, dropped), "teacher": cost,
+             "parsing": merge_tallies(before.get("parsing"), judged.parsing)}
     report = feedback_report(pairs, ratings, mitigation_effects(recipe.feedback, pairs, ratings,
                                                                 stats["dropped_by_reason"]))
+    report["parsing"] = stats["parsing"]
     store.write_json(store.join(STAGE, "stats.json"), stats)
     store.write_json(store.join(STAGE, "report.json"), report)
     store.write_bytes(store.join(STAGE, "report.md"), report_markdown(report, stats).encode())
     status, message = conclude(
         STAGE, stop=stop, pending=len(pending), failed=len(failed), total=len(item_ids) - len(dropped),
         max_failure_rate=recipe.feedback.max_failure_rate, ledger=store.join(STAGE, "failures.jsonl"),
-        saved=f"{len(pair_ids)} pairs",
+        saved=f"{len(pair_ids)} pairs", retry="rerun to retry them" if judged.rerun_sends else NO_RETRY,
         done=(f"{len(pair_ids)} pairs from {len(item_ids)} items, {len(failed)} failed, {len(dropped)} dropped; "
               f"mean margin {report['margin']['mean']}"))
     return StageReport(STAGE, status, counts, cost,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from typing import Any
@@ -54,6 +55,8 @@ class ToyTeacherOptions(BaseModel):
     # answer a request holding a system turn with HTTP 400, as a server whose model's chat template refuses
     # one does (vLLM serving Mistral-Instruct or Gemma 2)
     refuse_system: bool = False
+    # answer a request carrying a response_format with HTTP 400, as a server without structured output does
+    structured_unsupported: bool = False
     # the Batch API (/v1/files, /v1/batches): served or not, a share of lines failing, how long a batch stays
     # in_progress, a share of lines left undone (the batch then ends `expired`)
     batch_api: bool = True
@@ -104,8 +107,14 @@ def _verdict(question: str, answer: str) -> bool | None:
     return is_correct(question, answer) if parse_problem(question) else None
 
 
-def detect_role(messages: list[dict[str, Any]]) -> str:
-    """Which job a request asks for, from the marker strings in its messages."""
+SCHEMA_ROLES = {"ratings": "rater", "single_grade": "single_judge", "pairwise_verdict": "pairwise_judge"}
+
+
+def detect_role(messages: list[dict[str, Any]], response_format: dict[str, Any] | None = None) -> str:
+    """Which job a request asks for: from its JSON schema's name, else the marker strings in its messages."""
+    schema_name = ((response_format or {}).get("json_schema") or {}).get("name")
+    if schema_name in SCHEMA_ROLES:
+        return SCHEMA_ROLES[schema_name]
     text = "\n".join(message_text(m.get("content")) for m in messages).lower()
     system = "\n".join(message_text(m.get("content")) for m in messages if m.get("role") == "system").lower()
     if "<text 1>" in text:
@@ -157,18 +166,8 @@ class ToyRoles:
         return follow_up(rng.choice(TRAIN_PROMPTS), first=not turns)
 
     def rater(self, messages: list[dict[str, Any]], rng: random.Random, varied: bool) -> str:
-        texts = [message_text(m.get("content")) for m in messages]
-        body = next(t for t in reversed(texts) if "<text 1>" in t.lower())
-        aspect_match = re.search(r"^\s*aspect\s*:\s*\**\s*([a-z_ -]+)", "\n".join(texts), re.I | re.M)
-        aspect = aspect_match.group(1).strip().lower().replace(" ", "_").replace("-", "_") if aspect_match else ""
-        instruction = _section(body, "instruction") or body[: body.lower().index("<text 1>")]
-        responses = re.findall(r"<text (\d+)>\s*(.*?)\s*</text \1>", body, re.I | re.S)
-        fair = [self._rate(aspect, instruction, response) for _, response in responses]
-        ratings = self._flawed([r for r, _, _ in fair], instruction, [t for _, t in responses], aspect)
         blocks = []
-        for (number, _), rating, (_, rationale, kind) in zip(responses, ratings, fair, strict=True):
-            if rng.random() < self.config.rater_noise:
-                rating = rng.randint(1, 5)
+        for number, kind, rating, rationale in self._ratings(messages, rng):
             lines = [f"Type: {kind}"] if kind else []
             lines += [f"Rating: {rating}", f"Rationale: {rationale}"]
             blocks.append((f"#### Output for Text {number}", lines))
@@ -178,6 +177,39 @@ class ToyRoles:
         bold = [head + "\n\n" + "\n\n".join(re.sub(r"^(\w+):", r"**\1:**", ln) for ln in lines)
                 for head, lines in blocks]
         return "Here is my evaluation of each text.\n\n" + "\n\n\n".join(bold)
+
+    def _ratings(self, messages: list[dict[str, Any]], rng: random.Random) -> list[tuple[str, str, int, str]]:
+        """(text number, type, rating, rationale) for every text shown to the rater."""
+        texts = [message_text(m.get("content")) for m in messages]
+        body = next(t for t in reversed(texts) if "<text 1>" in t.lower())
+        aspect_match = re.search(r"^\s*aspect\s*:\s*\**\s*([a-z_ -]+)", "\n".join(texts), re.I | re.M)
+        aspect = aspect_match.group(1).strip().lower().replace(" ", "_").replace("-", "_") if aspect_match else ""
+        instruction = _section(body, "instruction") or body[: body.lower().index("<text 1>")]
+        responses = re.findall(r"<text (\d+)>\s*(.*?)\s*</text \1>", body, re.I | re.S)
+        fair = [self._rate(aspect, instruction, response) for _, response in responses]
+        ratings = self._flawed([r for r, _, _ in fair], instruction, [t for _, t in responses], aspect)
+        out = []
+        for (number, _), rating, (_, rationale, kind) in zip(responses, ratings, fair, strict=True):
+            if rng.random() < self.config.rater_noise:
+                rating = rng.randint(1, 5)
+            out.append((number, kind, rating, rationale))
+        return out
+
+    def structured(self, role: str, messages: list[dict[str, Any]], rng: random.Random, varied: bool,
+                   schema: dict[str, Any]) -> str:
+        """The JSON reply a json_schema response_format asks for (the rater's, or a judge's)."""
+        if role == "rater":
+            typed = "type" in schema["properties"]["ratings"]["items"]["properties"]
+            entries = [{"text": int(number), **({"type": kind or "None"} if typed else {}), "rating": rating,
+                        "rationale": rationale} for number, kind, rating, rationale in self._ratings(messages, rng)]
+            if self.config.messy_rater:
+                rng.shuffle(entries)
+            return json.dumps({"ratings": entries})
+        text = self.answer(role, messages, rng, varied)  # the judges' text verdicts, recast as JSON
+        explanation = text.splitlines()[0]
+        if role == "single_judge":
+            return json.dumps({"explanation": explanation, "rating": int(re.findall(r"\[\[(\d+)\]\]", text)[-1])})
+        return json.dumps({"explanation": explanation, "verdict": re.findall(r"\[\[([ABC])\]\]", text)[-1]})
 
     def _flawed(self, ratings: list[int], instruction: str, texts: list[str], aspect: str) -> list[int]:
         cfg = self.config

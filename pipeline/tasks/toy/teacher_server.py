@@ -30,6 +30,7 @@ from starlette.routing import Route
 from pipeline.tasks.toy.batch_api import ToyBatchAPI
 from pipeline.tasks.toy.teacher_roles import (
     FAULTS,
+    SCHEMA_ROLES,
     ToyRoles,
     ToyTeacherConfig,
     count_tokens,
@@ -41,7 +42,7 @@ __all__ = ["ToyTeacher", "ToyTeacherConfig", "create_app", "request_key", "serve
 
 API_KEY_ENV = "TOY_TEACHER_API_KEY"
 SAMPLING_KEYS = ("temperature", "top_p", "n", "max_tokens", "max_completion_tokens", "seed", "stop",
-                 "presence_penalty", "frequency_penalty")
+                 "presence_penalty", "frequency_penalty", "response_format")
 
 
 def request_key(body: dict[str, Any]) -> str:
@@ -133,6 +134,9 @@ class ToyTeacherApp:
         except (ValueError, KeyError, TypeError) as exc:
             self.outcomes["400"] += 1
             return _error(400, f"Bad chat-completions request: {exc}", "invalid_request_error")
+        if self.config.structured_unsupported and body.get("response_format"):
+            self.outcomes["400_response_format"] += 1
+            return _error(400, "response_format is not supported", "invalid_request_error")
         if self.config.refuse_system and any(m.get("role") == "system" for m in body["messages"]):
             self.outcomes["400_system"] += 1
             return _error(400, "System role not supported", "invalid_request_error")
@@ -157,14 +161,19 @@ class ToyTeacherApp:
         if not 1 <= n <= 128:
             raise ValueError(f"n must lie in 1..128, got {n}")
         key = request_key(body)
-        role = detect_role(messages)
+        fmt = body.get("response_format") or {}
+        schema = (fmt.get("json_schema") or {}).get("schema") if fmt.get("type") == "json_schema" else None
+        role = detect_role(messages, fmt if schema is not None else None)
         temperature = body.get("temperature")
         varied = temperature is None or float(temperature) > 0  # the API's default temperature is 1
         max_words = body.get("max_completion_tokens") or body.get("max_tokens")
         choices = []
         for index in range(n):
             rng = random.Random(f"{key}:{index}" if varied else key)
-            content, finish = _truncate(self.roles.answer(role, messages, rng, varied), max_words)
+            if schema is not None and role in SCHEMA_ROLES.values():
+                content, finish = self.roles.structured(role, messages, rng, varied, schema), "stop"
+            else:
+                content, finish = _truncate(self.roles.answer(role, messages, rng, varied), max_words)
             message = {"role": "assistant", "content": content}
             choices.append({"index": index, "message": message, "finish_reason": finish, "logprobs": None})
         prompt_tokens = sum(count_tokens(message_text(m.get("content"))) for m in messages)
