@@ -9,7 +9,7 @@ from pipeline.cli.errors import as_cli_error
 from pipeline.cli.server import prefect_api
 from pipeline.core.graph import fingerprint, parse_stages
 from pipeline.core.recipe import Recipe, unpriced_pool_members
-from pipeline.core.runner import run_pipeline
+from pipeline.core.runner import StageFailed, check_settings, run_pipeline
 from pipeline.core.stage import STAGE_NAMES
 from pipeline.core.store import RunStore
 from pipeline.train.configs import check_trl_args
@@ -32,6 +32,10 @@ def checked(recipe_path: str, overrides: tuple[str, ...]) -> Recipe:
 def validate(recipe: str, overrides: tuple[str, ...]) -> None:
     """Check a recipe file (TRL arguments included); print each stage's fingerprint. Writes nothing."""
     rec = checked(recipe, overrides)
+    try:
+        check_settings(rec, list(STAGE_NAMES))
+    except StageFailed as exc:
+        raise CliError(f"{recipe}: {exc}", EXIT_BAD_INPUT) from None
     click.echo(f"{recipe}: valid recipe '{rec.name}'")
     memo: dict[str, str] = {}
     for name in STAGE_NAMES:
