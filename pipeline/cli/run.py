@@ -5,12 +5,13 @@ from __future__ import annotations
 import click
 
 from pipeline.cli.common import EXIT_BAD_INPUT, CliError, load, print_status, set_option
+from pipeline.cli.errors import as_cli_error
 from pipeline.cli.server import prefect_api
 from pipeline.core.graph import fingerprint, parse_stages
 from pipeline.core.recipe import Recipe, unpriced_pool_members
-from pipeline.core.runner import StageFailed, run_pipeline
+from pipeline.core.runner import StageFailed, check_settings, run_pipeline
 from pipeline.core.stage import STAGE_NAMES
-from pipeline.core.store import RunStore, StoreError
+from pipeline.core.store import RunStore
 from pipeline.train.configs import check_trl_args
 from pipeline.train.models import TrainingError
 
@@ -31,6 +32,10 @@ def checked(recipe_path: str, overrides: tuple[str, ...]) -> Recipe:
 def validate(recipe: str, overrides: tuple[str, ...]) -> None:
     """Check a recipe file (TRL arguments included); print each stage's fingerprint. Writes nothing."""
     rec = checked(recipe, overrides)
+    try:
+        check_settings(rec, list(STAGE_NAMES))
+    except StageFailed as exc:
+        raise CliError(f"{recipe}: {exc}", EXIT_BAD_INPUT) from None
     click.echo(f"{recipe}: valid recipe '{rec.name}'")
     memo: dict[str, str] = {}
     for name in STAGE_NAMES:
@@ -42,10 +47,13 @@ def validate(recipe: str, overrides: tuple[str, ...]) -> None:
 def run_directly(rec: Recipe, run_name: str | None, stages: list[str], force: bool) -> None:
     try:
         store, reports = run_pipeline(rec, run_name, stages, force=force)
-    except (StageFailed, StoreError) as exc:
-        raise CliError(str(exc)) from None
     except KeyboardInterrupt:
         raise CliError("interrupted; run the same command again to resume where it stopped", 130) from None
+    except Exception as exc:
+        known = as_cli_error(exc)
+        if known is None:
+            raise
+        raise known from None
     for rep in reports:
         click.echo(f"{rep.stage}: {rep.message or rep.status}")
     print_status(store)
@@ -89,10 +97,8 @@ def run_flow(recipe: str, overrides: tuple[str, ...], run_name: str | None, stag
         state = distill(request, return_state=True)
         try:
             result = state.result()
-        except StageFailed as exc:
-            raise CliError(str(exc)) from None
         except Exception as exc:  # the flow's own error, already logged by Prefect
-            raise CliError(f"{type(exc).__name__}: {exc}") from None
+            raise as_cli_error(exc) or CliError(f"{type(exc).__name__}: {exc}") from None
     if not state.is_completed():
         raise CliError(f"the distill flow ended {state.name}")
     if result.get("status") == "nothing new":

@@ -86,6 +86,12 @@ def _earlier(recipe: Recipe) -> dict[str, Any]:
     return {"previous_runs": recipe.series.previous_runs} if recipe.series.previous_runs else {}
 
 
+def evaluate_inputs(recipe: Recipe) -> list[str]:
+    """The trained models evaluate reads: those `evaluate.models` and `baseline` name (sft before dpo)."""
+    named = {*recipe.evaluate.models, recipe.evaluate.baseline}
+    return [stage for stage in ("sft", "dpo") if stage in named]
+
+
 STAGES: dict[str, StageSpec] = {spec.name: spec for spec in [
     StageSpec("generate", generate, _generate_section, lambda r: [], ("generate_*",),
               demand=generate_estimate.demand),
@@ -103,7 +109,7 @@ STAGES: dict[str, StageSpec] = {spec.name: spec for spec in [
     StageSpec("evaluate", evaluate,
               lambda r: {"evaluate": r.evaluate.model_dump(mode="json"), "endpoints": _endpoints("evaluate")(r),
                          "task": _task(r), "files": _read_files(r, None, False, r.evaluate.prompts)},
-              lambda r: ["sft", "dpo"], ("judge_*",), gpu=True, demand=evaluate_estimate.demand),
+              evaluate_inputs, ("judge_*",), gpu=True, demand=evaluate_estimate.demand),
 ]}
 assert tuple(STAGES) == STAGE_NAMES, "the graph and STAGE_NAMES list the stages in the same order"
 

@@ -69,12 +69,31 @@ def teacher_endpoint(recipe: Recipe) -> Iterator[Recipe]:
 
 
 def check_settings(recipe: Recipe, stages: list[str]) -> None:
-    """What can be checked before anything is paid: the TRL arguments of the training stages."""
+    """What can be checked before anything is paid: the TRL arguments of the training stages, the template
+    the student trains in (the tokenizer only, never the weights)."""
     if {"sft", "dpo"} & set(stages):
         try:
             check_trl_args(recipe)
         except TrainingError as exc:
             raise StageFailed(str(exc)) from None
+    if "sft" in stages:
+        check_student_template(recipe)
+
+
+def check_student_template(recipe: Recipe) -> None:
+    """sft's own refusal of an untrainable chat template, raised before generate pays for dialogues."""
+    from pathlib import Path
+
+    from pipeline.train import models, templates
+
+    if recipe.sft.model == models.BUILTIN_STUDENT or not Path(recipe.sft.model).expanduser().is_dir():
+        return
+    base = str(Path(recipe.sft.model).expanduser().resolve())
+    try:
+        templates.resolve_chat_format(models.load_tokenizer(base), base, recipe.sft.chat_template,
+                                      recipe.sft.replace_template)
+    except TrainingError as exc:
+        raise StageFailed(f"sft would refuse this student: {exc}") from None
 
 
 def check_inputs(name: str, recipe: Recipe, store: RunStore) -> None:

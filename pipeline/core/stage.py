@@ -88,3 +88,22 @@ def conclude(stage: str, *, stop: str, pending: int, failed: int, total: int, ma
         return "failed", (f"{failed} of {total} items failed (> {stage}.max_failure_rate={max_failure_rate}); "
                           f"see {ledger}; {retry}")
     return "completed", done
+
+
+# A filter or failure reason that takes more than this share of a stage's items is said in its summary.
+LOUD_SHARE = 0.2
+DROP_HINTS = {
+    "truncated_assistant_turn": "raise generate.max_tokens (the teacher ran out of tokens mid-answer)",
+    "contaminated": "check decontamination.eval_files and decontamination.ngram",
+}
+
+
+def loud_drops(stage: str, by_reason: dict[str, int], total: int) -> list[str]:
+    """One warning per reason that took more than LOUD_SHARE of `total` items, with the setting to change."""
+    warnings = []
+    for reason, n in sorted(by_reason.items(), key=lambda kv: -kv[1]):
+        if total and n / total > LOUD_SHARE:
+            hint = DROP_HINTS.get(reason, f"see {stage}'s dropped/failures ledgers for the items and the setting "
+                                          "that decides this reason")
+            warnings.append(f"WARNING: {reason} took {n} of {total} items ({n / total:.0%}); {hint}")
+    return warnings

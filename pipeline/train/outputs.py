@@ -78,8 +78,14 @@ def write_metrics(trainer: Any, stage_dir: Path, extra: dict[str, Any]) -> dict[
     history = trainer.state.log_history
     logged = [h for h in history if "loss" in h and "train_runtime" not in h]
     summary = next((h for h in reversed(history) if "train_runtime" in h), {})
+    args = trainer.args
     metrics = {"global_step": trainer.state.global_step, "epoch": trainer.state.epoch,
-               "world_size": trainer.args.world_size,
+               "world_size": args.world_size,
+               "effective_batch": args.per_device_train_batch_size * args.gradient_accumulation_steps
+               * args.world_size,
+               "batch_settings": {"per_device_train_batch_size": args.per_device_train_batch_size,
+                                  "gradient_accumulation_steps": args.gradient_accumulation_steps,
+                                  "num_train_epochs": args.num_train_epochs, "max_steps": args.max_steps},
                "final": logged[-1] if logged else {}, "summary": summary, "history": history, **extra}
     if trainer.is_world_process_zero():
         (stage_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True, default=str))
@@ -120,3 +126,19 @@ def record_new_failures(store: RunStore, stage: str, failures: dict[str, str]) -
     for item_id, reason in failures.items():
         if item_id not in known:
             ledger.record(item_id, reason)
+
+
+# Fewer optimizer steps than this is a run too short to trust; the stage says so and names the settings.
+MIN_STEPS = 20
+
+
+def training_size(stage: str, metrics: dict[str, Any], examples: int) -> str:
+    """`N steps, E epochs, effective batch B`, plus a warning naming the settings when N < MIN_STEPS."""
+    steps, batch = metrics["global_step"], metrics.get("effective_batch", "?")
+    text = f"{steps} steps, {metrics.get('epoch') or 0:.2f} epochs, effective batch {batch}"
+    if steps < MIN_STEPS:
+        settings = ", ".join(f"{stage}.args.{k}={v}" for k, v in metrics.get("batch_settings", {}).items())
+        text += (f"\nWARNING: {stage} trained only {steps} steps (< {MIN_STEPS}) on {examples} examples; "
+                 f"the steps follow from {settings} (and the number of examples): lower the batch or raise "
+                 "the epochs for a run worth evaluating")
+    return text

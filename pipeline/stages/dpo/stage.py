@@ -43,9 +43,9 @@ def run(recipe: Recipe, store: RunStore) -> StageReport:
     return StageReport(
         "dpo", counts=counts,
         outputs={"model": store.join("dpo", "model"), "metrics": store.join("dpo", "metrics.json")},
-        message=f"{metrics['global_step']} steps on {len(pairs)} pairs, final loss "
-                f"{final.get('loss', float('nan')):.4f}, reward accuracy "
-                f"{final.get('rewards/accuracies', float('nan')):.2f}")
+        message=f"{len(pairs)} pairs, final loss {final.get('loss', float('nan')):.4f}, reward accuracy "
+                f"{final.get('rewards/accuracies', float('nan')):.2f}; "
+                + outputs.training_size("dpo", metrics, len(pairs)))
 
 
 def read_pairs(store: RunStore) -> tuple[int, list[dict[str, Any]], dict[str, str]]:

@@ -19,7 +19,7 @@ from pipeline.core.decontam import CONTAMINATED, Decontaminator, counts_by_file,
 from pipeline.core.progress import progress
 from pipeline.core.recipe import GenerateConfig, Recipe
 from pipeline.core.sources import SeedPrompt, iter_prompts
-from pipeline.core.stage import ItemStream, StageReport, conclude
+from pipeline.core.stage import ItemStream, StageReport, conclude, loud_drops
 from pipeline.core.store import RunStore
 from pipeline.core.templates import render
 from pipeline.stages.generate.dedup import remove_duplicate_dialogues
@@ -181,8 +181,10 @@ def _finish(recipe: Recipe, store: RunStore, prompts: list[SeedPrompt], cost: di
     pending = unique - len(out_ids) - len(failed) - len(dropped)
     counts = {"input": len(prompts), "unique": unique, "output": len(out_ids), "failed": len(failed),
               "dropped": len(dropped), "pending": pending}
+    by_reason = Counter(_reason_kind(r.reason) for r in [*dropped.values(), *failed.values()])
+    warnings = loud_drops(STAGE, by_reason, unique)
     store.write_json(store.join(STAGE, "stats.json"), {
-        "counts": counts,
+        "counts": counts, "warnings": warnings,
         "dropped_by_reason": dict(Counter(_reason_kind(d.reason) for d in dropped.values())),
         "failed_by_reason": dict(Counter(_reason_kind(f.reason) for f in failed.values())),
         "decontamination": {"eval_files": recipe.decontamination.eval_files, "ngram": recipe.decontamination.ngram,
@@ -200,6 +202,7 @@ def _finish(recipe: Recipe, store: RunStore, prompts: list[SeedPrompt], cost: di
         done=(f"{len(out_ids)} dialogues, {len(failed)} failed, {len(dropped)} dropped; "
               f"{int(cost['prompt_tokens'] + cost['completion_tokens'])} teacher tokens paid, "
               f"{int(cost['cached'])} cached responses reused, ${cost['usd']:.4f}" + _shortfall(extra)))
+    message = "\n".join([message, *warnings])
     log.info("generate: %s", message)
     return StageReport(STAGE, status, counts, cost, {"data": store.join(STAGE)}, message)
 

@@ -45,8 +45,8 @@ def run(recipe: Recipe, store: RunStore) -> StageReport:
     return StageReport(
         "sft", counts=counts,
         outputs={"model": store.join("sft", "model"), "metrics": store.join("sft", "metrics.json")},
-        message=f"{metrics['global_step']} steps on {len(dialogues)} dialogues, "
-                f"final loss {metrics['final'].get('loss', float('nan')):.4f}")
+        message=f"{len(dialogues)} dialogues, final loss {metrics['final'].get('loss', float('nan')):.4f}; "
+                + outputs.training_size("sft", metrics, len(dialogues)))
 
 
 def read_dialogues(store: RunStore) -> tuple[int, dict[str, list[dict[str, str]]], dict[str, str]]:

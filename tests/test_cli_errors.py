@@ -1,0 +1,64 @@
+"""Errors the stages raise reach the user as a message and an exit code, never as a traceback."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pipeline
+from pipeline.cli.errors import as_cli_error
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pipeline_error_classes() -> list[type[BaseException]]:
+    """Every exception class defined in the pipeline package (a new one is covered without editing this)."""
+    for mod in pkgutil.walk_packages(pipeline.__path__, "pipeline."):
+        if ".tasks." in mod.name or mod.name.endswith("__main__"):
+            continue
+        importlib.import_module(mod.name)
+    seen, todo = [], [BaseException]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            todo.append(sub)
+            if sub.__module__.startswith("pipeline.") and not sub.__module__.startswith("pipeline.cli") \
+                    and sub not in seen:
+                seen.append(sub)
+    return seen
+
+
+def test_every_pipeline_error_class_maps_to_a_message_with_advice_and_a_nonzero_code():
+    classes = pipeline_error_classes()
+    assert len(classes) >= 15, [c.__name__ for c in classes]
+    for cls in classes:
+        try:
+            exc = cls("stage 'x': something named went wrong")
+        except TypeError:
+            exc = cls.__new__(cls)
+            exc.args = ("stage 'x': something named went wrong",)
+        err = as_cli_error(exc)
+        assert err is not None, cls
+        assert err.exit_code != 0 and "something named went wrong" in err.message, cls
+        assert "what to do:" in err.message, cls
+
+
+def test_unexpected_errors_are_left_to_show_their_traceback():
+    assert as_cli_error(KeyError("bug")) is None
+
+
+def test_bad_prompts_file_fails_generate_with_the_file_and_line_and_no_traceback(tmp_path):
+    bad = tmp_path / "prompts.jsonl"
+    bad.write_text('{"nope": 1}\n')
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "stage", "generate", str(ROOT / "configs/quickstart.yaml"),
+         "--run-name", "bad", "--set", f"storage.root={tmp_path / 'runs'}", "--set", f"prompts.source={bad}"],
+        capture_output=True, text=True, timeout=300, env=env)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out
+    assert f"{bad} line 1" in out and "what to do:" in out
+    assert "Traceback" not in out
