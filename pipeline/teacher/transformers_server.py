@@ -29,8 +29,8 @@ def grammar_for(response_format: dict[str, Any] | None, tokenizer: Any, vocab_si
         schema = (response_format.get("json_schema") or {}).get("schema")
         if not isinstance(schema, dict):
             raise ValueError("response_format.json_schema.schema must be a JSON schema object")
-        return _compiler(tokenizer, vocab_size).compile_json_schema(json.dumps(schema, sort_keys=True),
-                                                                    any_whitespace=False)
+        # the properties keep their order: the grammar writes them in it (a rating before its rationale)
+        return _compiler(tokenizer, vocab_size).compile_json_schema(json.dumps(schema), any_whitespace=False)
     if kind == "json_object":
         return _compiler(tokenizer, vocab_size).compile_builtin_json_grammar()
     raise ValueError(f"response_format.type '{kind}' is not one of text, json_object, json_schema")

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
+from pipeline.core.gguf import package_file
 from pipeline.core.recipe.base import Section, existing_path, local_path_or_id
 
 # Server options that change where or how fast a server answers, not what: kept out of fingerprints.
@@ -34,6 +35,8 @@ class ServeConfig(Section):
     @classmethod
     def _local_model(cls, value: str) -> str:
         if value.startswith("package:"):
+            if not package_file(value).is_file():
+                raise ValueError(f"serve.model '{value}': the package has no such file")
             return value
         if value.lower().endswith(".gguf"):
             return existing_path(value, "serve.model")
