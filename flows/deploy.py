@@ -12,8 +12,10 @@ from prefect.exceptions import ObjectAlreadyExists
 from flows.distill import STAGE_FLOWS, distill
 from flows.gpus import ensure_gpu_limit
 from pipeline.core.graph import STAGES
+from pipeline.core.recipe import STAGE_ROLES
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
+SERVING_STAGES = (*STAGE_ROLES, "sample")  # the stages that send requests to endpoints
 
 
 def deployment_specs(cpu_pool: str = "cpu", gpu_pool: str = "gpu", cron: str | None = None,
@@ -28,10 +30,11 @@ def deployment_specs(cpu_pool: str = "cpu", gpu_pool: str = "gpu", cron: str | N
                       "pool": cpu_pool, "cron": cron,
                       "parameters": {"request": {"recipe_path": series_recipe, "series": "nightly"}}})
     for stage, fl in STAGE_FLOWS.items():
-        pool = gpu_pool if STAGES[stage].gpu else cpu_pool
-        # A stage's deployment is named after its pool: the parent dispatches `<stage>/<gpu_pool>`.
-        specs.append({"flow": fl, "entrypoint": f"flows/distill.py:{fl.fn.__name__}", "name": pool,
-                      "pool": pool, "parameters": {}})
+        # A stage's deployment is named after its pool: the parent dispatches `<stage>/<gpu_pool>`. A stage
+        # with endpoints goes there too when a teacher it uses is served by vllm, so it has both.
+        pools = [gpu_pool] if STAGES[stage].gpu else [cpu_pool, gpu_pool] if stage in SERVING_STAGES else [cpu_pool]
+        specs += [{"flow": fl, "entrypoint": f"flows/distill.py:{fl.fn.__name__}", "name": pool, "pool": pool,
+                   "parameters": {}} for pool in pools]
     return specs
 
 

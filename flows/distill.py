@@ -17,11 +17,11 @@ from prefect.states import Scheduled
 from prefect.utilities.annotations import quote
 
 from flows.artifacts import ProgressArtifact, publish_promotion, publish_run_summary, publish_stage
-from flows.gpus import GPU_CONCURRENCY_LIMIT, check_fits, ensure_gpu_limit, gpus_needed
+from flows.gpus import GPU_CONCURRENCY_LIMIT, check_fits, ensure_gpu_limit, stage_gpus
 from flows.params import DistillRequest, StageRequest
-from pipeline.core.graph import STAGES, fingerprint
+from pipeline.core.graph import fingerprint
 from pipeline.core.recipe import Recipe, all_endpoints
-from pipeline.core.runner import StageFailed, check_settings, open_run, run_stage, teacher_endpoint
+from pipeline.core.runner import StageFailed, check_settings, open_run, run_stage
 from pipeline.core.stage import StageReport
 from pipeline.core.store import RunStore
 from pipeline.series.promotion import promotion_for_run, with_current_baseline
@@ -45,8 +45,8 @@ def _stage_cache_key(context: TaskRunContext, params: dict[str, Any]) -> str:
 def _execute(stage: str, recipe: Recipe, run_name: str, force: bool) -> dict[str, Any]:
     """Run one stage in this process, with the progress bar going to a Prefect progress artifact."""
     store = RunStore(recipe.storage.root, run_name)
-    with ProgressArtifact.installed(run_name, stage), teacher_endpoint(recipe) as live:
-        report = run_stage(stage, live, store, force=force)
+    with ProgressArtifact.installed(run_name, stage):
+        report = run_stage(stage, recipe, store, force=force)  # starts the servers the stage uses
     publish_stage(stage, store, report)
     return asdict(report)
 
@@ -96,12 +96,12 @@ def wait_for_final_state(flow_run_id: UUID, poll_s: float = 2.0, timeout_s: floa
 def _stage_flow(stage: str, request: StageRequest) -> dict[str, Any]:
     recipe = request.load()
     export_teacher_key(recipe)
-    if not STAGES[stage].gpu:
+    needed = stage_gpus(stage, recipe)
+    if not needed:
         return _execute(stage, recipe, request.run_name, request.force)
     from prefect.concurrency.sync import concurrency
 
     # a stage occupies as many slots of the limit as it uses GPUs, so two runs never share one
-    needed = gpus_needed(recipe)
     check_fits(needed, ensure_gpu_limit())
     with concurrency(GPU_CONCURRENCY_LIMIT, occupy=needed, strict=True):
         return _execute(stage, recipe, request.run_name, request.force)
@@ -184,7 +184,7 @@ def distill(request: DistillRequest = DistillRequest()) -> dict[str, Any]:  # no
             fp = fingerprint(stage, recipe, memo)
             # the task graph draws the chain: each stage waits for the one before it, and the recipe is quoted
             # so Prefect does not take values inside it for results of earlier stages
-            if STAGES[stage].gpu and pool:
+            if pool and stage_gpus(stage, recipe):  # a served vllm teacher puts its stages there too
                 state = dispatch_stage(stage, quote(snapshot), store.run_name, fp, request.force, pool,
                                        wait_for=[previous] if previous else None, return_state=True)
             else:

@@ -8,7 +8,9 @@ from prefect import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
-from pipeline.core.recipe import Recipe
+from pipeline.core.graph import STAGES
+from pipeline.core.recipe import Recipe, stage_endpoints
+from pipeline.teacher.serving import server_gpus
 
 GPU_CONCURRENCY_LIMIT = "zephyr-distill-gpu"
 GPUS_ENV = "ZEPHYR_DISTILL_GPUS"  # how many GPUs the gpu pool has, when nothing created the limit yet
@@ -17,6 +19,13 @@ GPUS_ENV = "ZEPHYR_DISTILL_GPUS"  # how many GPUs the gpu pool has, when nothing
 def gpus_needed(recipe: Recipe) -> int:
     """The slots a GPU stage occupies: compute.num_gpus (one when it trains on a single device or the CPU)."""
     return max(1, recipe.compute.num_gpus)
+
+
+def stage_gpus(stage: str, recipe: Recipe) -> int:
+    """The GPUs a stage occupies on the gpu pool (0: it runs anywhere): its own work's, plus those of the vllm
+    servers of the teachers it serves for itself (tensor_parallel_size each)."""
+    own = gpus_needed(recipe) if STAGES[stage].gpu else 0
+    return own + server_gpus(stage_endpoints(recipe, stage))
 
 
 def ensure_gpu_limit(gpus: int | None = None) -> int:

@@ -31,6 +31,7 @@ from pipeline.stages.evaluate import records
 from pipeline.stages.evaluate import stage as evaluate
 from pipeline.tasks.toy.task import corpus, make_prompts, parse_problem
 from pipeline.tasks.toy.teacher_server import ToyTeacher, ToyTeacherConfig
+from pipeline.teacher.serving import serving_at
 from pipeline.train.student import build_student
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
@@ -103,10 +104,10 @@ def toy_run(root: Path, students: dict[str, Any], teacher: dict[str, Any] | None
 
 
 def live(recipe: Recipe, url: str) -> Recipe:
-    """The recipe with its judge reachable at `url` (the built-in teacher keeps its identity)."""
-    teacher = (recipe.teacher.with_live_url(url) if recipe.teacher.is_builtin
-               else recipe.teacher.model_copy(update={"base_url": url}))
-    return recipe.model_copy(update={"teacher": teacher})
+    """The recipe with its judge at `url` (a built-in teacher is sent there by `serving_at`, keeping its identity)."""
+    if recipe.teacher.is_builtin:
+        return recipe
+    return recipe.model_copy(update={"teacher": recipe.teacher.model_copy(update={"base_url": url})})
 
 
 def read(store: RunStore, name: str) -> list[dict[str, Any]]:
@@ -116,7 +117,7 @@ def read(store: RunStore, name: str) -> list[dict[str, Any]]:
 # -- the toy world ---------------------------------------------------------------------------------
 def test_toy_report_matches_ground_truth_and_the_judge_agrees(tmp_path: Path, students: dict[str, Any]) -> None:
     recipe, store = toy_run(tmp_path, students)
-    with ToyTeacher(ToyTeacherConfig()) as toy:
+    with ToyTeacher(ToyTeacherConfig()) as toy, serving_at(recipe.teacher, toy.base_url):
         result = run_stage("evaluate", live(recipe, toy.base_url), store)
     assert result.status == "completed", result.message
     assert result.counts == {"input": 3 * N_ITEMS, "items": N_ITEMS, "models": 3, "output": 3 * N_ITEMS,
@@ -169,7 +170,7 @@ def test_toy_report_matches_ground_truth_and_the_judge_agrees(tmp_path: Path, st
 
 def test_rerun_reuses_answers_and_pays_for_no_judge_call_twice(tmp_path: Path, students: dict[str, Any]) -> None:
     recipe, store = toy_run(tmp_path, students, models=["sft", "dpo"])
-    with ToyTeacher(ToyTeacherConfig()) as toy:
+    with ToyTeacher(ToyTeacherConfig()) as toy, serving_at(recipe.teacher, toy.base_url):
         first = evaluate.run(live(recipe, toy.base_url), store)
         served = toy.stats()["requests"]
         answers = {p: Path(p).stat().st_mtime_ns for p in store.shard_paths("evaluate", "answers")}
@@ -276,7 +277,7 @@ def test_structured_verdicts_carry_schemas_and_give_the_text_modes_report(tmp_pa
     reports = {}
     for mode in ("off", "json_schema"):
         recipe, store = toy_run(tmp_path / mode, students, models=["sft", "dpo"], teacher={"structured": mode})
-        with ToyTeacher(ToyTeacherConfig()) as toy:
+        with ToyTeacher(ToyTeacherConfig()) as toy, serving_at(recipe.teacher, toy.base_url):
             result = evaluate.run(live(recipe, toy.base_url), store)
         assert result.status == "completed", result.message
         reports[mode] = json.loads(Path(store.join("evaluate", "report.json")).read_text())

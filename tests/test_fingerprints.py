@@ -42,10 +42,11 @@ def test_fingerprint_is_stable(repo_root: Path):
 
 def test_starting_the_builtin_teacher_does_not_change_fingerprints(repo_root: Path):
     from pipeline.core.runner import teacher_endpoint
+    from pipeline.teacher.serving import endpoint_url
 
     rec = load_recipe(repo_root / "configs/quickstart.yaml")
     with teacher_endpoint(rec) as live:
-        assert live.teacher.endpoint.startswith("http://127.0.0.1:")
+        assert endpoint_url(live.teacher).startswith("http://127.0.0.1:")
         assert {s: fingerprint(s, live) for s in STAGE_NAMES} == {s: fingerprint(s, rec) for s in STAGE_NAMES}
         assert live.snapshot() == rec.snapshot()
 

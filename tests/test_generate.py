@@ -22,6 +22,7 @@ from pipeline.core.store import RunStore
 from pipeline.tasks.toy.task import make_prompts
 from pipeline.tasks.toy.teacher_server import ToyTeacher, ToyTeacherConfig, request_key
 from pipeline.teacher.cache import ResponseCache
+from pipeline.teacher.serving import endpoint_url
 
 FAULTS = {"fault_429": 0.05, "fault_500": 0.05, "fault_hang": 0.01, "fault_bad_json": 0.02,
           "retry_after_s": 0.2, "hang_s": 60}
@@ -170,13 +171,15 @@ def test_budget_cap_stops_cleanly_and_a_raised_cap_resumes(write_recipe, tmp_pat
 def test_builtin_teacher_is_started_and_stopped_by_the_runner(repo_root):
     rec = load_recipe(repo_root / "configs/quickstart.yaml")
     with teacher_endpoint(rec) as live:
-        url = live.teacher.endpoint
+        url = endpoint_url(live.teacher)
         assert url.startswith("http://127.0.0.1:")
         with urllib.request.urlopen(url.removesuffix("/v1") + "/health", timeout=5) as resp:
             assert resp.status == 200
     assert rec.teacher.base_url == "builtin"
     with pytest.raises(OSError):  # stopped with the context
         urllib.request.urlopen(url.removesuffix("/v1") + "/health", timeout=5)
+    with pytest.raises(RuntimeError, match="not running"):  # and no longer where requests go
+        endpoint_url(rec.teacher)
 
 
 def test_instruction_filter_rules():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 import sys
 import time
 import urllib.request
@@ -14,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import click
+
+from pipeline.core import processes
 
 
 def immediate_sqlite_transactions() -> None:
@@ -94,22 +95,18 @@ def prefect_api() -> Iterator[None]:
     log_path = Path(PREFECT_HOME.value()) / "distill-server.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "server", "--port", str(port)],
-                                stdout=log, stderr=log, start_new_session=True)
+        proc = processes.start([sys.executable, "-m", "pipeline.cli", "server", "--port", str(port)],
+                               stdout=log, stderr=log, start_new_session=True)
     try:
         _wait_healthy(url, proc, log_path)
         click.echo(f"temporary Prefect server at {url} (log: {log_path})", err=True)
         with temporary_settings({PREFECT_API_URL: url}):
             yield
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        proc.stop(grace_s=20)
 
 
-def _wait_healthy(url: str, proc: subprocess.Popen, log_path: Path, timeout_s: float = 120.0) -> None:
+def _wait_healthy(url: str, proc: processes.Child, log_path: Path, timeout_s: float = 120.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:

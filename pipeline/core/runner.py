@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import logging
 import platform
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 
 from pipeline.core.graph import STAGES, fingerprint
-from pipeline.core.recipe import Recipe, all_endpoints
+from pipeline.core.recipe import Recipe, all_endpoints, stage_endpoints
 from pipeline.core.stage import STAGE_NAMES, StageReport
 from pipeline.core.store import RunStore, StageState
-from pipeline.core.task import load_task
+from pipeline.teacher.serving import serving_endpoints
 from pipeline.teacher.spend import spend_summary
 from pipeline.train.configs import check_trl_args
 from pipeline.train.models import TrainingError
@@ -45,27 +44,10 @@ def open_run(recipe: Recipe, run_name: str | None = None) -> RunStore:
 
 @contextmanager
 def teacher_endpoint(recipe: Recipe) -> Iterator[Recipe]:
-    """Yield the recipe with reachable endpoints: starts the task's built-in teacher for every endpoint that
-    is `builtin` (one server per distinct set of options)."""
-    waiting = {n: c for n, c in all_endpoints(recipe).items() if c.is_builtin and c._live_url is None}
-    if not waiting:
+    """Every endpoint that needs a server of its own (the task's built-in teacher, served models) reachable
+    until exit, for code that calls stages' functions directly; `run_stage` starts only what its stage uses."""
+    with serving_endpoints(recipe, all_endpoints(recipe)):
         yield recipe
-        return
-    task = load_task(recipe.task)
-    with ExitStack() as stack:
-        urls: dict[str, str] = {}
-        live = {}
-        for name, cfg in waiting.items():
-            options = json.dumps(cfg.builtin, sort_keys=True)
-            if options not in urls:
-                urls[options] = stack.enter_context(
-                    task.serve_teacher(task.teacher_options.model_validate(cfg.builtin)))
-                log.info("task %s: built-in teacher listening at %s", task.name, urls[options])
-            live[name] = cfg.with_live_url(urls[options])
-        update: dict[str, object] = {"endpoints": {n: live.get(n, c) for n, c in recipe.endpoints.items()}}
-        if "teacher" in live:
-            update["teacher"] = live["teacher"]
-        yield recipe.model_copy(update=update)
 
 
 def check_settings(recipe: Recipe, stages: list[str]) -> None:
@@ -128,7 +110,9 @@ def run_stage(name: str, recipe: Recipe, store: RunStore, force: bool = False) -
     store.set_stage_state(name, state)
     t0 = time.perf_counter()
     try:
-        report = STAGES[name].run(recipe, store)
+        # the servers of the endpoints it uses run for the stage alone, stopped however it ends
+        with serving_endpoints(recipe, stage_endpoints(recipe, name)):
+            report = STAGES[name].run(recipe, store)
     except BaseException as exc:
         state.status, state.message = "failed", f"{type(exc).__name__}: {exc}"
         state.seconds = time.perf_counter() - t0
@@ -153,9 +137,8 @@ def run_pipeline(recipe: Recipe, run_name: str | None = None, stages: list[str] 
     check_settings(recipe, stages or list(STAGE_NAMES))
     store = open_run(recipe, run_name)
     reports = []
-    with teacher_endpoint(recipe) as live:
-        for name in stages or STAGE_NAMES:
-            reports.append(run_stage(name, live, store, force=force))
+    for name in stages or STAGE_NAMES:
+        reports.append(run_stage(name, recipe, store, force=force))
     return store, reports
 
 

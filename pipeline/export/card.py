@@ -36,19 +36,25 @@ def _redacted(obj: Any) -> Any:
     return obj
 
 
+def _served(endpoint: dict[str, Any]) -> str:
+    serve = endpoint.get("serve") or {}
+    return f"{serve['model']} served on loopback by {serve.get('server', 'transformers')}" if serve else ""
+
+
 def endpoints(recipe: dict[str, Any]) -> list[dict[str, str]]:
     """Who wrote and rated the data: the teacher, any named endpoints, and the sampling pool."""
     found = []
     teacher = recipe.get("teacher") or {}
     if teacher:
-        where = teacher.get("base_url", "")
+        where = teacher.get("base_url") or ""
         found.append({"role": "teacher (dialogues, ratings, judge)", "model": str(teacher.get("model", "")),
-                      "endpoint": "the task's built-in teacher on loopback" if where == "builtin" else redact_url(where)})
+                      "endpoint": _served(teacher) or ("the task's built-in teacher on loopback" if where == "builtin"
+                                                       else redact_url(where))})
     named = recipe.get("endpoints") or {}
     for name, ep in (named.items() if isinstance(named, dict) else enumerate(named)):
         if isinstance(ep, dict):
             found.append({"role": f"endpoint {ep.get('name', name)}", "model": str(ep.get("model", "")),
-                          "endpoint": redact_url(str(ep.get("base_url", "")))})
+                          "endpoint": _served(ep) or redact_url(str(ep.get("base_url") or ""))})
     for member in (recipe.get("sample") or {}).get("pool") or []:
         where = member.get("base_url")
         if member.get("backend") == "openai" and where in (None, "builtin"):

@@ -318,11 +318,11 @@ class BatchDriver:
                 status, last = exc.status_code, f"HTTP {exc.status_code}: {self.client.scrub(_short(exc))}"
                 key = endpoint_key(self.client.name)
                 if status in (404, 405):
-                    raise TeacherFatal(f"endpoint '{self.client.name}' ({self.cfg.endpoint}) does not offer the "
+                    raise TeacherFatal(f"endpoint '{self.client.name}' ({self.client.url}) does not offer the "
                                        f"Batch API: {what} answered {last}; set {key}.batch=false to send its "
                                        "requests live") from None
                 if status in (401, 403):
-                    raise TeacherFatal(f"endpoint '{self.client.name}' ({self.cfg.endpoint}) refused the API key "
+                    raise TeacherFatal(f"endpoint '{self.client.name}' ({self.client.url}) refused the API key "
                                        f"({last}); check {key}.api_key_env") from None
                 if status < 500 and status not in (408, 409, 425, 429):
                     raise TeacherFatal(f"endpoint '{self.client.name}': could not {what} ({last})") from None

@@ -27,6 +27,7 @@ from pipeline.teacher.cache import ResponseCache, cache_key
 from pipeline.teacher.ledger import Charge
 from pipeline.teacher.limits import TokenBucket
 from pipeline.teacher.messages import ChatRequest, ChatResult, Usage
+from pipeline.teacher.serving import endpoint_url
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,8 @@ class TeacherClient:
         # inside its pool, whose bookkeeping is quadratic in the queue (measured: 4x slower at 64). And each
         # time httpcore's pool assigns a request it probes the socket of every idle connection it holds, so
         # requests are spread over clients of POOL_CONNECTIONS each (one pool of 64: ~30% of the client's CPU).
-        self._clients = [openai.AsyncOpenAI(base_url=cfg.endpoint, api_key=self._key, max_retries=0,
+        self.url = endpoint_url(cfg)  # a served endpoint's is known only while its server runs
+        self._clients = [openai.AsyncOpenAI(base_url=self.url, api_key=self._key, max_retries=0,
                                             timeout=cfg.timeout_s)
                          for _ in range(max(1, -(-cfg.max_concurrency // POOL_CONNECTIONS)))]
         self._client = self._clients[0]
@@ -258,10 +260,10 @@ class TeacherClient:
                 status = exc.status_code
                 last = f"HTTP {status}: {self.scrub(_short(exc))}"
                 if status in (401, 403):
-                    raise TeacherFatal(f"the endpoint '{self.name}' at {self.cfg.endpoint} refused the API key "
+                    raise TeacherFatal(f"the endpoint '{self.name}' at {self.url} refused the API key "
                                        f"({last}); check its api_key_env") from None
                 if status == 404:
-                    raise TeacherFatal(f"the endpoint '{self.name}' at {self.cfg.endpoint} has no model "
+                    raise TeacherFatal(f"the endpoint '{self.name}' at {self.url} has no model "
                                        f"'{self.cfg.model}' or no chat endpoint ({last})") from None
                 if status in (400, 422) and request.response_format is not None:
                     self._refused_schema(last, attempt)

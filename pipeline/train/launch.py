@@ -11,6 +11,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from pipeline.core import processes
 from pipeline.core.recipe import ComputeConfig, Recipe
 from pipeline.core.store import RunStore
 from pipeline.train.models import STAGE_DIR_ENV, TrainingError, local_stage_dir
@@ -68,7 +69,7 @@ def _launch(stage: str, recipe: Recipe, store: RunStore, tail_lines: int, extra_
     log_path = workdir / "launch.log"
     tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
     env = {**os.environ, LAUNCHED_ENV: "1", **extra_env}
-    with open(log_path, "w") as log_file, subprocess.Popen(
+    with open(log_path, "w") as log_file, processes.start(
             command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
         for line in proc.stdout:
             sys.stderr.write(line)

@@ -36,6 +36,7 @@ from pipeline.core.recipe.roles import (
     pool_endpoint,
     role_endpoint,
     stage_endpoint_identities,
+    stage_endpoints,
     unpriced_pool_members,
 )
 from pipeline.core.recipe.series import SeriesConfig
@@ -50,5 +51,5 @@ __all__ = [
     "Section", "SelfInstructConfig", "SelfPromptingConfig", "SeriesConfig", "StorageConfig", "TASK_PROMPTS",
     "TeacherConfig", "TinyStudentConfig", "all_endpoints", "apply_overrides", "endpoint_key", "load_recipe",
     "load_recipe_text", "parse_override", "pool_endpoint", "recipe_from_dict", "role_endpoint",
-    "stage_endpoint_identities", "unpriced_pool_members",
+    "stage_endpoint_identities", "stage_endpoints", "unpriced_pool_members",
 ]

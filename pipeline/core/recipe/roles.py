@@ -40,28 +40,44 @@ def pool_endpoint(recipe: Recipe, member: PoolModel) -> tuple[str, TeacherConfig
 
     A member with its own `base_url` (the older form) is an endpoint of its own with the teacher's limits and
     no prices: its requests are ledgered at $0 (give it an endpoint with prices instead)."""
-    if member.endpoint is not None or member.base_url in (None, BUILTIN_TEACHER):
+    if member.endpoint is not None or member.base_url in (None, BUILTIN_TEACHER):  # the named endpoint's server
         name = member.endpoint or DEFAULT_ENDPOINT
-        update: dict[str, object] = {"model": member.model}
+        cfg = all_endpoints(recipe)[name]
+        # a served endpoint serves one model: a member sent there asks for that one
+        update: dict[str, object] = {} if cfg.is_served else {"model": member.model}
         if member.api_key_env is not None:
             update["api_key_env"] = member.api_key_env
-        return name, all_endpoints(recipe)[name].model_copy(update=update)
+        return name, cfg.model_copy(update=update)
     return f"pool-{member.name}", recipe.teacher.model_copy(update={
-        "base_url": member.base_url, "model": member.model, "api_key_env": member.api_key_env,
+        "base_url": member.base_url, "serve": None, "model": member.model, "api_key_env": member.api_key_env,
         "api_key_secret_block": None, "price_input_per_1k": 0.0, "price_output_per_1k": 0.0, "max_cost_usd": None,
         "batch": False})
 
 
+def _stage_roles(recipe: Recipe, stage: str) -> list[str]:
+    # the instruction writer only when self-instruct or self-prompting runs
+    return [r for r in STAGE_ROLES.get(stage, ())
+            if r != "instruction_writer" or recipe.generate.self_instruct.enabled
+            or recipe.generate.self_prompting.enabled]
+
+
+def stage_endpoints(recipe: Recipe, stage: str) -> dict[str, TeacherConfig]:
+    """The endpoints a stage sends requests to (by name): its roles', its panel's, its openai pool members'."""
+    if stage == "sample":
+        return dict(pool_endpoint(recipe, m) for m in recipe.sample.pool if m.backend == "openai")
+    used = dict(role_endpoint(recipe, role) for role in _stage_roles(recipe, stage))
+    if stage == "feedback":
+        used |= {n: all_endpoints(recipe)[n] for n in recipe.feedback.panel}
+    return used
+
+
 def stage_endpoint_identities(recipe: Recipe, stage: str) -> dict[str, object]:
-    """What decides the answers a stage gets from its endpoints: the identity of each role's endpoint
-    (the instruction writer only when self-instruct or self-prompting runs), or of each openai pool member's."""
+    """What decides the answers a stage gets from its endpoints: the identity of each role's endpoint, or of
+    each openai pool member's."""
     if stage == "sample":
         return {m.name: pool_endpoint(recipe, m)[1].identity() for m in recipe.sample.pool if m.backend == "openai"}
-    roles = [r for r in STAGE_ROLES.get(stage, ())
-             if r != "instruction_writer" or recipe.generate.self_instruct.enabled
-             or recipe.generate.self_prompting.enabled]
     identities: dict[str, object] = {role: role_endpoint(recipe, role)[1].identity(role in STRUCTURED_ROLES)
-                                     for role in roles}
+                                     for role in _stage_roles(recipe, stage)}
     if stage == "feedback":  # the panel's raters (absent without one, so no fingerprint moves)
         identities |= {f"panel:{n}": all_endpoints(recipe)[n].identity(True) for n in recipe.feedback.panel}
     return identities

@@ -1,19 +1,24 @@
 """The `teacher` section (the default endpoint; every entry of `endpoints` takes the same keys): an
-OpenAI-compatible API, its limits, retries, prices, budget and Batch API settings."""
+OpenAI-compatible API (or a local model served for the stages that use it), its limits, retries, prices,
+budget and Batch API settings."""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, PrivateAttr, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from pipeline.core.filehash import content_hash
+from pipeline.core.gguf import package_file
 from pipeline.core.recipe.base import BUILTIN_TEACHER, Section
+from pipeline.core.recipe.serve import DEFAULT_CONCURRENCY, ServeConfig
 
 
 class TeacherConfig(Section):
-    """One endpoint: any OpenAI-compatible chat-completions API, or the task's built-in one."""
+    """One endpoint: any OpenAI-compatible chat-completions API, the task's built-in one, or a served model."""
 
-    base_url: str = BUILTIN_TEACHER
+    base_url: str | None = BUILTIN_TEACHER  # None exactly when `serve` names a model instead
+    serve: ServeConfig | None = None
     model: str = "toy-teacher"
     api_key_env: str | None = "OPENAI_API_KEY"
     api_key_secret_block: str | None = None
@@ -48,34 +53,49 @@ class TeacherConfig(Section):
             data = {**data, "api_key_env": "ZEPHYR_DISTILL_TEACHER_KEY"}
         return data
 
+    @model_validator(mode="before")
+    @classmethod
+    def _served_defaults(cls, data: Any) -> Any:
+        """`serve` replaces `base_url`; a served model needs no key and gets its server's concurrency."""
+        if not isinstance(data, dict) or data.get("serve") is None:
+            return data
+        if data.get("base_url") is not None:
+            raise ValueError("set base_url or serve, not both (serve starts a server on loopback for the stages "
+                             "that use this endpoint)")
+        serve = data["serve"]
+        server = serve.get("server", "transformers") if isinstance(serve, dict) else getattr(serve, "server", "")
+        model = serve.get("model", "") if isinstance(serve, dict) else getattr(serve, "model", "")
+        defaults = {"api_key_env": None, "max_concurrency": DEFAULT_CONCURRENCY.get(server, 1),
+                    "timeout_s": 600.0, "model": str(model).rsplit("/", 1)[-1] or "served"}
+        return {**defaults, **data, "base_url": None}
+
     @field_validator("base_url")
     @classmethod
-    def _http_url(cls, value: str) -> str:
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         if value != BUILTIN_TEACHER and not value.startswith(("http://", "https://")):
             raise ValueError(f"'{value}' is not an http(s) URL (or '{BUILTIN_TEACHER}' for the task's own teacher)")
         return value.rstrip("/")
 
-    # Where the built-in teacher listens once the runner has started it; never part of the recipe's data,
-    # so fingerprints and snapshots stay those of `builtin`.
-    _live_url: str | None = PrivateAttr(None)
+    @model_validator(mode="after")
+    def _somewhere_to_send(self) -> TeacherConfig:
+        if self.base_url is None and self.serve is None:
+            raise ValueError("base_url is empty: give an OpenAI-compatible URL, 'builtin', or serve: {model: PATH}")
+        return self
 
     @property
     def is_builtin(self) -> bool:
         return self.base_url == BUILTIN_TEACHER
 
     @property
-    def endpoint(self) -> str:
-        """The URL requests go to."""
-        if self.is_builtin:
-            if self._live_url is None:
-                raise RuntimeError("the built-in teacher is not running (use pipeline.core.runner.teacher_endpoint)")
-            return self._live_url
-        return self.base_url
+    def is_served(self) -> bool:
+        return self.serve is not None
 
-    def with_live_url(self, url: str) -> TeacherConfig:
-        copy = self.model_copy()
-        copy._live_url = url
-        return copy
+    @property
+    def needs_server(self) -> bool:
+        """Whether a stage must start a server on loopback for this endpoint (its URL is known only then)."""
+        return self.is_builtin or self.is_served
 
     def identity(self, structured_role: bool = False) -> dict[str, Any]:
         """What decides the teacher's answers (endpoint, limits and prices do not); `structured` only for a role
@@ -83,6 +103,10 @@ class TeacherConfig(Section):
         ident: dict[str, Any] = {"model": self.model}
         if self.is_builtin:
             ident["builtin"] = self.builtin
+        if self.serve is not None:  # the model's content, not where it lies
+            model = self.serve.model
+            ident["serve"] = {**self.serve.answer_settings(), "model": (
+                content_hash(package_file(model)) if self.serve.is_local else model)}
         if structured_role and self.structured != "off":
             ident["structured"] = self.structured
         return ident

@@ -118,7 +118,9 @@ def rating_request(cfg: FeedbackConfig, aspect: str, item_id: str, prompt: str, 
     tag = "" if attempt == 1 else f"reask-{attempt}"
     if shown >= n:  # a repeated order must still be a request of its own
         tag = f"{tag}order-{shown}"
-    schema = response_format("ratings", rating_schema(n, aspect, aspect in TYPE_HINTS)) if structured else None
+    # an entry fits its share of max_tokens even at one token a character (~32 tokens of JSON, a type of 40)
+    chars = max(16, cfg.max_tokens_per_answer - 72)
+    schema = response_format("ratings", rating_schema(n, aspect, aspect in TYPE_HINTS, chars)) if structured else None
     return order, ChatRequest([{"role": "user", "content": text}], temperature=0.0 if attempt == 1 else REASK_TEMPERATURE,
                               max_tokens=cfg.max_tokens_per_answer * n + 64, seed=None if attempt == 1 else attempt,
                               tag=rater_tag + tag, response_format=schema)

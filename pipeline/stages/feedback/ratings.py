@@ -159,16 +159,20 @@ def parse_ratings(judge_text: str, n: int, aspect: str) -> ParsedRatings:
     return parsed
 
 
-def rating_schema(n: int, aspect: str, with_type: bool) -> dict[str, Any]:
-    """The JSON schema of a rating reply for n shown texts: exactly n entries, UltraFeedback's fields."""
+def rating_schema(n: int, aspect: str, with_type: bool, rationale_chars: int | None = None) -> dict[str, Any]:
+    """The JSON schema of a rating reply for n shown texts: exactly n entries, UltraFeedback's fields.
+
+    `rationale_chars` bounds each rationale, so a constrained reply closes within its token budget (a small
+    model held to an unbounded string ran on to max_tokens: 8 of 8 SmolLM2-135M replies cut off)."""
     low, high = SCALES[aspect]
     rating: dict[str, Any] = {"type": "integer", "enum": list(range(low, high + 1))}
     if aspect == "honesty":  # the honesty rubric lets the rater decline (N/A)
         rating = {"anyOf": [rating, {"type": "string", "enum": ["N/A"]}]}
     props: dict[str, Any] = {"text": {"type": "integer", "enum": list(range(1, n + 1))}}
+    bound = {} if rationale_chars is None else {"maxLength": rationale_chars}
     if with_type:
-        props["type"] = {"type": "string"}
-    props |= {"rating": rating, "rationale": {"type": "string"}}
+        props["type"] = {"type": "string", **({} if rationale_chars is None else {"maxLength": 40})}
+    props |= {"rating": rating, "rationale": {"type": "string", **bound}}
     entry = {"type": "object", "properties": props, "required": list(props), "additionalProperties": False}
     return {"type": "object", "additionalProperties": False, "required": ["ratings"],
             "properties": {"ratings": {"type": "array", "items": entry, "minItems": n, "maxItems": n}}}

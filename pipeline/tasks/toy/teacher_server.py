@@ -15,7 +15,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from collections import Counter
@@ -27,6 +26,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from pipeline.core import processes
 from pipeline.tasks.toy.batch_api import ToyBatchAPI
 from pipeline.tasks.toy.teacher_roles import (
     FAULTS,
@@ -232,8 +232,7 @@ def create_app(config: ToyTeacherConfig) -> Starlette:
     ])
 
 
-def _run(config: ToyTeacherConfig, host: str, port: int, port_file: str | None = None,
-         parent_pid: int | None = None) -> None:
+def _run(config: ToyTeacherConfig, host: str, port: int, port_file: str | None = None) -> None:
     import uvicorn  # only the serving process needs it
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -246,12 +245,6 @@ def _run(config: ToyTeacherConfig, host: str, port: int, port_file: str | None =
         tmp = Path(port_file + ".tmp")
         tmp.write_text(str(sock.getsockname()[1]))
         tmp.rename(port_file)
-    if parent_pid:
-        def watch_parent() -> None:
-            while os.getppid() == parent_pid:
-                time.sleep(0.5)
-            server.should_exit = True
-        threading.Thread(target=watch_parent, daemon=True).start()
     server.run(sockets=[sock])
 
 
@@ -264,12 +257,11 @@ class ToyTeacher:
     """Runs the toy teacher in a subprocess on a free port; use as a context manager."""
 
     def __init__(self, config: ToyTeacherConfig | None = None, port: int = 0, host: str = "127.0.0.1",
-                 startup_timeout_s: float = 30.0, exit_with_parent: bool = True) -> None:
+                 startup_timeout_s: float = 30.0) -> None:
         self.config = config or ToyTeacherConfig()
         self.host, self.port = host, port
         self.startup_timeout_s = startup_timeout_s
-        self.exit_with_parent = exit_with_parent
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._proc: processes.Child | None = None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
 
     @property
@@ -293,10 +285,8 @@ class ToyTeacher:
         public = self.config.model_dump(mode="json")  # the key is excluded: it goes by environment
         cmd = [sys.executable, "-m", "pipeline.tasks.toy.teacher_server", "--host", self.host, "--port", str(self.port),
                "--config-json", json.dumps(public), "--port-file", str(port_file)]
-        if self.exit_with_parent:
-            cmd += ["--parent-pid", str(os.getpid())]
         with open(log_file, "wb") as log:
-            self._proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+            self._proc = processes.start(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
@@ -335,14 +325,9 @@ class ToyTeacher:
         self._get("/stats/reset", method="POST")
 
     def stop(self) -> None:
-        """Terminate the subprocess (kill it if it does not exit within 5 s)."""
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+        """Terminate the subprocess (killed if it does not exit within a few seconds)."""
+        if self._proc is not None:
+            self._proc.stop()
         self._proc = None
         if self._tmp is not None:
             self._tmp.cleanup()
@@ -363,7 +348,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[ToyTeacherConfig, argpars
     parser.add_argument("--config-json", help="a JSON object of ToyTeacherConfig fields (flags override it)")
     parser.add_argument("--api-key-env", default=API_KEY_ENV, help="environment variable holding the API key")
     parser.add_argument("--port-file", help=argparse.SUPPRESS)
-    parser.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
     fields = {name: f for name, f in ToyTeacherConfig.model_fields.items() if name != "api_key"}
     for name, f in fields.items():
         flag = "--" + name.replace("_", "-")
@@ -380,7 +364,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ToyTeacherConfig, argpars
 def main(argv: list[str] | None = None) -> None:
     """Command line: `python -m pipeline.tasks.toy.teacher_server --port P [--error-rate R] ...`."""
     config, args = parse_args(argv)
-    _run(config, args.host, args.port, args.port_file, args.parent_pid)
+    _run(config, args.host, args.port, args.port_file)
 
 
 if __name__ == "__main__":
