@@ -20,7 +20,7 @@ from test_rendered_masks import write_generate
 from pipeline.core.chat import SYSTEM
 from pipeline.core.filehash import content_hash
 from pipeline.core.gguf import NOTE, hf_model_dir, package_file
-from pipeline.core.graph import fingerprint
+from pipeline.core.graph import STAGES, fingerprint
 from pipeline.core.recipe import recipe_from_dict
 from pipeline.core.runner import open_run, run_stage
 from pipeline.train.templates import RENDERED, masked_examples, resolve_chat_format
@@ -135,3 +135,12 @@ def test_a_gguf_answers_as_a_transformers_pool_member(smollm2, tmp_path):
         backend.close()
     assert done.error is None and done.text.strip() and done.completion_tokens > 0
     assert backend.path == smollm2.dir and len(smollm2.conversions) == 1
+
+
+def test_a_gguf_in_evaluate_models_loads_from_its_conversion(smollm2, tmp_path):
+    from pipeline.stages.evaluate.stage import resolve_model
+
+    recipe = recipe_from_dict({"task": "toy", "storage": {"root": str(tmp_path / "runs")},
+                               "evaluate": {"models": [SPEC, "sft"]}})
+    assert resolve_model(SPEC, recipe, open_run(recipe, "r")) == smollm2.dir and len(smollm2.conversions) == 1
+    assert str(package_file(SPEC).resolve()) in STAGES["evaluate"].section(recipe)["files"]
