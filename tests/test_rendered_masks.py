@@ -100,6 +100,7 @@ def write_generate(store: Any, recipe: Any, dialogues: list[list[dict[str, str]]
     mark_completed(store, "generate", recipe, len(dialogues))
 
 
+@pytest.mark.slow
 def test_sft_trains_a_whitespace_variant_and_saves_it_unchanged(tmp_path):
     base = build_family_model(FAMILIES["mistral"], tmp_path / "base", template=MISTRAL_SPACED)
     recipe = recipe_from_dict({
