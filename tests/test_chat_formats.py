@@ -115,12 +115,12 @@ def test_system_turns_are_taken_folded_or_refused_as_each_template_does(family_d
     assert fold_system(DIALOGUE) == DIALOGUE
 
 
-def test_a_template_that_cannot_be_marked_is_an_error_naming_the_model_and_the_options(family_dir, tmp_path):
-    odd = "{% for m in messages %}{{ m['role'] | upper }}: {{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+def test_a_template_that_cannot_be_masked_is_an_error_naming_the_model_the_reason_and_the_options(tmp_path):
+    odd = "{% for m in messages %}{{ m['role'] | upper }}: {{ m['content'] }}\n{% endfor %}"  # no end-of-turn token
     path = build_family_model(FAMILIES["zephyr"], tmp_path / "odd", template=odd)
     tokenizer = load_tokenizer(path)
-    with pytest.raises(ChatTemplateError, match=r"odd-model: no training variant .*sft\.chat_template.*"
-                                                 r"sft\.replace_template: true"):
+    with pytest.raises(ChatTemplateError, match=r"odd-model: .*no training variant .*nothing after answer 1 is a "
+                                                 r"special token.*sft\.chat_template.*sft\.replace_template: true"):
         resolve_chat_format(tokenizer, "odd-model")
     replaced = resolve_chat_format(tokenizer, "odd-model", replace=True)
     assert (replaced.origin, replaced.native_text) == ("replaced", family_template(DEFAULT_FAMILY))

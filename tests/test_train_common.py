@@ -67,8 +67,8 @@ def test_student_without_generation_markers_is_refused_unless_its_template_may_b
     tokenizer = train_tokenizer(corpus(50, 0))
     own = templates.resolve_chat_format(tokenizer, "tiny")  # the built-in student's template carries markers
     assert (own.variant, own.training, own.native) == ("own-markers", CHAT_TEMPLATE, CHAT_TEMPLATE)
-    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{{ eos_token }}{% endfor %}"
-    with pytest.raises(models.TrainingError, match="tiny: no training variant"):
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"  # no end-of-turn token
+    with pytest.raises(models.TrainingError, match="tiny: .*no training variant .*nothing after answer 1 is a special"):
         templates.resolve_chat_format(tokenizer, "tiny")
     fmt = templates.resolve_chat_format(tokenizer, "tiny", replace=True)
     assert fmt.origin == "replaced" and is_chat_template_stop_token_trained(tokenizer, fmt.training)

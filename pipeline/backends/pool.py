@@ -8,14 +8,19 @@ from pipeline.core.store import RunStore
 
 
 def resolve_model_path(model: PoolModel, recipe: Recipe, store: RunStore) -> str:
-    """`sft` -> this run's SFT model, `base` -> the untrained student, anything else as given."""
+    """`sft` -> this run's SFT model, `base` -> the untrained student, a GGUF file -> its converted model
+    directory (converted once), anything else as given."""
+    from pipeline.core import gguf
     from pipeline.train import models
 
     if model.model == "sft":
         return models.local_model(store, "sft")
     if model.model == "base":
         return models.resolve_base_model(recipe, store)
-    return model.model
+    try:
+        return gguf.hf_model_dir(model.model)
+    except gguf.GGUFError as exc:
+        raise BackendError(f"pool model '{model.name}': {exc}") from None
 
 
 def chat_template_for(model: PoolModel, recipe: Recipe, path: str) -> str | None:

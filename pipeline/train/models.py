@@ -51,12 +51,10 @@ def device_args(device: str, user_args: dict[str, Any], section: str) -> dict[st
 
 
 def resolve_base_model(recipe: Recipe, store: RunStore) -> str:
-    """The student to start from: the built-in tiny student (built once into <run>/base/model) or a path/id."""
+    """The student to start from: the built-in tiny student (built once into <run>/base/model), a path/id, or
+    a GGUF file (converted once into a model directory)."""
     if recipe.sft.model != BUILTIN_STUDENT:
-        if "://" in recipe.sft.model:  # e.g. a series' current model on shared storage (series.warm_start)
-            return download_model(recipe.sft.model)
-        path = Path(recipe.sft.model).expanduser()
-        return str(path.resolve()) if path.exists() else recipe.sft.model
+        return model_path(recipe.sft.model, "sft.model")
     if store.is_local:
         return str(build_tiny_student(Path(store.join("base", "model")), recipe))
     local = Path(tempfile.gettempdir()) / "zephyr-distill" / store.run_name / "base" / "model"
@@ -67,6 +65,22 @@ def resolve_base_model(recipe: Recipe, store: RunStore) -> str:
     if store.read_json(f"{remote}/student.json") != json.loads((local / "student.json").read_text()):
         store.upload_dir(local, "base", "model")
     return str(local)
+
+
+def model_path(spec: str, key: str) -> str:
+    """A loadable model for a recipe's model spec (`key` names it in errors): a GGUF file (or
+    `package:MODULE/PATH.gguf`) converted once into a cached directory, a URL copied, a path made absolute."""
+    from pipeline.core import gguf
+
+    if gguf.is_gguf(spec):
+        try:
+            return gguf.hf_model_dir(spec)
+        except gguf.GGUFError as exc:
+            raise TrainingError(f"{key}: {exc}") from None
+    if "://" in spec:  # e.g. a series' current model on shared storage (series.warm_start)
+        return download_model(spec)
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if path.exists() else spec
 
 
 def download_model(url: str) -> str:

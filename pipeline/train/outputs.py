@@ -49,6 +49,9 @@ def save_final_model(trainer: Any, tokenizer: Any, model_dir: Path, base_path: s
     tokenizer.save_pretrained(str(model_dir))
 
 
+MARKED_RULE = "the tokens inside {% generation %} markers (each answer and its end-of-turn token)"
+
+
 def write_chat_format(trainer: Any, tokenizer: Any, stage_dir: Path, fmt: Any, checked: int) -> None:
     """chat_format.json: which template the model keeps and trained with, and the first training example as
     TRL tokenized it, cut into the spans the loss was (`trained`) and was not taken on."""
@@ -63,8 +66,12 @@ def write_chat_format(trainer: Any, tokenizer: Any, stage_dir: Path, fmt: Any, c
             segments[-1]["ids"].append(token)
         else:
             segments.append({"trained": trained, "ids": [token]})
+    from pipeline.train.masks import RULE
+
+    mask = ({"how": "rendered: each prompt and answer with the model's own template", "rule": RULE} if fmt.rendered
+            else {"how": "generation markers: {% generation %} in the training template", "rule": MARKED_RULE})
     report = {
-        "origin": fmt.origin, "training_variant": fmt.variant, "system_turn": fmt.system,
+        "origin": fmt.origin, "training_variant": fmt.variant, "loss_mask": mask, "system_turn": fmt.system,
         "dialogues_checked_against_native_rendering": checked,
         "native_template": fmt.native_text, "training_template": fmt.training,
         "example": {"input_ids": ids, "segments": [{"trained": s["trained"], "text": tokenizer.decode(s["ids"])}

@@ -1,5 +1,6 @@
 """Chat formats for SFT: the student keeps its own chat template; it trains with a variant that renders every
-conversation identically and marks each answer and its end-of-turn token with {% generation %} for the loss."""
+conversation identically and marks each answer and its end-of-turn token with {% generation %} for the loss, or,
+where no variant renders like it, with a loss mask derived by rendering its own template (pipeline.train.masks)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.chat import SYSTEM, system_support
+from pipeline.core.chat import SYSTEM, fold_system, system_support
 from pipeline.train.errors import TrainingError
 
 log = logging.getLogger("pipeline.train")
@@ -22,7 +23,7 @@ FAMILIES: dict[str, str] = {
     "mistral": "ours", "mistral_v3": "ours", "gemma": "trl", "gemma3": "trl", "phi3": "trl", "phi3_5": "trl", "phi4": "ours",
     "zephyr": "ours", "chatml": "ours",
 }
-OWN_MARKERS, TRL_VARIANT = "own-markers", "trl"
+OWN_MARKERS, TRL_VARIANT, RENDERED = "own-markers", "trl", "rendered"
 
 
 class ChatTemplateError(TrainingError):
@@ -35,13 +36,18 @@ class ChatFormat:
 
     native: Any  # the template the saved model carries (a string, or the tokenizer's dict of named variants)
     training: str
-    variant: str  # the family whose training variant matched, OWN_MARKERS, or TRL_VARIANT
+    variant: str  # the family whose training variant matched, OWN_MARKERS, TRL_VARIANT, or RENDERED (no markers)
     origin: str  # model | sft.chat_template | default (the model had none) | replaced (sft.replace_template)
     system: str  # pipeline.core.chat: system | user (the template moves it) | rejected; folded unless `system`
 
     @property
     def native_text(self) -> str:
         return _default_text(self.native)
+
+    @property
+    def rendered(self) -> bool:
+        """The mask comes from rendering prefixes of each conversation, not from {% generation %} markers."""
+        return self.variant == RENDERED
 
 
 def family_template(family: str, training: bool = False) -> str:
@@ -83,20 +89,44 @@ def resolve_chat_format(tokenizer: Any, model: str, override: str | None = None,
     if tokenizer.eos_token is None:
         raise ChatTemplateError(f"{model}: the tokenizer has no eos token; a chat template needs one to end turns")
     training, variant = training_variant(tokenizer, _default_text(native))
+    why = "" if training else unmaskable_reason(tokenizer, _default_text(native))
+    if training is None and not why:
+        training, variant = _default_text(native), RENDERED
     if training is None:
         if not replace:
             raise ChatTemplateError(
-                f"{model}: no training variant renders its chat template ({origin}) identically, so the loss "
-                "cannot be put on exactly its answers and end-of-turn tokens. Give one with {% generation %} "
-                "markers as sft.chat_template (a chat format name, a Jinja file or the template text), or set "
-                f"sft.replace_template: true to train and save the model in {DEFAULT_FAMILY}'s format instead")
+                f"{model}: its chat template ({origin}) cannot be trained on as it renders: no training variant "
+                f"renders it identically, and a loss mask cannot be derived by rendering it: {why}. Give one with "
+                "{% generation %} markers as sft.chat_template (a chat format name, a Jinja file or the template "
+                f"text), or set sft.replace_template: true to train and save the model in {DEFAULT_FAMILY}'s "
+                "format instead")
         log.warning("%s: replacing its chat template with %s's format (sft.replace_template: true); the saved "
                     "model answers in that format", model, DEFAULT_FAMILY)
         native, origin = family_template(DEFAULT_FAMILY), "replaced"
         training, variant = training_variant(tokenizer, native)
-    check_stop_token_trained(tokenizer, training, model)
+    if variant != RENDERED:
+        check_stop_token_trained(tokenizer, training, model)
     system = system_support(lambda m: render(tokenizer, _default_text(native), m, generation_prompt=True))
     return ChatFormat(native, training, variant, origin, system)
+
+
+def unmaskable_reason(tokenizer: Any, native: str) -> str:
+    """Why the loss mask of `native` cannot be derived by rendering the probe conversations ("" if it can)."""
+    from pipeline.train import masks
+
+    fold = system_support(lambda m: render(tokenizer, native, m, generation_prompt=True)) != SYSTEM
+    for messages in probe_conversations():
+        try:
+            masks.tokenize_conversation(tokenizer, renderer(tokenizer, native),
+                                        fold_system(messages) if fold else messages)
+        except masks.UnmaskableError as exc:
+            return str(exc)
+    return ""
+
+
+def renderer(tokenizer: Any, template: str) -> Any:
+    """`template` as a function of (messages, add_generation_prompt), for pipeline.train.masks."""
+    return lambda messages, generation_prompt: render(tokenizer, template, messages, generation_prompt)
 
 
 def saved_template(tokenizer: Any, model: str, override: str | None = None, replace: bool = False) -> str | None:
@@ -177,7 +207,10 @@ def check_stop_token_trained(tokenizer: Any, training: str, model: str) -> None:
 
 def check_dialogues(tokenizer: Any, fmt: ChatFormat, dialogues: dict[str, list[dict[str, str]]],
                     limit: int = 256) -> int:
-    """The training text of (up to `limit`) dialogues equals the model's own rendering; returns how many."""
+    """The training text of (up to `limit`) dialogues equals the model's own rendering; returns how many. (A
+    rendered format trains on the model's own rendering itself: its dialogues are checked as they are masked.)"""
+    if fmt.rendered:
+        return len(dialogues)
     for checked, (item_id, messages) in enumerate(dialogues.items()):
         if checked >= limit:
             return checked
@@ -185,6 +218,22 @@ def check_dialogues(tokenizer: Any, fmt: ChatFormat, dialogues: dict[str, list[d
             raise ChatTemplateError(f"sft: dialogue {item_id} renders differently in the training template "
                                     f"({fmt.variant}) than in the model's own; report this with the dialogue")
     return len(dialogues)
+
+
+def masked_examples(tokenizer: Any, fmt: ChatFormat,
+                    dialogues: dict[str, list[dict[str, str]]]) -> list[dict[str, list[int]]]:
+    """Pre-tokenized TRL examples (`input_ids`, `assistant_masks`) of a rendered format's dialogues, in order."""
+    from pipeline.train import masks
+
+    render_native = renderer(tokenizer, fmt.native_text)
+    examples = []
+    for item_id, messages in dialogues.items():
+        try:
+            examples.append(masks.tokenize_conversation(tokenizer, render_native, messages))
+        except masks.UnmaskableError as exc:
+            raise ChatTemplateError(f"sft: dialogue {item_id}: the loss mask cannot be derived by rendering the "
+                                    f"model's chat template: {exc}") from None
+    return examples
 
 
 def needs_folding(fmt: ChatFormat) -> bool:

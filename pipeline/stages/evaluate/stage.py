@@ -63,13 +63,16 @@ def run(recipe: Recipe, store: RunStore) -> StageReport:
 
 
 def resolve_model(spec: str, recipe: Recipe, store: RunStore) -> str:
-    """A loadable path (or hub id) for a model spec; remote paths are downloaded."""
+    """A loadable path (or hub id) for a model spec; remote paths are downloaded, GGUF files converted."""
+    from pipeline.core import gguf
     from pipeline.train import models
 
     if spec == "base":
         return models.resolve_base_model(recipe, store)
     if spec in ("sft", "dpo"):
         return models.local_model(store, spec)
+    if gguf.is_gguf(spec):
+        return models.model_path(spec, f"evaluate.models: {spec}")
     if "://" in spec:
         import fsspec
 

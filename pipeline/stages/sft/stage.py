@@ -114,8 +114,8 @@ def chat_format(recipe: Recipe, base: str, dialogues: dict[str, list[dict[str, s
             dialogues[item_id] = fold_system(messages)
     checked = templates.check_dialogues(tokenizer, fmt, dialogues)
     tokenizer.chat_template = fmt.training
-    log.info("sft: training in %s's chat format (%s template, training variant: %s)",
-             base, fmt.origin, fmt.variant)
+    log.info("sft: training in %s's chat format (%s template; loss mask: %s)", base, fmt.origin,
+             "derived by rendering it" if fmt.rendered else f"the {fmt.variant} training variant's markers")
     return tokenizer, fmt, checked
 
 
@@ -138,8 +138,11 @@ def train_sft(recipe: Recipe, store: RunStore, dialogues: dict[str, list[dict[st
         args = configs.build_trl_config(SFTConfig, "sft", user_args, defaults,
                                        stage_dir / "checkpoints", device)
         set_seed(args.seed)  # TRL adds the LoRA adapters before the Trainer seeds itself: seed their init too
+        examples = training_examples(tokenizer, fmt, dialogues, args.assistant_only_loss)
+        if fmt.rendered:  # the mask travels in the examples; TRL refuses the flag on pre-tokenized data
+            args.assistant_only_loss = False
         trainer = SFTTrainer(model=model, args=args, processing_class=tokenizer,
-                             train_dataset=Dataset.from_list([{"messages": m} for m in dialogues.values()]),
+                             train_dataset=Dataset.from_list(examples),
                              peft_config=models.peft_config(recipe.sft.lora), callbacks=training_callbacks("sft"))
         resume = outputs.last_checkpoint(stage_dir / "checkpoints")
         if resume:
@@ -157,6 +160,19 @@ def train_sft(recipe: Recipe, store: RunStore, dialogues: dict[str, list[dict[st
             outputs.write_model_card(stage_dir / "model", "sft", recipe, store, base,
                                     f"{len(dialogues)} teacher dialogues from `generate`", metrics, inputs=("generate",))
     return metrics
+
+
+def training_examples(tokenizer: Any, fmt: Any, dialogues: dict[str, list[dict[str, str]]],
+                      assistant_only_loss: bool) -> list[dict[str, Any]]:
+    """The trainer's dataset: the conversations, which TRL renders with the marked training template; for a
+    rendered format, pre-tokenized examples whose `assistant_masks` TRL turns into the labels (-100 on every
+    other token), which is what assistant_only_loss does with markers."""
+    if not fmt.rendered:
+        return [{"messages": m} for m in dialogues.values()]
+    examples = templates.masked_examples(tokenizer, fmt, dialogues)
+    if not assistant_only_loss:  # sft.args.assistant_only_loss: false trains on every token, as TRL would
+        return [{"input_ids": e["input_ids"]} for e in examples]
+    return examples
 
 
 def zephyr_sft_defaults(examples: int, max_length: int, per_device: int | None = None) -> dict[str, Any]:
