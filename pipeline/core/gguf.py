@@ -45,10 +45,10 @@ def package_file(spec: str) -> Path:
     return Path(next(iter(found.submodule_search_locations))) / inner
 
 
-def gguf_files(specs: Iterable[str | None]) -> list[str]:
-    """The GGUF files among model `specs`, for fingerprints to follow their content; one that is missing is left
-    out here, and the stage that loads it fails with the reason."""
-    found = []
+def gguf_files(specs: Iterable[str | None]) -> dict[str, str]:
+    """{spec: file} for the GGUF files among model `specs`, for fingerprints to follow their content; one that is
+    missing is left out here, and the stage that loads it fails with the reason."""
+    found = {}
     for spec in specs:
         if spec and is_gguf(spec):
             try:
@@ -56,7 +56,7 @@ def gguf_files(specs: Iterable[str | None]) -> list[str]:
             except GGUFError:
                 continue
             if path.is_file():
-                found.append(str(path.resolve()))
+                found[spec] = str(path.resolve())
     return found
 
 

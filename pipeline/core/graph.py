@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline import __version__
-from pipeline.core.filehash import contents_hash
+from pipeline.core.filehash import content_hash, contents_hash
 from pipeline.core.gguf import gguf_files
 from pipeline.core.recipe import PromptSource, Recipe, stage_endpoint_identities
 from pipeline.core.stage import STAGE_NAMES, StageReport
@@ -79,8 +79,8 @@ def _sample_section(recipe: Recipe) -> Any:
     pool = recipe.sample.model_dump(mode="json", exclude={"prompts": True, "pool": {"__all__": {"endpoint"}}})
     return {"sample": pool, "prompts": prompts.model_dump(mode="json"), "task": _task(recipe),
             "decontamination": recipe.decontamination.model_dump(mode="json"),
-            "files": _read_files(recipe, prompts, True, *_model_files(recipe, [m.model for m in recipe.sample.pool])),
-            "endpoints": _endpoints("sample")(recipe)}
+            "files": _read_files(recipe, prompts, True), "endpoints": _endpoints("sample")(recipe),
+            **_model_files(recipe, [m.model for m in recipe.sample.pool])}
 
 
 def _earlier(recipe: Recipe) -> dict[str, Any]:
@@ -88,15 +88,17 @@ def _earlier(recipe: Recipe) -> dict[str, Any]:
     return {"previous_runs": recipe.series.previous_runs} if recipe.series.previous_runs else {}
 
 
-def _model_files(recipe: Recipe, specs: list[str | None]) -> list[str]:
-    """The GGUF files a stage loads: those `specs` name, and the student's where `base` is among them."""
-    return gguf_files([*specs, recipe.sft.model if "base" in specs else None])
+def _model_files(recipe: Recipe, specs: list[str | None]) -> dict[str, Any]:
+    """{"models": {spec: content hash}} for the GGUF files a stage loads (those `specs` name, and the student's
+    where `base` is among them), keyed by the spec so a fingerprint follows the content, not where it lies; {}
+    when there is none, so other fingerprints do not move."""
+    found = gguf_files([*specs, recipe.sft.model if "base" in specs else None])
+    return {"models": {spec: content_hash(path) for spec, path in found.items()}} if found else {}
 
 
 def _sft_section(recipe: Recipe) -> Any:
-    files = _model_files(recipe, [recipe.sft.model])  # a GGUF student: its content, not its path
     return {"sft": recipe.sft.model_dump(mode="json"), "task": _task(recipe), **_earlier(recipe),
-            **({"files": contents_hash(files)} if files else {})}
+            **_model_files(recipe, [recipe.sft.model])}
 
 
 def evaluate_inputs(recipe: Recipe) -> list[str]:
@@ -120,8 +122,8 @@ STAGES: dict[str, StageSpec] = {spec.name: spec for spec in [
               gpu=True),
     StageSpec("evaluate", evaluate,
               lambda r: {"evaluate": r.evaluate.model_dump(mode="json"), "endpoints": _endpoints("evaluate")(r),
-                         "task": _task(r), "files": _read_files(r, None, False, r.evaluate.prompts,
-                                                       *_model_files(r, list(r.evaluate.models)))},
+                         "task": _task(r), "files": _read_files(r, None, False, r.evaluate.prompts),
+                         **_model_files(r, list(r.evaluate.models))},
               evaluate_inputs, ("judge_*",), gpu=True, demand=evaluate_estimate.demand),
 ]}
 assert tuple(STAGES) == STAGE_NAMES, "the graph and STAGE_NAMES list the stages in the same order"
