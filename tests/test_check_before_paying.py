@@ -34,3 +34,12 @@ def test_untrainable_student_fails_validate_with_sfts_message_and_run_writes_not
     proc = distill("run", quick, "--no-prefect", "--run-name", "r", *sets)
     assert proc.returncode != 0 and str(refusal.value) in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "runs" / "r").exists()  # refused before the run store opened or a teacher started
+
+
+def test_sft_stage_with_an_untrainable_template_is_a_message_naming_sft_not_a_traceback(tmp_path):
+    student = build_family_model(FAMILIES["chatml"], tmp_path / "student", template=RAISES)
+    proc = distill("stage", "sft", str(ROOT / "configs/quickstart.yaml"), "--run-name", "r",
+                   "--set", f"sft.model={student}", "--set", f"storage.root={tmp_path / 'runs'}")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "sft would refuse this student" in out and "what to do:" in out, out
+    assert "Traceback" not in out

@@ -62,3 +62,41 @@ def test_bad_prompts_file_fails_generate_with_the_file_and_line_and_no_traceback
     assert proc.returncode == 2, out
     assert f"{bad} line 1" in out and "what to do:" in out
     assert "Traceback" not in out
+
+
+def test_a_known_error_in_any_command_is_a_message_and_an_exit_code():
+    import click
+    from click.testing import CliRunner
+
+    from pipeline.cli import MappedGroup
+    from pipeline.train.models import TrainingError
+
+    @click.group(cls=MappedGroup)
+    def group() -> None:
+        pass
+
+    @group.command()
+    def broken() -> None:
+        raise TrainingError("dpo: no usable pairs")
+
+    result = CliRunner().invoke(group, ["broken"])
+    assert result.exit_code == 1 and "TrainingError: dpo: no usable pairs" in result.output
+    assert "what to do:" in result.output and result.exc_info[0] is SystemExit
+
+
+def test_under_prefect_a_failed_stage_ends_the_flow_run_with_the_mapped_message_and_no_traceback(tmp_path):
+    bad = tmp_path / "prompts.jsonl"
+    bad.write_text('{"nope": 1}\n')
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "PREFECT_HOME": str(tmp_path / "prefect")}
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "run", str(ROOT / "configs/quickstart.yaml"), "--stages", "generate",
+         "--run-name", "bad", "--set", f"storage.root={tmp_path / 'runs'}", "--set", f"prompts.source={bad}"],
+        capture_output=True, text=True, timeout=300, env=env)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out
+    mapped = f"stage 'generate': DataError: {bad} line 1"
+    # the flow run's final state carries the message, and the CLI prints it
+    assert f"Finished in state Failed(\"Flow run encountered an exception: DistillFailed: {mapped}" in out, out
+    assert f"Error: {mapped}" in out and "what to do:" in out
+    assert "Traceback" not in out

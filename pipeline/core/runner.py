@@ -116,6 +116,7 @@ def run_stage(name: str, recipe: Recipe, store: RunStore, force: bool = False) -
         with serving_endpoints(recipe, stage_endpoints(recipe, name)):
             report = STAGES[name].run(recipe, store)
     except BaseException as exc:
+        exc.stage = name  # the CLI and the flows name the stage in the message
         state.status, state.message = "failed", f"{type(exc).__name__}: {exc}"
         state.seconds = time.perf_counter() - t0
         state.finished_at = time.time()
