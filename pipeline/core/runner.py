@@ -88,8 +88,29 @@ def check_inputs(name: str, recipe: Recipe, store: RunStore) -> None:
             raise StageFailed(
                 f"stage '{name}' reads the output of '{dep}', which is {state.status}"
                 + (" with other settings" if state.status == "completed" else "")
-                + f" in run {store.url}; run `distill stage {dep}` (or `distill run`) with this recipe first"
+                + f" in run {store.url}{why_missing(dep, recipe, store)}; run `distill stage {dep}` "
+                "(or `distill run`) with this recipe first" + evaluate_way_out(name, dep, recipe)
             )
+
+
+def why_missing(dep: str, recipe: Recipe, store: RunStore, seen: frozenset[str] = frozenset()) -> str:
+    """Why a stage has no output: its own failure, or the failure of a stage before it (from the manifest)."""
+    state = store.stage_state(dep)
+    if state.status == "failed":
+        return f" ({dep} failed: {state.message.splitlines()[0] if state.message else 'no message'})"
+    for up in STAGES[dep].inputs(recipe):
+        if up not in seen and (reason := why_missing(up, recipe, store, seen | {dep})):
+            return reason
+    return ""
+
+
+def evaluate_way_out(name: str, dep: str, recipe: Recipe) -> str:
+    """evaluate asked for a model that does not exist: the models setting that evaluates what does."""
+    if name != "evaluate":
+        return ""
+    rest = [m for m in recipe.evaluate.models if m != dep]
+    return (f", or evaluate the models that exist: --set 'evaluate.models=[{', '.join(rest)}]'"
+            + (f" --set evaluate.baseline={rest[0]}" if recipe.evaluate.baseline == dep and rest else ""))
 
 
 def run_stage(name: str, recipe: Recipe, store: RunStore, force: bool = False) -> StageReport:
@@ -164,3 +185,12 @@ def status_rows(store: RunStore, spend: dict | None = None) -> list[dict[str, ob
         })
     return rows
 
+
+
+def stage_warnings(store: RunStore) -> list[str]:
+    """The loud-drop warnings each stage wrote to its stats.json, as `stage: WARNING ...` lines."""
+    lines = []
+    for name in STAGE_NAMES:
+        stats = store.read_json(store.join(name, "stats.json"), {}) or {}
+        lines += [f"{name}: {w}" for w in stats.get("warnings", [])]
+    return lines
