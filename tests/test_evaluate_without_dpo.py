@@ -103,7 +103,8 @@ def test_a_judge_that_never_answers_usably_is_said_loudly_in_evaluates_summary(f
     proc = distill("stage", "evaluate", str(recipe), "--run-name", "r", "--set", "roles.judge=useless")
     out = proc.stdout + proc.stderr
     assert "Traceback" not in out, out[-3000:]
-    evaluate_line = proc.stdout[proc.stdout.index("\nevaluate: "):]
+    # the stage's own summary, before the status table (which lists stats.json's warnings again)
+    evaluate_line = proc.stdout[proc.stdout.index("evaluate: base:"):proc.stdout.index("\nrun r ")]
     assert "WARNING: single judgment: no rating in [[N]] form" in evaluate_line, out[-3000:]
     assert "structured: auto" in evaluate_line
     assert json.loads((run / "evaluate/stats.json").read_text())["warnings"]
