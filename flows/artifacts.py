@@ -20,7 +20,7 @@ from prefect.artifacts import (
 from prefect.context import FlowRunContext, TaskRunContext
 
 from pipeline.core.progress import set_progress_factory
-from pipeline.core.runner import status_rows
+from pipeline.core.runner import stage_warnings, status_rows
 from pipeline.core.stage import StageReport
 from pipeline.core.store import RunStore
 
@@ -152,16 +152,24 @@ def publish_run_summary(store: RunStore) -> None:
         [{"stage": r["stage"], "status": r["status"], "items": r["items"], "failures": r["failures"],
           "cost_usd": round(float(r["cost_usd"]), 4), "seconds": round(float(r["seconds"]), 1)} for r in rows],
         key=artifact_key(store.run_name, "costs"), description=f"cost and time per stage of {store.run_name}")
-    lines = [f"## Run `{store.run_name}`", "", f"Run directory: `{store.url}`", "",
-             "| stage | status | items | failures | cost $ | time s |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['stage']} | {r['status']} | {r['items']} | {r['failures']} | {float(r['cost_usd']):.4f} | "
-              f"{float(r['seconds']):.1f} |" for r in rows]
-    report = store.join("evaluate", "report.md")
-    if store.fs.exists(report):
-        with store.fs.open(report, "r") as fh:
-            lines += ["", inline_images(fh.read(), store)]
-    create_markdown_artifact("\n".join(lines), key=artifact_key(store.run_name, "summary"),
+    create_markdown_artifact(run_summary_markdown(store, rows), key=artifact_key(store.run_name, "summary"),
                              description=f"summary of run {store.run_name}")
     link = store.url if "://" in store.url else f"file://{store.url}"
     create_link_artifact(link, link_text=store.url, key=artifact_key(store.run_name, "run-dir"),
                          description="the run directory")
+
+
+def run_summary_markdown(store: RunStore, rows: list[dict[str, Any]]) -> str:
+    """The run's summary artifact: the status table, the stages' loud-drop warnings, the report."""
+    lines = [f"## Run `{store.run_name}`", "", f"Run directory: `{store.url}`", "",
+             "| stage | status | items | failures | cost $ | time s |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['stage']} | {r['status']} | {r['items']} | {r['failures']} | {float(r['cost_usd']):.4f} | "
+              f"{float(r['seconds']):.1f} |" for r in rows]
+    warnings = stage_warnings(store)
+    if warnings:
+        lines += ["", "### Warnings", ""] + [f"- {w}" for w in warnings]
+    report = store.join("evaluate", "report.md")
+    if store.fs.exists(report):
+        with store.fs.open(report, "r") as fh:
+            lines += ["", inline_images(fh.read(), store)]
+    return "\n".join(lines)

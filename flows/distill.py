@@ -19,6 +19,7 @@ from prefect.utilities.annotations import quote
 from flows.artifacts import ProgressArtifact, publish_promotion, publish_run_summary, publish_stage
 from flows.gpus import GPU_CONCURRENCY_LIMIT, check_fits, ensure_gpu_limit, stage_gpus
 from flows.params import DistillRequest, StageRequest
+from pipeline.cli.errors import explained, quiet_known_tracebacks
 from pipeline.core.graph import fingerprint
 from pipeline.core.recipe import Recipe, all_endpoints
 from pipeline.core.runner import StageFailed, check_settings, open_run, run_stage
@@ -94,6 +95,11 @@ def wait_for_final_state(flow_run_id: UUID, poll_s: float = 2.0, timeout_s: floa
 
 
 def _stage_flow(stage: str, request: StageRequest) -> dict[str, Any]:
+    with explained():
+        return _stage_flow_body(stage, request)
+
+
+def _stage_flow_body(stage: str, request: StageRequest) -> dict[str, Any]:
     recipe = request.load()
     export_teacher_key(recipe)
     needed = stage_gpus(stage, recipe)
@@ -157,7 +163,13 @@ def _run_name(request: DistillRequest, recipe: Recipe) -> str:
 
 @flow(name="distill", persist_result=True)
 def distill(request: DistillRequest = DistillRequest()) -> dict[str, Any]:  # noqa: B008 - the UI's default form
-    """Chain the stages of one distillation run; GPU stages go to the gpu pool when the recipe names one."""
+    """Chain the stages of one distillation run; GPU stages go to the gpu pool when the recipe names one.
+    A known error fails the run with its message (stage, what went wrong, what to do), not a class name."""
+    with explained():
+        return run_chain(request)
+
+
+def run_chain(request: DistillRequest) -> dict[str, Any]:
     log = get_run_logger()
     recipe = request.load()
     check_settings(recipe, list(request.stages))  # a bad TRL argument fails now, not hours later
@@ -206,3 +218,4 @@ def distill(request: DistillRequest = DistillRequest()) -> dict[str, Any]:  # no
 
 
 logging.getLogger("pipeline").setLevel(logging.INFO)
+quiet_known_tracebacks()

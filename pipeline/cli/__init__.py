@@ -7,11 +7,28 @@ import click
 from pipeline.cli import postgres, runs, server, tools
 from pipeline.cli import run as run_commands
 from pipeline.cli.common import setup_logging
+from pipeline.cli.errors import as_cli_error
 from pipeline.cli.estimate import estimate
 from pipeline.cli.export import export
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class MappedGroup(click.Group):
+    """Every command's known errors (see pipeline.cli.errors) end as a message and an exit code, never a
+    traceback; an unexpected one (a bug) keeps its traceback."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except click.ClickException:
+            raise
+        except Exception as exc:
+            known = as_cli_error(exc)
+            if known is None:
+                raise
+            raise known from None
+
+
+@click.group(cls=MappedGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 @click.version_option(package_name="zephyr-distill")
 def main(verbose: bool) -> None:

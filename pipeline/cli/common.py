@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from pipeline.core.recipe import Recipe, RecipeError, load_recipe
-from pipeline.core.runner import status_rows
+from pipeline.core.runner import stage_warnings, status_rows
 from pipeline.core.store import RunStore, StoreError
 from pipeline.teacher.spend import spend_summary
 
@@ -69,6 +69,8 @@ def print_status(store: RunStore) -> None:
     for r in rows:
         if r["status"] == "failed" and r["message"]:
             click.echo(f"{r['stage']} failed: {r['message']}")
+    for line in stage_warnings(store):
+        click.echo(line)
     click.echo(f"spent ${spend['total_usd']:.4f} in all (the spend ledger)"
                + (f" of budget.max_cost_usd=${spend['budget']['max_cost_usd']:.2f}"
                   if spend["budget"]["max_cost_usd"] is not None else ""))

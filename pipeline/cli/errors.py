@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from pipeline.cli.common import EXIT_BAD_INPUT, EXIT_FAILED, CliError
+
+
+class DistillFailed(RuntimeError):
+    """An error already turned into its message (stage, what, what to do): a Prefect flow run's final state
+    carries exactly this text, and the CLI prints it as is."""
+
+    def __init__(self, message: str, code: int = EXIT_FAILED):
+        super().__init__(message)
+        self.code = code
 
 # A pipeline error class derived from ValueError is bad input (a file, key or item); the rest are failures.
 ADVICE = {
@@ -30,9 +43,44 @@ def as_cli_error(exc: BaseException) -> CliError | None:
     """The message and exit code for a known error; None for an unexpected one (a bug: let its traceback show)."""
     if isinstance(exc, CliError):
         return exc
+    if isinstance(exc, DistillFailed):
+        return CliError(str(exc), exc.code)
     if not is_known(exc):
         return None
     code = EXIT_BAD_INPUT if isinstance(exc, ValueError) else EXIT_FAILED
     name = type(exc).__name__
     text = str(exc) if name in ("StageFailed", "CliError") else f"{name}: {exc}"
+    stage = getattr(exc, "stage", None)  # set by the runner on what a stage raised
+    if stage and f"'{stage}'" not in text.split(":")[0]:
+        text = f"stage '{stage}': {text}"
     return CliError(f"{text}\n  what to do: {advice(exc)}", code)
+
+
+@contextmanager
+def explained() -> Iterator[None]:
+    """Re-raise a known error as DistillFailed, so that a flow run fails with the mapped message, not a class name."""
+    try:
+        yield
+    except Exception as exc:
+        known = as_cli_error(exc)
+        if known is None or isinstance(exc, DistillFailed):
+            raise
+        raise DistillFailed(known.message, known.exit_code) from None
+
+
+class KnownWithoutTraceback(logging.Filter):
+    """Prefect logs a failed task or flow run with its traceback; for a known error the message is the whole
+    story, so the record keeps its text and loses the traceback (in the console and the UI alike)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and as_cli_error(exc) is not None:
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def quiet_known_tracebacks() -> None:
+    for name in ("prefect.task_runs", "prefect.flow_runs"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, KnownWithoutTraceback) for f in logger.filters):
+            logger.addFilter(KnownWithoutTraceback())

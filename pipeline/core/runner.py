@@ -6,7 +6,7 @@ import importlib.metadata
 import logging
 import platform
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from pipeline.core.graph import STAGES, fingerprint
@@ -51,15 +51,83 @@ def teacher_endpoint(recipe: Recipe) -> Iterator[Recipe]:
 
 
 def check_settings(recipe: Recipe, stages: list[str]) -> None:
-    """What can be checked before anything is paid: the TRL arguments of the training stages, the template
-    the student trains in (the tokenizer only, never the weights)."""
-    if {"sft", "dpo"} & set(stages):
-        try:
-            check_trl_args(recipe)
-        except TrainingError as exc:
-            raise StageFailed(str(exc)) from None
-    if "sft" in stages:
-        check_student_template(recipe)
+    """What can be checked before anything is paid, for the chosen stages only (see before_paying_checks)."""
+    for needs, check in before_paying_checks():
+        if set(needs) & set(stages):
+            check(recipe)
+
+
+def before_paying_checks() -> list[tuple[tuple[str, ...], Callable[[Recipe], None]]]:
+    """Every check a later stage would make on static input, each with the stages that make it: `distill
+    validate` runs them all, `distill run` those of the stages it runs, before a request is sent."""
+    return [(("sft", "dpo"), check_training_args), (("sft",), check_student_template),
+            (("sft", "dpo"), check_accelerate_config), (("sample",), check_pool_templates),
+            (("evaluate",), check_evaluate_models), (("evaluate",), check_eval_set)]
+
+
+def check_training_args(recipe: Recipe) -> None:
+    """The TRL arguments of sft and dpo, as TRL would read them."""
+    try:
+        check_trl_args(recipe)
+    except TrainingError as exc:
+        raise StageFailed(str(exc)) from None
+
+
+def check_accelerate_config(recipe: Recipe) -> None:
+    """More than one GPU trains through `accelerate launch`: its config file must resolve."""
+    if recipe.compute.num_gpus <= 1:
+        return
+    from pipeline.train.launch import accelerate_config_path
+
+    try:
+        accelerate_config_path(recipe.compute)
+    except TrainingError as exc:
+        raise StageFailed(str(exc)) from None
+
+
+def local_model_dir(spec: str | None) -> str | None:
+    """A model given as a local directory (a run's own `sft`/`base`, a hub id or a GGUF file: None)."""
+    from pathlib import Path
+
+    if not spec or spec in ("sft", "base", "dpo", "outputs") or not Path(spec).expanduser().is_dir():
+        return None
+    return str(Path(spec).expanduser().resolve())
+
+
+def check_renders(where: str, path: str) -> None:
+    """What sample and evaluate need of a local model: a tokenizer whose chat template renders a conversation
+    (pipeline.backends.chat renders every prompt with it)."""
+    from pipeline.backends.chat import PromptRenderer
+    from pipeline.train.models import load_tokenizer
+
+    try:
+        PromptRenderer(load_tokenizer(path)).render([{"role": "user", "content": "Hello"}])
+    except Exception as exc:  # noqa: BLE001 - the tokenizer's or the template's own error, said with the key
+        raise StageFailed(f"{where}: model {path}: its tokenizer or chat template cannot render a conversation "
+                          f"({type(exc).__name__}: {exc}); give a model directory with a chat template") from None
+
+
+def check_pool_templates(recipe: Recipe) -> None:
+    for i, member in enumerate(recipe.sample.pool):
+        if member.backend in ("transformers", "vllm") and (path := local_model_dir(member.model)):
+            check_renders(f"sample.pool[{i}] ({member.name})", path)
+
+
+def check_evaluate_models(recipe: Recipe) -> None:
+    for i, spec in enumerate([*recipe.evaluate.models, recipe.evaluate.baseline]):
+        if path := local_model_dir(spec):
+            where = f"evaluate.models[{i}]" if i < len(recipe.evaluate.models) else "evaluate.baseline"
+            check_renders(where, path)
+
+
+def check_eval_set(recipe: Recipe) -> None:
+    """The evaluation file readable and of a known shape, `evaluate.checker` importable, `outputs` shipped."""
+    from pipeline.stages.evaluate.records import check_outputs, load_eval_set
+
+    try:
+        check_outputs(recipe.evaluate, load_eval_set(recipe))
+    except (ValueError, OSError, ImportError) as exc:
+        raise StageFailed(f"evaluate would refuse its inputs: {exc}") from None
 
 
 def check_student_template(recipe: Recipe) -> None:
@@ -88,8 +156,29 @@ def check_inputs(name: str, recipe: Recipe, store: RunStore) -> None:
             raise StageFailed(
                 f"stage '{name}' reads the output of '{dep}', which is {state.status}"
                 + (" with other settings" if state.status == "completed" else "")
-                + f" in run {store.url}; run `distill stage {dep}` (or `distill run`) with this recipe first"
+                + f" in run {store.url}{why_missing(dep, recipe, store)}; run `distill stage {dep}` "
+                "(or `distill run`) with this recipe first" + evaluate_way_out(name, dep, recipe)
             )
+
+
+def why_missing(dep: str, recipe: Recipe, store: RunStore, seen: frozenset[str] = frozenset()) -> str:
+    """Why a stage has no output: its own failure, or the failure of a stage before it (from the manifest)."""
+    state = store.stage_state(dep)
+    if state.status == "failed":
+        return f" ({dep} failed: {state.message.splitlines()[0] if state.message else 'no message'})"
+    for up in STAGES[dep].inputs(recipe):
+        if up not in seen and (reason := why_missing(up, recipe, store, seen | {dep})):
+            return reason
+    return ""
+
+
+def evaluate_way_out(name: str, dep: str, recipe: Recipe) -> str:
+    """evaluate asked for a model that does not exist: the models setting that evaluates what does."""
+    if name != "evaluate":
+        return ""
+    rest = [m for m in recipe.evaluate.models if m != dep]
+    return (f", or evaluate the models that exist: --set 'evaluate.models=[{', '.join(rest)}]'"
+            + (f" --set evaluate.baseline={rest[0]}" if recipe.evaluate.baseline == dep and rest else ""))
 
 
 def run_stage(name: str, recipe: Recipe, store: RunStore, force: bool = False) -> StageReport:
@@ -116,6 +205,7 @@ def run_stage(name: str, recipe: Recipe, store: RunStore, force: bool = False) -
         with serving_endpoints(recipe, stage_endpoints(recipe, name)):
             report = STAGES[name].run(recipe, store)
     except BaseException as exc:
+        exc.stage = name  # the CLI and the flows name the stage in the message
         state.status, state.message = "failed", f"{type(exc).__name__}: {exc}"
         state.seconds = time.perf_counter() - t0
         state.finished_at = time.time()
@@ -163,3 +253,11 @@ def status_rows(store: RunStore, spend: dict | None = None) -> list[dict[str, ob
         })
     return rows
 
+
+def stage_warnings(store: RunStore) -> list[str]:
+    """The loud-drop warnings each stage wrote to its stats.json, as `stage: WARNING ...` lines."""
+    lines = []
+    for name in STAGE_NAMES:
+        stats = store.read_json(store.join(name, "stats.json"), {}) or {}
+        lines += [f"{name}: {w}" for w in stats.get("warnings", [])]
+    return lines

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -98,12 +100,33 @@ DROP_HINTS = {
 }
 
 
+# reasons whose text carries an aspect, a model or a count: matched by a part of their text
+UNPARSED = ("the replies do not parse: set `structured: auto` (or json_schema) on the rater's/judge's endpoint, "
+            "or use a model that follows the format (see the ledger for the replies' reasons)")
+PART_HINTS = dict.fromkeys(("unusable", "judge output", "verdict"), UNPARSED)
+
+
 def loud_drops(stage: str, by_reason: dict[str, int], total: int) -> list[str]:
     """One warning per reason that took more than LOUD_SHARE of `total` items, with the setting to change."""
     warnings = []
     for reason, n in sorted(by_reason.items(), key=lambda kv: -kv[1]):
         if total and n / total > LOUD_SHARE:
-            hint = DROP_HINTS.get(reason, f"see {stage}'s dropped/failures ledgers for the items and the setting "
-                                          "that decides this reason")
+            hint = DROP_HINTS.get(reason) or next(
+                (h for part, h in PART_HINTS.items() if part in reason),
+                f"see {stage}'s dropped/failures ledgers for the items and the setting that decides this reason")
             warnings.append(f"WARNING: {reason} took {n} of {total} items ({n / total:.0%}); {hint}")
     return warnings
+
+
+def reason_kind(reason: str) -> str:
+    """A ledger reason without its item-specific detail (what follows ' (' or '; last reply'), for counting."""
+    return reason.split(" (", 1)[0].split("; last reply", 1)[0][:80]
+
+
+def say_loud_drops(stage: str, message: str, reasons: Iterable[str], total: int) -> tuple[str, list[str]]:
+    """The stage's message with a warning per reason that took more than LOUD_SHARE of its items, each also
+    logged (the Prefect run log and the console); the warnings, for stats.json."""
+    warnings = loud_drops(stage, dict(Counter(reason_kind(r) for r in reasons)), total)
+    for warning in warnings:
+        logging.getLogger("pipeline").warning("%s: %s", stage, warning.removeprefix("WARNING: "))
+    return "\n".join([message, *warnings]), warnings

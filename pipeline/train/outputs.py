@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -145,7 +146,9 @@ def training_size(stage: str, metrics: dict[str, Any], examples: int) -> str:
     text = f"{steps} steps, {metrics.get('epoch') or 0:.2f} epochs, effective batch {batch}"
     if steps < MIN_STEPS:
         settings = ", ".join(f"{stage}.args.{k}={v}" for k, v in metrics.get("batch_settings", {}).items())
-        text += (f"\nWARNING: {stage} trained only {steps} steps (< {MIN_STEPS}) on {examples} examples; "
-                 f"the steps follow from {settings} (and the number of examples): lower the batch or raise "
-                 "the epochs for a run worth evaluating")
+        warning = (f"{stage} trained only {steps} steps (< {MIN_STEPS}) on {examples} examples; "
+                   f"the steps follow from {settings} (and the number of examples): lower the batch or raise "
+                   "the epochs for a run worth evaluating")
+        logging.getLogger("pipeline").warning("%s", warning)
+        text += f"\nWARNING: {warning}"
     return text

@@ -13,7 +13,7 @@ from pipeline.backends.base import Completion, GenerationRequest, SamplingParams
 from pipeline.backends.pool import make_backend
 from pipeline.core.progress import progress
 from pipeline.core.recipe import PoolModel, Recipe
-from pipeline.core.stage import ItemStream, StageReport, conclude
+from pipeline.core.stage import ItemStream, StageReport, conclude, say_loud_drops
 from pipeline.core.store import FailureLedger, RunStore, ShardWriter
 from pipeline.stages.evaluate.judging import JudgeFailed, Judgment, plan_judgments
 from pipeline.stages.evaluate.records import (
@@ -206,8 +206,8 @@ def _finish(recipe: Recipe, store: RunStore, items: list[EvalItem], models: list
     counts = {"input": len(planned_answers), "items": len(items), "models": len(models), "output": len(answers),
               "judgments": len(judged), "failed": len(failed), "pending": pending}
     before = store.read_json(store.join(STAGE, "stats.json"), {}) or {}
-    store.write_json(store.join(STAGE, "stats.json"), {"counts": counts, "teacher": cost,
-                                                       "parsing": merge_tallies(before.get("parsing"), parsing)})
+    stats = {"counts": counts, "teacher": cost, "parsing": merge_tallies(before.get("parsing"), parsing)}
+    store.write_json(store.join(STAGE, "stats.json"), stats)
     status, message = conclude(
         STAGE, stop=stop, pending=pending, failed=len(failed), total=len(planned_answers) + len(planned_judgments),
         max_failure_rate=cfg.max_failure_rate, ledger=store.join(STAGE, "failures.jsonl"),
@@ -217,6 +217,9 @@ def _finish(recipe: Recipe, store: RunStore, items: list[EvalItem], models: list
     report = write_report(store, evaluate_status=status)  # its cost table shows how this stage ends
     if status == "completed":
         message = f"{summary_line(report)}; {len(failed)} failed; report {store.join(STAGE, 'report.md')}"
+    message, stats["warnings"] = say_loud_drops(STAGE, message, [f.reason for f in failed.values()],
+                                                len(planned_answers) + len(planned_judgments))
+    store.write_json(store.join(STAGE, "stats.json"), stats)
     log.info("evaluate: %s", message)
     outputs = {"report": store.join(STAGE, "report.json"), "report_md": store.join(STAGE, "report.md")}
     return StageReport(STAGE, status, counts, cost, outputs, message)

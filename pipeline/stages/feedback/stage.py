@@ -15,7 +15,7 @@ from typing import Any
 from pipeline.core.progress import progress
 from pipeline.core.recipe import Recipe
 from pipeline.core.sources import SeedPrompt
-from pipeline.core.stage import ItemStream, StageReport, conclude
+from pipeline.core.stage import ItemStream, StageReport, conclude, say_loud_drops
 from pipeline.core.store import RunStore
 from pipeline.stages.feedback.debias import mitigation_effects
 from pipeline.stages.feedback.rate import (
@@ -254,6 +254,9 @@ def account_feedback(recipe: Recipe, store: RunStore, items: list[Item], cost: d
         saved=f"{len(pair_ids)} pairs", retry="rerun to retry them" if judged.rerun_sends else NO_RETRY,
         done=(f"{len(pair_ids)} pairs from {len(item_ids)} items, {len(failed)} failed, {len(dropped)} dropped; "
               f"mean margin {report['margin']['mean']}"))
+    message, stats["warnings"] = say_loud_drops(
+        STAGE, message, [r.reason for r in [*failed.values(), *dropped.values()]], len(item_ids))
+    store.write_json(store.join(STAGE, "stats.json"), stats)
     return StageReport(STAGE, status, counts, cost,
                        {"pairs": store.join(STAGE), "report": store.join(STAGE, "report.md")}, message)
 

@@ -15,7 +15,7 @@ from pipeline.core.decontam import CONTAMINATED, Match, counts_by_file, load_dec
 from pipeline.core.progress import progress
 from pipeline.core.recipe import PoolModel, Recipe, SampleConfig
 from pipeline.core.sources import SeedPrompt, iter_prompts
-from pipeline.core.stage import StageReport, conclude
+from pipeline.core.stage import StageReport, conclude, say_loud_drops
 from pipeline.core.store import FailureLedger, RunStore, ShardWriter
 from pipeline.core.templates import render, template_names
 from pipeline.stages.sample.schema import COMPLETIONS as COMPLETIONS_SCHEMA
@@ -234,5 +234,7 @@ def _finish(recipe: Recipe, store: RunStore, prompts: list[SeedPrompt], plan: li
         saved=f"{len(out_ids)} answers",
         done=(f"{len(out_ids)} answers to {len(prompts)} prompts from {len(recipe.sample.pool)} pool models, "
               f"{len(failed)} failed" + (f"; {len(dropped)} prompts dropped ({CONTAMINATED})" if dropped else "")))
+    message, stats["warnings"] = say_loud_drops(STAGE, message, [f.reason for f in failed.values()], len(planned))
+    store.write_json(store.join(STAGE, "stats.json"), stats)
     log.info("sample: %s", message)
     return StageReport(STAGE, status, counts, cost, {"completions": store.join(STAGE)}, message)
