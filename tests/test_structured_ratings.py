@@ -179,3 +179,14 @@ def test_json_ratings_are_read_by_text_number_and_bad_entries_are_problems():
     assert parsed.problems == {3: "rating 9 is outside 1-5", 4: "no entry for this text"}
     assert parse_json_ratings({"ratings": [{"text": 1, "rating": "N/A"}]}, 1, "honesty").ratings[1].na
     assert parse_json_ratings("nonsense", 1, "honesty").problems
+
+
+def test_a_bare_yaml_off_turns_structured_replies_off(write_recipe):
+    from pipeline.core.recipe import load_recipe
+
+    path = write_recipe({"task": "toy", "teacher": {"structured": "json_schema"}})
+    assert load_recipe(path).teacher.structured == "json_schema"
+    # `structured: off` in a file or `--set teacher.structured=off` is YAML's false, not the string
+    assert load_recipe(path, ["teacher.structured=off"]).teacher.structured == "off"
+    path.write_text(path.read_text().replace("structured: json_schema", "structured: off"))
+    assert load_recipe(path).teacher.structured == "off"

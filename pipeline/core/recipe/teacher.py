@@ -69,6 +69,11 @@ class TeacherConfig(Section):
                     "timeout_s": 600.0, "model": str(model).rsplit("/", 1)[-1] or "served"}
         return {**defaults, **data, "base_url": None}
 
+    @field_validator("structured", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        return "off" if value is False else value  # YAML 1.1 reads a bare `off` as false
+
     @field_validator("base_url")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
