@@ -26,8 +26,8 @@ from typing import Any
 import yaml
 
 from pipeline.core.recipe import Recipe, recipe_from_dict
-from pipeline.core.runner import open_run, run_stage, teacher_endpoint
 from pipeline.core.store import RunStore
+from pipeline.run.runner import open_run, run_stage, teacher_endpoint
 from pipeline.tasks.toy.task import is_correct
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"

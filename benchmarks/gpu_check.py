@@ -181,7 +181,7 @@ def sample(out: Path, smoke: bool, seconds: float) -> dict[str, Any]:
     n, max_tokens = (8, 16) if smoke else (128, 128)
     try:
         from pipeline.core.recipe import recipe_from_dict
-        from pipeline.core.runner import open_run, run_stage
+        from pipeline.run.runner import open_run, run_stage
     except ImportError as exc:
         return {**_sample_backend(source, smoke, n, max_tokens), "path": f"backend only (no {exc.name})"}
     prompts = out / "prompts.jsonl"

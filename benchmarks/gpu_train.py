@@ -62,10 +62,10 @@ def prepare_run(root: Path, shape: dict[str, Any], opts: argparse.Namespace) -> 
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from pipeline.core.graph import fingerprint
     from pipeline.core.recipe import recipe_from_dict
-    from pipeline.core.runner import open_run
     from pipeline.core.store import StageState
+    from pipeline.run.registry import fingerprint
+    from pipeline.run.runner import open_run
 
     words = opts.seq // 2 - 4  # prompt + answer (+ role and eos tokens) fill `seq` tokens
     tokenizer = word_tokenizer(shape["vocab_size"])
@@ -116,7 +116,7 @@ def main() -> None:
         print("gpu_train: no CUDA device visible to torch; this benchmark needs a GPU (run it on a GPU worker). "
               "Nothing was measured.", file=sys.stderr)
         sys.exit(2)
-    from pipeline.core.runner import run_stage
+    from pipeline.run.runner import run_stage
 
     shape = SMOKE if opts.smoke else SHAPE_05B
     root = Path(tempfile.mkdtemp(prefix="gpu-train-"))

@@ -31,8 +31,8 @@ import openai
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.core.recipe import TeacherConfig, recipe_from_dict  # noqa: E402
-from pipeline.core.runner import open_run, run_stage  # noqa: E402
 from pipeline.core.work import stream_map  # noqa: E402
+from pipeline.run.runner import open_run, run_stage  # noqa: E402
 from pipeline.tasks.toy.teacher_server import ToyTeacher, ToyTeacherConfig  # noqa: E402
 from pipeline.teacher.cache import ResponseCache
 from pipeline.teacher.client import TeacherClient  # noqa: E402
@@ -151,7 +151,7 @@ import sys, json, resource
 from pathlib import Path
 sys.path.insert(0, {root!r})
 from pipeline.core.recipe import recipe_from_dict
-from pipeline.core.runner import open_run, run_stage
+from pipeline.run.runner import open_run, run_stage
 rec = recipe_from_dict(json.loads({recipe!r}))
 report = run_stage("generate", rec, open_run(rec, "rss"))
 peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

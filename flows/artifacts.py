@@ -20,9 +20,9 @@ from prefect.artifacts import (
 from prefect.context import FlowRunContext, TaskRunContext
 
 from pipeline.core.progress import set_progress_factory
-from pipeline.core.runner import stage_warnings, status_rows
 from pipeline.core.stage import StageReport
 from pipeline.core.store import RunStore
+from pipeline.run.runner import stage_warnings, status_rows
 
 
 def artifact_key(*parts: str) -> str:

@@ -11,11 +11,10 @@ from prefect.exceptions import ObjectAlreadyExists
 
 from flows.distill import STAGE_FLOWS, distill
 from flows.gpus import ensure_gpu_limit
-from pipeline.core.graph import STAGES
-from pipeline.core.recipe import STAGE_ROLES
+from pipeline.run.registry import STAGES
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
-SERVING_STAGES = (*STAGE_ROLES, "sample")  # the stages that send requests to endpoints
+SERVING_STAGES = tuple(name for name, spec in STAGES.items() if spec.sends_requests)
 
 
 def deployment_specs(cpu_pool: str = "cpu", gpu_pool: str = "gpu", cron: str | None = None,

@@ -9,7 +9,7 @@ from dataclasses import asdict
 from typing import Any
 from uuid import UUID
 
-from prefect import flow, get_client, get_run_logger, task
+from prefect import Flow, flow, get_client, get_run_logger, task
 from prefect.client.schemas.objects import FlowRun
 from prefect.context import TaskRunContext
 from prefect.deployments import run_deployment
@@ -19,12 +19,13 @@ from prefect.utilities.annotations import quote
 from flows.artifacts import ProgressArtifact, publish_promotion, publish_run_summary, publish_stage
 from flows.gpus import GPU_CONCURRENCY_LIMIT, check_fits, ensure_gpu_limit, stage_gpus
 from flows.params import DistillRequest, StageRequest
-from pipeline.cli.errors import explained, quiet_known_tracebacks
-from pipeline.core.graph import fingerprint
 from pipeline.core.recipe import Recipe, all_endpoints
-from pipeline.core.runner import StageFailed, check_settings, open_run, run_stage
 from pipeline.core.stage import StageReport
 from pipeline.core.store import RunStore
+from pipeline.run.checks import check_settings
+from pipeline.run.errors import StageFailed, explained, quiet_known_tracebacks
+from pipeline.run.registry import STAGE_NAMES, STAGES, fingerprint
+from pipeline.run.runner import open_run, run_stage
 from pipeline.series.promotion import promotion_for_run, with_current_baseline
 from pipeline.series.series import NothingNew, Series
 
@@ -113,44 +114,19 @@ def _stage_flow_body(stage: str, request: StageRequest) -> dict[str, Any]:
         return _execute(stage, recipe, request.run_name, request.force)
 
 
-@flow(name="generate", persist_result=True)
-def generate_flow(request: StageRequest) -> dict[str, Any]:
-    """dSFT data: teacher-simulated dialogues."""
-    return _stage_flow("generate", request)
+def stage_flow(stage: str) -> Flow:
+    """The flow of one stage of the registry (its deployment's entrypoint is `flows/distill.py:<stage>_flow`)."""
+
+    def run_one(request: StageRequest) -> dict[str, Any]:
+        return _stage_flow(stage, request)
+
+    run_one.__name__ = run_one.__qualname__ = f"{stage}_flow"
+    run_one.__doc__ = STAGES[stage].about
+    return flow(run_one, name=stage, persist_result=True)
 
 
-@flow(name="sft", persist_result=True)
-def sft_flow(request: StageRequest) -> dict[str, Any]:
-    """dSFT: TRL SFTTrainer on the dialogues."""
-    return _stage_flow("sft", request)
-
-
-@flow(name="sample", persist_result=True)
-def sample_flow(request: StageRequest) -> dict[str, Any]:
-    """AIF sampling: the model pool answers every prompt."""
-    return _stage_flow("sample", request)
-
-
-@flow(name="feedback", persist_result=True)
-def feedback_flow(request: StageRequest) -> dict[str, Any]:
-    """AIF: the teacher rates every answer; ratings become preference pairs."""
-    return _stage_flow("feedback", request)
-
-
-@flow(name="dpo", persist_result=True)
-def dpo_flow(request: StageRequest) -> dict[str, Any]:
-    """dDPO: TRL DPOTrainer with the SFT model as reference."""
-    return _stage_flow("dpo", request)
-
-
-@flow(name="evaluate", persist_result=True)
-def evaluate_flow(request: StageRequest) -> dict[str, Any]:
-    """Judge scores, win rate against the baseline, ground truth."""
-    return _stage_flow("evaluate", request)
-
-
-STAGE_FLOWS = {"generate": generate_flow, "sft": sft_flow, "sample": sample_flow, "feedback": feedback_flow,
-               "dpo": dpo_flow, "evaluate": evaluate_flow}
+STAGE_FLOWS: dict[str, Flow] = {name: stage_flow(name) for name in STAGE_NAMES}
+globals().update({fl.fn.__name__: fl for fl in STAGE_FLOWS.values()})  # importable by the entrypoints' names
 
 
 def _run_name(request: DistillRequest, recipe: Recipe) -> str:

@@ -8,8 +8,8 @@ from prefect import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
-from pipeline.core.graph import STAGES
-from pipeline.core.recipe import Recipe, stage_endpoints
+from pipeline.core.recipe import Recipe
+from pipeline.run.registry import STAGES
 from pipeline.teacher.serving import server_gpus
 
 GPU_CONCURRENCY_LIMIT = "zephyr-distill-gpu"
@@ -25,7 +25,7 @@ def stage_gpus(stage: str, recipe: Recipe) -> int:
     """The GPUs a stage occupies on the gpu pool (0: it runs anywhere): its own work's, plus those of the vllm
     servers of the teachers it serves for itself (tensor_parallel_size each)."""
     own = gpus_needed(recipe) if STAGES[stage].gpu else 0
-    return own + server_gpus(stage_endpoints(recipe, stage))
+    return own + server_gpus(STAGES[stage].endpoints(recipe))
 
 
 def ensure_gpu_limit(gpus: int | None = None) -> int:

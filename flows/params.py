@@ -8,9 +8,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pipeline.core.recipe import Recipe, load_recipe, load_recipe_text, recipe_from_dict
-from pipeline.core.stage import STAGE_NAMES
+from pipeline.run.registry import STAGE_NAMES
 
-StageName = Literal[STAGE_NAMES]  # one definition of the stages: pipeline.core.stage
+StageName = Literal[STAGE_NAMES]  # one definition of the stages: the registry
 _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 

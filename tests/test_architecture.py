@@ -1,5 +1,5 @@
-"""The layout keeps its promises: no import cycles, Prefect only behind the CLI and flows, no task named by
-the core, small modules and functions, a docstring on every module."""
+"""The layout keeps its promises: every import points down a floor, no import cycles, Prefect only behind the
+CLI and flows, no task named by the core, small modules and functions, a docstring on every module."""
 
 from __future__ import annotations
 
@@ -11,6 +11,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("pipeline", "flows")
 MAX_MODULE_LINES, MAX_FUNCTION_LINES = 400, 60
+# The floors, lowest first (ARCHITECTURE.md): a package imports its own modules and those of lower floors only;
+# packages on one floor (two stages, teacher and train) do not import each other.
+FLOORS = (("core",), ("teacher", "train", "tasks"), ("backends", "series", "export"), ("stages",), ("run",),
+          ("flows",), ("cli",))
+RANK = {name: rank for rank, names in enumerate(FLOORS) for name in names}
 
 
 def module_files(root: Path, packages: tuple[str, ...] = PACKAGES) -> dict[str, Path]:
@@ -87,6 +92,56 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
         if v not in index:
             visit(v)
     return found
+
+
+def floor_package(module: str) -> str:
+    """The floor package a module belongs to: `stages.<name>` for a stage, else the first level below pipeline."""
+    parts = module.split(".")
+    if parts[0] == "flows":
+        return "flows"
+    if len(parts) > 2 and parts[1] == "stages":
+        return f"stages.{parts[2]}"
+    return parts[1] if len(parts) > 1 else "pipeline"
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """Every import that points up a floor or sideways to another package of the same floor."""
+    found = []
+    for name, deps in sorted(graph.items()):
+        here = floor_package(name)
+        for dep in sorted(deps):
+            there = floor_package(dep)
+            if there == here or there == "pipeline":  # the package root holds only its version
+                continue
+            mine, theirs = RANK[here.split(".")[0]], RANK[there.split(".")[0]]
+            if theirs > mine or (theirs == mine and there != here):
+                found.append(f"{name} ({here}) imports {dep} ({there})")
+    return found
+
+
+def test_the_layer_test_catches_a_planted_upward_import(tmp_path: Path) -> None:
+    for rel, text in {"pipeline/__init__.py": "", "pipeline/core/__init__.py": "",
+                      "pipeline/core/store.py": "from pipeline.run.runner import run_stage\n",
+                      "pipeline/run/__init__.py": "", "pipeline/run/runner.py": "from pipeline.core import store\n",
+                      "pipeline/stages/__init__.py": "", "pipeline/stages/sft/__init__.py": "",
+                      "pipeline/stages/sft/stage.py": "def f():\n    from pipeline.stages.dpo import stage\n",
+                      "pipeline/stages/dpo/__init__.py": "", "pipeline/stages/dpo/stage.py": "",
+                      "pipeline/teacher/__init__.py": "", "pipeline/teacher/client.py": "import pipeline.train.models\n",
+                      "pipeline/train/__init__.py": "", "pipeline/train/models.py": "from pipeline.core.store import x\n",
+                      "flows/__init__.py": ""}.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    assert upward_imports(import_graph(tmp_path)) == [
+        "pipeline.core.store (core) imports pipeline.run.runner (run)",
+        "pipeline.stages.sft.stage (stages.sft) imports pipeline.stages.dpo.stage (stages.dpo)",
+        "pipeline.teacher.client (teacher) imports pipeline.train.models (train)",
+    ]
+
+
+def test_every_import_points_down_a_floor() -> None:
+    graph = import_graph(ROOT)
+    assert {floor_package(name).split(".")[0] for name in graph} <= {*RANK, "pipeline"}, "a package with no floor"
+    assert upward_imports(graph) == []
 
 
 def test_the_cycle_finder_sees_imports_inside_functions_and_type_checking(tmp_path: Path) -> None:

@@ -13,7 +13,8 @@ from loopback import LoopbackChat, completion
 from starlette.responses import JSONResponse
 
 from pipeline.core.recipe import load_recipe
-from pipeline.core.runner import StageFailed, check_settings
+from pipeline.run.checks import check_settings
+from pipeline.run.errors import StageFailed
 from pipeline.train.templates import ChatTemplateError, resolve_chat_format
 
 ROOT = Path(__file__).resolve().parent.parent

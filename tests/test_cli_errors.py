@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 import pipeline
-from pipeline.cli.errors import as_cli_error
+from pipeline.cli.common import as_cli_error
+from pipeline.run.errors import DistillFailed
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,7 +27,7 @@ def pipeline_error_classes() -> list[type[BaseException]]:
         for sub in todo.pop().__subclasses__():
             todo.append(sub)
             if sub.__module__.startswith("pipeline.") and not sub.__module__.startswith("pipeline.cli") \
-                    and sub not in seen:
+                    and sub is not DistillFailed and sub not in seen:  # DistillFailed: a message already mapped
                 seen.append(sub)
     return seen
 

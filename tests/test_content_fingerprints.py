@@ -8,11 +8,10 @@ import os
 from pathlib import Path
 
 from pipeline.core.filehash import content_hash
-from pipeline.core.graph import fingerprint
 from pipeline.core.recipe import load_recipe
-from pipeline.core.runner import open_run, run_stage
 from pipeline.core.sources import prompt_id
-from pipeline.core.stage import STAGE_NAMES
+from pipeline.run.registry import STAGE_NAMES, fingerprint
+from pipeline.run.runner import open_run, run_stage
 from pipeline.tasks.toy.task import make_prompts
 from pipeline.tasks.toy.teacher_server import ToyTeacher, ToyTeacherConfig, request_key
 from pipeline.teacher.cache import ResponseCache

@@ -12,8 +12,8 @@ import pytest
 
 from pipeline.core.decontam import Decontaminator, ngram_words
 from pipeline.core.recipe import RecipeError, load_recipe
-from pipeline.core.runner import open_run, run_stage
 from pipeline.core.sources import prompt_id
+from pipeline.run.runner import open_run, run_stage
 from pipeline.tasks.toy.task import make_prompts
 from pipeline.tasks.toy.teacher_server import ToyTeacher, ToyTeacherConfig
 

@@ -14,12 +14,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.core.estimate import estimate
 from pipeline.core.recipe import load_recipe
-from pipeline.core.runner import StageFailed, open_run, run_pipeline, run_stage
 from pipeline.core.sources import prompt_id
-from pipeline.core.stage import STAGE_NAMES
 from pipeline.core.store import RunStore
+from pipeline.run.errors import StageFailed
+from pipeline.run.estimate import estimate
+from pipeline.run.registry import STAGE_NAMES
+from pipeline.run.runner import open_run, run_pipeline, run_stage
 from pipeline.tasks.toy.task import make_prompts
 from pipeline.tasks.toy.teacher_server import ToyTeacher, ToyTeacherConfig
 from pipeline.teacher.ledger import SpendLedger

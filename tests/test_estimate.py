@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from pipeline.core.estimate import estimate
 from pipeline.core.recipe import load_recipe
-from pipeline.core.runner import open_run, run_stage, teacher_endpoint
+from pipeline.run.estimate import estimate
+from pipeline.run.runner import open_run, run_stage, teacher_endpoint
 from pipeline.teacher.ledger import SpendLedger
 
 DISTILL = [sys.executable, "-m", "pipeline.cli"]

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from test_evaluate import ScriptedJudge, build_students, live, read, toy_run
 
-from pipeline.core.runner import run_stage
+from pipeline.run.runner import run_stage
 from pipeline.stages.evaluate import records
 from pipeline.stages.evaluate import stage as evaluate
 from pipeline.stages.evaluate.judge import win_rate

@@ -21,11 +21,11 @@ from loopback import LoopbackChat, completion
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from pipeline.core.graph import fingerprint
 from pipeline.core.recipe import Recipe, load_recipe, recipe_from_dict
-from pipeline.core.runner import open_run, run_stage
 from pipeline.core.sources import prompt_id
 from pipeline.core.store import RunStore, StageState
+from pipeline.run.registry import fingerprint
+from pipeline.run.runner import open_run, run_stage
 from pipeline.series.promotion import decide, promotion_for_run, with_current_baseline
 from pipeline.stages.evaluate import records
 from pipeline.stages.evaluate import stage as evaluate

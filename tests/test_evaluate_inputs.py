@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.core.graph import STAGES, fingerprint
 from pipeline.core.recipe import load_recipe
+from pipeline.run.registry import STAGES, fingerprint
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "configs/quickstart.yaml"
 

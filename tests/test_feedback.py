@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.core.graph import fingerprint
 from pipeline.core.recipe import load_recipe
-from pipeline.core.runner import open_run, run_stage
 from pipeline.core.sources import prompt_id
 from pipeline.core.store import RunStore, StageState
+from pipeline.run.registry import fingerprint
+from pipeline.run.runner import open_run, run_stage
 from pipeline.stages.feedback.pairs import binarize
 from pipeline.tasks.toy.task import corpus, make_prompts
 from pipeline.tasks.toy.teacher_server import ToyTeacher, ToyTeacherConfig, request_key

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.core.recipe import FeedbackConfig, RecipeError, load_recipe
-from pipeline.core.runner import open_run, run_stage
+from pipeline.run.runner import open_run, run_stage
 from pipeline.stages.feedback.debias import (
     LENGTH_ONLY,
     ORDER_FLIP,

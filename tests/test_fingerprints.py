@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.core.graph import fingerprint
 from pipeline.core.recipe import load_recipe
-from pipeline.core.stage import STAGE_NAMES
+from pipeline.run.registry import STAGE_NAMES, fingerprint
 
 
 def _fps(repo_root: Path, *overrides: str) -> dict[str, str]:
@@ -41,7 +40,7 @@ def test_fingerprint_is_stable(repo_root: Path):
 
 
 def test_starting_the_builtin_teacher_does_not_change_fingerprints(repo_root: Path):
-    from pipeline.core.runner import teacher_endpoint
+    from pipeline.run.runner import teacher_endpoint
     from pipeline.teacher.serving import endpoint_url
 
     rec = load_recipe(repo_root / "configs/quickstart.yaml")

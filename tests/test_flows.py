@@ -12,8 +12,8 @@ from prefect_env import PrefectEnv, database_url
 
 from pipeline.core.recipe import load_recipe
 from pipeline.core.sources import prompt_id
-from pipeline.core.stage import STAGE_NAMES
 from pipeline.core.store import RunStore
+from pipeline.run.registry import STAGE_NAMES
 from pipeline.tasks.toy.teacher_server import ToyTeacher, ToyTeacherConfig
 
 DISTILL = str(Path(sys.executable).parent / "distill")

@@ -16,9 +16,10 @@ import datasets
 import pytest
 
 from pipeline.core.recipe import load_recipe
-from pipeline.core.runner import StageFailed, open_run, run_stage, teacher_endpoint
 from pipeline.core.sources import prompt_id
 from pipeline.core.store import RunStore
+from pipeline.run.errors import StageFailed
+from pipeline.run.runner import open_run, run_stage, teacher_endpoint
 from pipeline.tasks.toy.task import make_prompts
 from pipeline.tasks.toy.teacher_server import ToyTeacher, ToyTeacherConfig, request_key
 from pipeline.teacher.cache import ResponseCache

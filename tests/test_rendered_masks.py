@@ -13,7 +13,7 @@ from chat_families import FAMILIES, build_family_model, load_tokenizer
 from test_train_toyworld import mark_completed
 
 from pipeline.core.recipe import recipe_from_dict
-from pipeline.core.runner import open_run, run_stage
+from pipeline.run.runner import open_run, run_stage
 from pipeline.train.templates import RENDERED, ChatTemplateError, masked_examples, render, resolve_chat_format
 
 # Mistral-Instruct with other whitespace than the shipped one: a space before [INST], a newline after [/INST],

@@ -10,8 +10,8 @@ from click.testing import CliRunner
 
 from pipeline.cli import main
 from pipeline.core.recipe import Recipe
-from pipeline.core.runner import open_run
 from pipeline.core.store import RunStore, StageState
+from pipeline.run.runner import open_run
 from pipeline.stages.evaluate.records import answer_id, pairwise_id, single_id
 from pipeline.stages.evaluate.report import PLOT_FILES, write_report
 

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from pipeline.core.recipe import load_recipe
-from pipeline.core.runner import run_pipeline
 from pipeline.core.store import RunStore
+from pipeline.run.runner import run_pipeline
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 DOWNSIZED = ["prompts.count=96", "generate.max_rounds=2", "sft.args.num_train_epochs=4",

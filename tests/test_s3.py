@@ -151,7 +151,7 @@ def test_a_whole_run_on_s3_survives_sigkill_and_resumes(s3, tmp_path: Path) -> N
 def test_multi_process_training_on_s3_uploads_once_from_the_parent(s3, tmp_path: Path) -> None:
     from test_train_toyworld import toy_recipe, write_dialogues
 
-    from pipeline.core.runner import open_run, run_stage
+    from pipeline.run.runner import open_run, run_stage
 
     # torchrun's two processes (accelerate's MULTI_CPU launcher starts only one without mpirun); on this
     # machine without a GPU the ranks train on the CPU and join one gloo process group

@@ -12,17 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.backends.answers import completion_id
 from pipeline.core.recipe import SampleConfig, load_recipe
-from pipeline.core.runner import open_run, run_stage
-from pipeline.core.sources import SeedPrompt, prompt_id
+from pipeline.core.sources import SeedPrompt, prompt_id, unique_prompts
 from pipeline.core.templates import render
-from pipeline.stages.sample.stage import (
-    SampleError,
-    assign_models,
-    check_principles,
-    completion_id,
-    unique_prompts,
-)
+from pipeline.run.runner import open_run, run_stage
+from pipeline.stages.sample.stage import SampleError, assign_models, check_principles
 from pipeline.tasks.toy.task import corpus, make_prompts
 from pipeline.tasks.toy.teacher_server import ToyTeacher, ToyTeacherConfig, request_key
 from pipeline.teacher.cache import ResponseCache
@@ -118,7 +113,7 @@ def test_sigkill_half_way_then_rerun_loads_only_unfinished_models_and_repeats_no
         recipe = load_recipe(path)
         store = open_run(recipe, "killed")
         saved = Counter(r["model"] for r in store.read_records("sample", "completions"))
-        planned = assign_models(unique_prompts(recipe), recipe.sample)
+        planned = assign_models(unique_prompts(recipe.prompts, recipe.task), recipe.sample)
         rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         assert rerun.returncode == 0, rerun.stderr[-2000:]
         ok_keys = toy.stats()["ok_keys"]

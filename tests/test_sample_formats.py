@@ -12,8 +12,8 @@ from chat_families import FAMILIES, build_family_model, load_tokenizer
 from pipeline.backends.base import GenerationRequest, SamplingParams
 from pipeline.backends.chat import PromptRenderer
 from pipeline.core.recipe import PoolModel, load_recipe
-from pipeline.core.runner import open_run, run_stage
 from pipeline.core.templates import render
+from pipeline.run.runner import open_run, run_stage
 from pipeline.tasks.toy.teacher_server import ToyTeacher, ToyTeacherConfig
 from pipeline.teacher.cache import ResponseCache
 

@@ -19,13 +19,13 @@ from loopback import LoopbackChat, completion
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from pipeline.core.graph import fingerprint
+from pipeline.backends.answers import COMPLETIONS_SCHEMA as COMPLETIONS
 from pipeline.core.recipe import recipe_from_dict
-from pipeline.core.runner import open_run, run_stage
 from pipeline.core.sources import prompt_id
 from pipeline.core.store import RunStore, StageState, StoreError
+from pipeline.run.registry import fingerprint
+from pipeline.run.runner import open_run, run_stage
 from pipeline.stages.feedback.schema import pairs_schema
-from pipeline.stages.sample.schema import COMPLETIONS
 
 POEMS = [f"Write a two-line poem about the colour {c}." for c in ("red", "blue", "green", "grey")]
 SUMS = [f"What is {a} plus {a + 1}?" for a in range(4)]

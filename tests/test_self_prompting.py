@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 from pipeline.core.recipe import load_recipe
-from pipeline.core.runner import open_run, run_stage
 from pipeline.core.sources import prompt_id
+from pipeline.run.runner import open_run, run_stage
 from pipeline.stages.generate.textsim import rouge_l
 from pipeline.tasks.toy.task import make_prompts, parse_problem
 from pipeline.tasks.toy.teacher_server import ToyTeacher, ToyTeacherConfig, request_key

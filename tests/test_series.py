@@ -11,8 +11,8 @@ import pytest
 from test_evaluate import build_students, live, toy_run
 from test_train_toyworld import mark_completed, toy_recipe, write_pairs
 
-from pipeline.core.runner import open_run, run_stage
 from pipeline.core.store import RunStore, StageState
+from pipeline.run.runner import open_run, run_stage
 from pipeline.series.data import SeriesDataError
 from pipeline.series.promotion import promotion_for_run
 from pipeline.series.series import Series

@@ -19,10 +19,10 @@ from test_process_lifetime import marked, wait_for
 
 from pipeline.core.filehash import CACHE_ENV
 from pipeline.core.gguf import hf_model_dir, package_file
-from pipeline.core.graph import fingerprint
 from pipeline.core.recipe import load_recipe
 from pipeline.core.recipe.serve import ServeConfig
-from pipeline.core.runner import open_run, run_stage
+from pipeline.run.registry import fingerprint
+from pipeline.run.runner import open_run, run_stage
 from pipeline.teacher.serving import ServeError, served_model, vllm_command
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,7 +12,7 @@ from test_chat_formats import expected_answer
 from test_train_toyworld import write_dialogues
 
 from pipeline.core.recipe import recipe_from_dict
-from pipeline.core.runner import open_run, run_stage
+from pipeline.run.runner import open_run, run_stage
 from pipeline.train.templates import family_template, render
 
 TWO_TURNS = [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "It is 5."},

@@ -20,9 +20,9 @@ from test_rendered_masks import write_generate
 from pipeline.core.chat import SYSTEM
 from pipeline.core.filehash import content_hash
 from pipeline.core.gguf import NOTE, hf_model_dir, package_file
-from pipeline.core.graph import STAGES, fingerprint
 from pipeline.core.recipe import recipe_from_dict
-from pipeline.core.runner import open_run, run_stage
+from pipeline.run.registry import STAGES, fingerprint
+from pipeline.run.runner import open_run, run_stage
 from pipeline.train.templates import RENDERED, masked_examples, resolve_chat_format
 
 pytest.importorskip("gguf")

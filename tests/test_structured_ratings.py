@@ -14,8 +14,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from pipeline.core.recipe import load_recipe
-from pipeline.core.runner import StageFailed, open_run, run_stage
 from pipeline.core.store import RunStore
+from pipeline.run.errors import StageFailed
+from pipeline.run.runner import open_run, run_stage
 from pipeline.stages.feedback.ratings import parse_json_ratings
 from pipeline.tasks.toy.teacher_server import ToyTeacher, ToyTeacherApp, ToyTeacherConfig
 from pipeline.teacher.ledger import SpendLedger

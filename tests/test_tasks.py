@@ -11,11 +11,11 @@ import pytest
 from capitals_task import CAPITALS, HELDOUT
 from test_evaluate import constant_answer_model
 
-from pipeline.core.graph import fingerprint
 from pipeline.core.recipe import recipe_from_dict
-from pipeline.core.runner import open_run, run_stage
 from pipeline.core.store import StageState
 from pipeline.core.task import load_task
+from pipeline.run.registry import fingerprint
+from pipeline.run.runner import open_run, run_stage
 from pipeline.tasks.toy.teacher_server import ToyTeacher, ToyTeacherConfig
 from pipeline.train.student import build_student
 

@@ -93,13 +93,13 @@ def test_resume_picks_the_newest_complete_checkpoint(tmp_path: Path) -> None:
 
 def test_accelerate_command_launches_this_package_with_the_shipped_config() -> None:
     compute = ComputeConfig(num_gpus=4, accelerate_config="deepspeed_zero3")
-    cmd = launch.accelerate_command("dpo", Path("/tmp/r.json"), "s3://bucket/runs/x", compute)
+    cmd = launch.accelerate_command("pipeline.stages.dpo", Path("/tmp/r.json"), "s3://bucket/runs/x", compute)
     assert cmd[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
     assert cmd[cmd.index("--config_file") + 1] == str(REPO / "configs/accelerate/deepspeed_zero3.yaml")
     assert cmd[cmd.index("--num_processes") + 1] == "4"
-    assert cmd[cmd.index("-m", 3):] == ["-m", "pipeline.train", "dpo", "--recipe", "/tmp/r.json",
+    assert cmd[cmd.index("-m", 3):] == ["-m", "pipeline.stages.dpo", "--recipe", "/tmp/r.json",
                                          "--run", "s3://bucket/runs/x"]
-    default = launch.accelerate_command("sft", Path("r.json"), "runs/x", ComputeConfig(num_gpus=2))
+    default = launch.accelerate_command("pipeline.stages.sft", Path("r.json"), "runs/x", ComputeConfig(num_gpus=2))
     assert default[default.index("--config_file") + 1].endswith("configs/accelerate/multi_gpu.yaml")
     with pytest.raises(models.TrainingError, match="compute.accelerate_config: 'nope.yaml'"):
         launch.accelerate_config_path(ComputeConfig(num_gpus=2, accelerate_config="nope.yaml"))
@@ -144,7 +144,7 @@ def test_failed_launch_names_the_stage_and_shows_the_log_tail(tmp_path: Path, mo
     monkeypatch.setattr(launch, "accelerate_command", lambda *a: [sys.executable, "-c", crash])
     recipe = recipe_from_dict({"task": "toy", "storage": {"root": str(tmp_path)}, "compute": {"num_gpus": 2}})
     with pytest.raises(models.TrainingError) as err:
-        launch.launch_stage("sft", recipe, RunStore(tmp_path, "r"))
+        launch.launch_stage("sft", recipe, RunStore(tmp_path, "r"), entry="pipeline.stages.sft")
     assert "stage 'sft'" in str(err.value) and "exited with code 7" in str(err.value)
     assert "CUDA out of memory on rank 3" in str(err.value)
 
@@ -169,7 +169,7 @@ def test_multi_gpu_path_runs_the_stage_in_an_accelerate_launched_process(tmp_pat
 
     from test_train_toyworld import toy_recipe, write_dialogues
 
-    from pipeline.core.runner import open_run, run_stage
+    from pipeline.run.runner import open_run, run_stage
 
     config = tmp_path / "cpu.yaml"
     config.write_text(yaml.safe_dump({"compute_environment": "LOCAL_MACHINE", "distributed_type": "MULTI_CPU",

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from test_train_toyworld import toy_recipe, write_dialogues, write_pairs
 
-from pipeline.core.runner import open_run, run_stage
+from pipeline.run.runner import open_run, run_stage
 
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}
 

@@ -15,7 +15,7 @@ import yaml
 from test_train_toyworld import QUICKSTART, write_dialogues
 
 from pipeline.core.recipe import load_recipe
-from pipeline.core.runner import open_run, run_stage
+from pipeline.run.runner import open_run, run_stage
 from pipeline.train.outputs import checkpoint_step, last_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-from pipeline.core.graph import fingerprint
 from pipeline.core.recipe import Recipe, load_recipe, recipe_from_dict
-from pipeline.core.runner import open_run, run_stage
 from pipeline.core.store import RunStore, StageState
+from pipeline.run.registry import fingerprint
+from pipeline.run.runner import open_run, run_stage
 from pipeline.tasks.toy.task import (
     Problem,
     follow_up,

@@ -17,8 +17,8 @@ from chat_families import FAMILIES, build_family_model, load_tokenizer
 
 from pipeline.backends.base import GenerationRequest, SamplingParams
 from pipeline.core.recipe import PoolModel, load_recipe
-from pipeline.core.runner import open_run, run_stage
 from pipeline.core.templates import render
+from pipeline.run.runner import open_run, run_stage
 
 REFUSED = "Refuse me"  # a prompt the stand-in engine rejects (as vLLM does with e.g. a bad multimodal input)
 

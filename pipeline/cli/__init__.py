@@ -6,14 +6,13 @@ import click
 
 from pipeline.cli import postgres, runs, server, tools
 from pipeline.cli import run as run_commands
-from pipeline.cli.common import setup_logging
-from pipeline.cli.errors import as_cli_error
+from pipeline.cli.common import as_cli_error, setup_logging
 from pipeline.cli.estimate import estimate
 from pipeline.cli.export import export
 
 
 class MappedGroup(click.Group):
-    """Every command's known errors (see pipeline.cli.errors) end as a message and an exit code, never a
+    """Every command's known errors (see pipeline.run.errors) end as a message and an exit code, never a
     traceback; an unexpected one (a bug) keeps its traceback."""
 
     def invoke(self, ctx: click.Context) -> object:

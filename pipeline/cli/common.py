@@ -9,17 +9,26 @@ from pathlib import Path
 import click
 
 from pipeline.core.recipe import Recipe, RecipeError, load_recipe
-from pipeline.core.runner import stage_warnings, status_rows
 from pipeline.core.store import RunStore, StoreError
+from pipeline.run.errors import EXIT_BAD_INPUT, EXIT_FAILED, explain
+from pipeline.run.runner import stage_warnings, status_rows
 from pipeline.teacher.spend import spend_summary
 
-EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
+__all__ = ["EXIT_BAD_INPUT", "EXIT_FAILED", "CliError", "as_cli_error"]
 
 
 class CliError(click.ClickException):
     def __init__(self, message: str, code: int = EXIT_FAILED):
         super().__init__(message)
         self.exit_code = code
+
+
+def as_cli_error(exc: BaseException) -> CliError | None:
+    """The message and exit code of a known error (pipeline.run.errors); None for a bug, whose traceback shows."""
+    if isinstance(exc, CliError):
+        return exc
+    known = explain(exc)
+    return None if known is None else CliError(str(known), known.code)
 
 
 def setup_logging(verbose: bool) -> None:

@@ -7,9 +7,9 @@ import json
 import click
 
 from pipeline.cli.common import EXIT_FAILED, CliError, load, set_option
-from pipeline.core.estimate import estimate as estimate_run
-from pipeline.core.estimate import estimate_table
 from pipeline.core.sources import DataError
+from pipeline.run.estimate import estimate as estimate_run
+from pipeline.run.estimate import estimate_table
 
 
 @click.command()

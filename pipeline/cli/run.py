@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import click
 
-from pipeline.cli.common import EXIT_BAD_INPUT, CliError, load, print_status, set_option
-from pipeline.cli.errors import as_cli_error
+from pipeline.cli.common import EXIT_BAD_INPUT, CliError, as_cli_error, load, print_status, set_option
 from pipeline.cli.server import prefect_api
-from pipeline.core.graph import fingerprint, parse_stages
 from pipeline.core.recipe import Recipe, unpriced_pool_members
-from pipeline.core.runner import StageFailed, check_settings, run_pipeline
-from pipeline.core.stage import STAGE_NAMES
 from pipeline.core.store import RunStore
+from pipeline.run.checks import check_settings
+from pipeline.run.errors import StageFailed
+from pipeline.run.registry import STAGE_NAMES, fingerprint, parse_stages
+from pipeline.run.runner import run_pipeline
 from pipeline.train.configs import check_trl_args
 from pipeline.train.models import TrainingError
 

@@ -7,7 +7,7 @@ import json
 import click
 
 from pipeline.cli.common import open_run, print_status, recipe_option, root_option, run_argument
-from pipeline.core.runner import status_rows
+from pipeline.run.runner import status_rows
 from pipeline.stages.evaluate.report import write_report
 from pipeline.teacher.spend import spend_summary
 

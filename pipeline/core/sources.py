@@ -102,3 +102,14 @@ def iter_prompts(src: PromptSource, task: str | None = None) -> Iterator[SeedPro
             return
         text = text.strip()
         yield SeedPrompt(text, prompt_id(text), origin)
+
+
+def unique_prompts(src: PromptSource, task: str | None = None) -> list[SeedPrompt]:
+    """The source's non-empty prompts, each once (by prompt id), in order."""
+    seen: set[str] = set()
+    out = []
+    for p in iter_prompts(src, task):
+        if p.prompt and p.prompt_id not in seen:
+            seen.add(p.prompt_id)
+            out.append(p)
+    return out

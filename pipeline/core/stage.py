@@ -11,9 +11,6 @@ from typing import Any, TypeVar
 from pipeline.core.store import FailureLedger
 from pipeline.core.work import stream_map
 
-# The pipeline's stages in order; pipeline.core.graph says what each reads and decides.
-STAGE_NAMES = ("generate", "sft", "sample", "feedback", "dpo", "evaluate")
-
 T = TypeVar("T")
 R = TypeVar("R")
 

@@ -118,12 +118,21 @@ class RunStore:
     def write_manifest(self, manifest: dict[str, Any]) -> None:
         self.write_json(self.manifest_path, manifest)
 
-    def init_manifest(self, recipe_snapshot: dict[str, Any], versions: dict[str, str]) -> None:
+    def init_manifest(self, recipe_snapshot: dict[str, Any], versions: dict[str, str],
+                      stages: list[str] | None = None) -> None:
+        """Record the recipe, the versions and the run's stages in order (`stage_names`)."""
         manifest = self.read_manifest()
         manifest.update({"run_name": self.run_name, "recipe": recipe_snapshot, "versions": versions})
+        if stages is not None:
+            manifest["plan"] = stages
         manifest.setdefault("created_at", time.time())
         manifest.setdefault("stages", {})
         self.write_manifest(manifest)
+
+    def stage_names(self) -> list[str]:
+        """The run's stages in order: as the runner planned them, else as they were recorded."""
+        manifest = self.read_manifest()
+        return list(manifest.get("plan") or manifest.get("stages", {}))
 
     def stage_state(self, stage: str) -> StageState:
         raw = self.read_manifest().get("stages", {}).get(stage)

@@ -9,7 +9,6 @@ from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
-from pipeline.core.stage import STAGE_NAMES
 from pipeline.core.store import RunStore
 from pipeline.export.splits import Exported, ExportOptions
 
@@ -73,7 +72,7 @@ def _stats(store: RunStore, stage: str) -> dict[str, Any]:
 
 def _counts_table(store: RunStore) -> list[str]:
     lines = ["| stage | status | input | output | failed | dropped |", "|---|---|---|---|---|---|"]
-    for name in STAGE_NAMES:
+    for name in store.stage_names():
         st = store.stage_state(name)
         c = st.counts
         lines.append(f"| {name} | {st.status} | {c.get('input', '–')} | {c.get('output', '–')} | "

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.core.stage import STAGE_NAMES
 from pipeline.core.store import RunStore
 from pipeline.teacher.batch_journal import BatchJournal
 from pipeline.teacher.cache import cache_path_for, open_cache
@@ -27,7 +26,7 @@ def spend_summary(store: RunStore) -> dict[str, Any]:
             ledger.close()
     else:
         summary = {"stages": {}, "endpoints": {}, "total": SpendLedger.empty_totals()}
-    for stage in STAGE_NAMES:
+    for stage in store.stage_names():
         summary["stages"].setdefault(stage, {**SpendLedger.empty_totals(), "endpoints": {}})
     caps = {"teacher": (recipe.get("teacher") or {}).get("max_cost_usd")}
     caps.update({name: (cfg or {}).get("max_cost_usd") for name, cfg in (recipe.get("endpoints") or {}).items()})

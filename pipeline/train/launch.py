@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
 import collections
 import json
+import logging
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.core import processes
-from pipeline.core.recipe import ComputeConfig, Recipe
+from pipeline.core.recipe import ComputeConfig, Recipe, recipe_from_dict
 from pipeline.core.store import RunStore
 from pipeline.train.models import STAGE_DIR_ENV, TrainingError, local_stage_dir
 
@@ -44,28 +47,45 @@ def accelerate_config_path(compute: ComputeConfig) -> Path:
     return path.resolve()
 
 
-def accelerate_command(stage: str, recipe_file: Path, run_dir: str, compute: ComputeConfig) -> list[str]:
-    """`accelerate launch --config_file … --num_processes N -m pipeline.train STAGE --recipe … --run …`."""
+def accelerate_command(entry: str, recipe_file: Path, run_dir: str, compute: ComputeConfig) -> list[str]:
+    """`accelerate launch --config_file … --num_processes N -m ENTRY --recipe … --run …`, where ENTRY is the
+    stage package whose `__main__` calls `rank_main`."""
     return [sys.executable, "-m", "accelerate.commands.launch",
             "--config_file", str(accelerate_config_path(compute)),
             "--num_processes", str(compute.num_gpus), "--num_machines", "1",
-            "-m", "pipeline.train", stage, "--recipe", str(recipe_file), "--run", run_dir]
+            "-m", entry, "--recipe", str(recipe_file), "--run", run_dir]
 
 
-def launch_stage(stage: str, recipe: Recipe, store: RunStore, tail_lines: int = 40) -> None:
-    """Run the stage on compute.num_gpus GPUs; raises TrainingError with the log tail if it fails.
+def launch_stage(stage: str, recipe: Recipe, store: RunStore, entry: str, tail_lines: int = 40) -> None:
+    """Run the stage on compute.num_gpus GPUs, each rank `python -m ENTRY`; raises TrainingError with the log
+    tail if it fails.
 
     With a remote store the ranks share one local stage dir, downloaded before and uploaded after by this
     (the parent) process alone."""
     with local_stage_dir(store, stage) as stage_dir:
-        _launch(stage, recipe, store, tail_lines, {} if store.is_local else {STAGE_DIR_ENV: str(stage_dir)})
+        extra_env = {} if store.is_local else {STAGE_DIR_ENV: str(stage_dir)}
+        _launch(stage, recipe, store, entry, tail_lines, extra_env)
 
 
-def _launch(stage: str, recipe: Recipe, store: RunStore, tail_lines: int, extra_env: dict[str, str]) -> None:
+def rank_main(run: Callable[[Recipe, RunStore], object], argv: list[str] | None = None) -> None:
+    """One rank of a multi-GPU stage: `python -m pipeline.stages.STAGE --recipe F --run DIR` runs `run`."""
+    parser = argparse.ArgumentParser(description=rank_main.__doc__)
+    parser.add_argument("--recipe", required=True, help="recipe snapshot (JSON) written by the launching stage")
+    parser.add_argument("--run", required=True, help="run directory (path or fsspec URL)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    with open(args.recipe) as fh:
+        recipe = recipe_from_dict(json.load(fh), origin=args.recipe)
+    run(recipe, RunStore.open_existing(args.run))
+
+
+def _launch(stage: str, recipe: Recipe, store: RunStore, entry: str, tail_lines: int,
+            extra_env: dict[str, str]) -> None:
     workdir = Path(tempfile.mkdtemp(prefix=f"distill-launch-{stage}-"))
     recipe_file = workdir / "recipe.json"
     recipe_file.write_text(json.dumps(recipe.snapshot()))
-    command = accelerate_command(stage, recipe_file, store.url, recipe.compute)
+    command = accelerate_command(entry, recipe_file, store.url, recipe.compute)
     log_path = workdir / "launch.log"
     tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
     env = {**os.environ, LAUNCHED_ENV: "1", **extra_env}

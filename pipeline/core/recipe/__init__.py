@@ -30,13 +30,14 @@ from pipeline.core.recipe.load import (
 )
 from pipeline.core.recipe.model import ComputeConfig, Recipe, StorageConfig
 from pipeline.core.recipe.roles import (
-    STAGE_ROLES,
+    EndpointUse,
     all_endpoints,
     endpoint_key,
+    panel_uses,
     pool_endpoint,
+    pool_uses,
     role_endpoint,
-    stage_endpoint_identities,
-    stage_endpoints,
+    role_uses,
     unpriced_pool_members,
 )
 from pipeline.core.recipe.series import SeriesConfig
@@ -45,11 +46,11 @@ from pipeline.core.recipe.training import DPOStageConfig, LoraConfig, SFTStageCo
 
 __all__ = [
     "BUILTIN_STUDENT", "BUILTIN_TEACHER", "BudgetConfig", "ComputeConfig", "DEFAULT_ENDPOINT", "DPOStageConfig",
-    "DecontamConfig", "EstimateConfig", "EvaluateConfig", "ExhaustionConfig", "FeedbackConfig", "FilterConfig",
+    "DecontamConfig", "EndpointUse", "EstimateConfig", "EvaluateConfig", "ExhaustionConfig", "FeedbackConfig", "FilterConfig",
     "GenerateConfig", "InstructionFilterConfig", "LoraConfig", "PairsConfig", "PoolModel", "PromptSource", "ROLES",
-    "Recipe", "RecipeError", "ReplyTokens", "RolesConfig", "SFTStageConfig", "STAGE_ROLES", "SampleConfig",
+    "Recipe", "RecipeError", "ReplyTokens", "RolesConfig", "SFTStageConfig", "SampleConfig",
     "Section", "SelfInstructConfig", "SelfPromptingConfig", "SeriesConfig", "StorageConfig", "TASK_PROMPTS",
     "TeacherConfig", "TinyStudentConfig", "all_endpoints", "apply_overrides", "endpoint_key", "load_recipe",
-    "load_recipe_text", "parse_override", "pool_endpoint", "recipe_from_dict", "role_endpoint",
-    "stage_endpoint_identities", "stage_endpoints", "unpriced_pool_members",
+    "load_recipe_text", "panel_uses", "parse_override", "pool_endpoint", "pool_uses", "recipe_from_dict",
+    "role_endpoint", "role_uses", "unpriced_pool_members",
 ]

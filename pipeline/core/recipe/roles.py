@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass
+
 from pipeline.core.recipe.aif import PoolModel
 from pipeline.core.recipe.base import BUILTIN_TEACHER
 from pipeline.core.recipe.endpoints import DEFAULT_ENDPOINT, ROLES
 from pipeline.core.recipe.model import Recipe
 from pipeline.core.recipe.teacher import TeacherConfig
 
-# The roles each stage plays through an endpoint (sample's openai pool members are resolved one by one).
-STAGE_ROLES: dict[str, tuple[str, ...]] = {
-    "generate": ("assistant", "user_simulator", "instruction_writer"),
-    "feedback": ("rater",),
-    "evaluate": ("judge",),
-}
 STRUCTURED_ROLES = ("rater", "judge")  # the roles an endpoint's `structured` setting changes the replies of
 
 
@@ -54,33 +51,33 @@ def pool_endpoint(recipe: Recipe, member: PoolModel) -> tuple[str, TeacherConfig
         "batch": False})
 
 
-def _stage_roles(recipe: Recipe, stage: str) -> list[str]:
-    # the instruction writer only when self-instruct or self-prompting runs
-    return [r for r in STAGE_ROLES.get(stage, ())
-            if r != "instruction_writer" or recipe.generate.self_instruct.enabled
-            or recipe.generate.self_prompting.enabled]
+@dataclass(frozen=True)
+class EndpointUse:
+    """One way a stage reaches an endpoint: through a role, as a panel rater, or as an openai pool member."""
+
+    key: str  # its name among the stage's endpoint identities: the role, `panel:NAME` or the pool member's name
+    endpoint: str
+    config: TeacherConfig
+    structured: bool = False  # the replies it asks for follow the endpoint's `structured` setting
+
+    def identity(self) -> dict[str, object]:
+        return self.config.identity(self.structured)
 
 
-def stage_endpoints(recipe: Recipe, stage: str) -> dict[str, TeacherConfig]:
-    """The endpoints a stage sends requests to (by name): its roles', its panel's, its openai pool members'."""
-    if stage == "sample":
-        return dict(pool_endpoint(recipe, m) for m in recipe.sample.pool if m.backend == "openai")
-    used = dict(role_endpoint(recipe, role) for role in _stage_roles(recipe, stage))
-    if stage == "feedback":
-        used |= {n: all_endpoints(recipe)[n] for n in recipe.feedback.panel}
-    return used
+def role_uses(recipe: Recipe, roles: Iterable[str]) -> list[EndpointUse]:
+    """The endpoints that play `roles`."""
+    return [EndpointUse(role, *role_endpoint(recipe, role), structured=role in STRUCTURED_ROLES) for role in roles]
 
 
-def stage_endpoint_identities(recipe: Recipe, stage: str) -> dict[str, object]:
-    """What decides the answers a stage gets from its endpoints: the identity of each role's endpoint, or of
-    each openai pool member's."""
-    if stage == "sample":
-        return {m.name: pool_endpoint(recipe, m)[1].identity() for m in recipe.sample.pool if m.backend == "openai"}
-    identities: dict[str, object] = {role: role_endpoint(recipe, role)[1].identity(role in STRUCTURED_ROLES)
-                                     for role in _stage_roles(recipe, stage)}
-    if stage == "feedback":  # the panel's raters (absent without one, so no fingerprint moves)
-        identities |= {f"panel:{n}": all_endpoints(recipe)[n].identity(True) for n in recipe.feedback.panel}
-    return identities
+def panel_uses(recipe: Recipe) -> list[EndpointUse]:
+    """feedback's panel of raters (each rates every answer, structured where its endpoint says so)."""
+    return [EndpointUse(f"panel:{name}", name, all_endpoints(recipe)[name], structured=True)
+            for name in recipe.feedback.panel]
+
+
+def pool_uses(recipe: Recipe) -> list[EndpointUse]:
+    """sample's openai pool members, each with the endpoint it is sent to."""
+    return [EndpointUse(m.name, *pool_endpoint(recipe, m)) for m in recipe.sample.pool if m.backend == "openai"]
 
 
 def unpriced_pool_members(recipe: Recipe) -> list[str]:

@@ -32,7 +32,7 @@ def run(recipe: Recipe, store: RunStore) -> StageReport:
         raise models.TrainingError(f"dpo: no usable pairs in {store.url}/feedback ({len(failures)} rejected; "
                                    f"see {store.url}/dpo/failures.jsonl)")
     if should_launch(recipe.compute):
-        launch_stage("dpo", recipe, store)
+        launch_stage("dpo", recipe, store, entry=__package__)
         metrics = store.read_json(store.join("dpo", "metrics.json"))
     else:
         metrics = train_dpo(recipe, store, pairs)

@@ -13,7 +13,6 @@ import time
 from collections import defaultdict
 from typing import Any
 
-from pipeline.core.stage import STAGE_NAMES
 from pipeline.core.store import RunStore
 from pipeline.stages.evaluate.judge import win_rate
 from pipeline.stages.evaluate.markdown import render_markdown
@@ -167,7 +166,7 @@ def stage_costs(store: RunStore, evaluate_status: str | None = None) -> list[dic
     stages = store.read_manifest().get("stages", {})
     paid = spend_summary(store)["stages"]
     rows = []
-    for name in STAGE_NAMES:
+    for name in store.stage_names():
         st = stages.get(name) or {}
         status = st.get("status", "pending")
         seconds = float(st.get("seconds") or 0.0)

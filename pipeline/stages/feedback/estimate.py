@@ -6,10 +6,10 @@ from __future__ import annotations
 import statistics
 
 from pipeline.core.recipe import PoolModel, Recipe, role_endpoint
+from pipeline.core.sources import unique_prompts
 from pipeline.core.templates import render
 from pipeline.stages.feedback.rate import ASPECT_TITLES, ON_POLICY, TYPE_HINTS
 from pipeline.stages.feedback.ratings import SCALES
-from pipeline.stages.sample.stage import unique_prompts
 from pipeline.teacher.demand import Planner, RolePlan
 
 
@@ -21,7 +21,7 @@ def demand(recipe: Recipe, plan: Planner) -> None:
     students = [m for m in recipe.sample.pool if m.model == "sft"]
     draft = _answer(plan, cfg.on_policy_sampler if ON_POLICY in cfg.sources else (students or [None])[0])
     correction = render("feedback_correction.jinja", question="", draft="", reminder="")
-    for prompt in unique_prompts(recipe):
+    for prompt in unique_prompts(recipe.sample.prompts or recipe.prompts, recipe.task):
         tokens = rater.tokens(prompt.prompt)
         if "pool" in cfg.sources and recipe.sample.k >= 2:
             rate(rater, plan, aspects, tokens, [pool_answer] * recipe.sample.k)

@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.backends.answers import completion_id
 from pipeline.core.recipe import FeedbackConfig, Recipe
 from pipeline.core.stage import ItemFailed, StageStopped
 from pipeline.core.templates import render
@@ -23,7 +24,6 @@ from pipeline.stages.feedback.ratings import (
     parse_ratings,
     rating_schema,
 )
-from pipeline.stages.sample.stage import completion_id
 from pipeline.teacher.client import StructuredUnsupported
 from pipeline.teacher.messages import ChatRequest
 from pipeline.teacher.session import RoleClient

@@ -12,9 +12,10 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.backends.answers import COMPLETIONS_SCHEMA, NO_PRINCIPLE, Assignment, sample_responses
 from pipeline.core.progress import progress
 from pipeline.core.recipe import Recipe
-from pipeline.core.sources import SeedPrompt
+from pipeline.core.sources import SeedPrompt, unique_prompts
 from pipeline.core.stage import ItemStream, StageReport, conclude, say_loud_drops
 from pipeline.core.store import RunStore
 from pipeline.stages.feedback.debias import mitigation_effects
@@ -29,8 +30,6 @@ from pipeline.stages.feedback.rate import (
 )
 from pipeline.stages.feedback.report import feedback_report, report_markdown
 from pipeline.stages.feedback.schema import RATINGS, pairs_schema
-from pipeline.stages.sample.schema import COMPLETIONS
-from pipeline.stages.sample.stage import NO_PRINCIPLE, Assignment, sample_responses, unique_prompts
 from pipeline.teacher.client import TeacherError
 from pipeline.teacher.session import teacher_session
 from pipeline.teacher.structured import merge_tallies
@@ -51,7 +50,7 @@ class FeedbackError(ValueError):
 def run(recipe: Recipe, store: RunStore) -> StageReport:
     """Rate every sampled answer, binarize into pairs; every item ends as a pair, dropped or failed."""
     check_sources(recipe)
-    prompts = unique_prompts(recipe)  # the sample stage's prompts, those it got no answer for included
+    prompts = unique_prompts(recipe.sample.prompts or recipe.prompts, recipe.task)  # the sample stage's prompts, those it got no answer for included
     pool = read_answers(store, "sample", "completions", [m.name for m in recipe.sample.pool])
     if not pool:
         raise FeedbackError(f"no sampled answers in {store.url}/sample; run `distill stage sample` first")
@@ -115,7 +114,7 @@ def sample_on_policy(recipe: Recipe, store: RunStore, prompts: list[SeedPrompt])
     cfg = recipe.feedback
     sampler = cfg.on_policy_sampler
     writer = store.shard_writer(STAGE, name=ON_POLICY, shard_size=cfg.shard_size, id_key="completion_id",
-                                schema=COMPLETIONS)
+                                schema=COMPLETIONS_SCHEMA)
     done = writer.done_ids()
     todo = [a for p in prompts for i in range(cfg.on_policy_k)
             if (a := Assignment(p, sampler.name, NO_PRINCIPLE, i, cfg.seed)).completion_id not in done]

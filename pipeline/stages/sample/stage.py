@@ -2,56 +2,27 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import random
 from collections import Counter, defaultdict
-from dataclasses import dataclass
 from typing import Any
 
-from pipeline.backends.base import BackendStopped, Completion, GenerationRequest, SamplingParams
-from pipeline.backends.pool import make_backend
+from pipeline.backends.answers import COMPLETIONS_SCHEMA, NO_PRINCIPLE, Assignment, sample_responses
 from pipeline.core.decontam import CONTAMINATED, Match, counts_by_file, load_decontaminator
 from pipeline.core.progress import progress
-from pipeline.core.recipe import PoolModel, Recipe, SampleConfig
-from pipeline.core.sources import SeedPrompt, iter_prompts
+from pipeline.core.recipe import Recipe, SampleConfig
+from pipeline.core.sources import SeedPrompt, unique_prompts
 from pipeline.core.stage import StageReport, conclude, say_loud_drops
-from pipeline.core.store import FailureLedger, RunStore, ShardWriter
-from pipeline.core.templates import render, template_names
-from pipeline.stages.sample.schema import COMPLETIONS as COMPLETIONS_SCHEMA
+from pipeline.core.store import RunStore
+from pipeline.core.templates import template_names
 
 log = logging.getLogger(__name__)
 STAGE = "sample"
 COMPLETIONS = "completions"
-NO_PRINCIPLE = "none"
 
 
 class SampleError(ValueError):
     """A sample section that cannot be run; the message names the key."""
-
-
-@dataclass(frozen=True)
-class Assignment:
-    """One answer to produce: a prompt, the pool model that answers it, under which principle."""
-
-    prompt: SeedPrompt
-    model: str  # the pool model's name
-    principle: str
-    sample_index: int = 0
-    seed: int = 0
-
-    @property
-    def completion_id(self) -> str:
-        return completion_id(self.prompt.prompt_id, self.model, self.sample_index)
-
-    @property
-    def sample_seed(self) -> int:
-        return int(hashlib.sha256(f"{self.seed}:{self.completion_id}".encode()).hexdigest()[:8], 16)
-
-
-def completion_id(prompt_id: str, model: str, sample_index: int) -> str:
-    """Stable id of one answer: sha256 of prompt id, model name and sample index."""
-    return hashlib.sha256(f"{prompt_id}:{model}:{sample_index}".encode()).hexdigest()
 
 
 def principles_for(source: str, cfg: SampleConfig) -> list[str]:
@@ -87,71 +58,6 @@ def assign_models(prompts: list[SeedPrompt], cfg: SampleConfig) -> list[Assignme
     return plan
 
 
-def answer_messages(prompt: str, principle: str, model: PoolModel) -> list[dict[str, str]]:
-    """The conversation a pool model answers: the principle as system prompt (if it takes one), then the prompt."""
-    user = {"role": "user", "content": prompt}
-    if principle == NO_PRINCIPLE or not model.principles:
-        return [user]
-    return [{"role": "system", "content": render(f"principle_{principle}.jinja")}, user]
-
-
-def completion_row(a: Assignment, model: PoolModel, messages: list[dict[str, str]], c: Completion) -> dict[str, Any]:
-    system = messages[0]["content"] if messages[0]["role"] == "system" else ""
-    return {
-        "completion_id": a.completion_id, "prompt_id": a.prompt.prompt_id, "prompt": a.prompt.prompt,
-        "prompt_source": a.prompt.source, "model": a.model, "backend": model.backend, "model_path": model.model,
-        "principle": a.principle if system else NO_PRINCIPLE, "system_prompt": system,
-        # where the model saw the principle: its own system turn, or the user turn (a template refusing system)
-        "system_prompt_in": c.system_prompt_in if system else NO_PRINCIPLE, "completion": c.text,
-        "finish_reason": c.finish_reason, "sample_index": a.sample_index, "seed": a.sample_seed,
-        "temperature": model.temperature, "top_p": model.top_p, "max_tokens": model.max_tokens,
-        "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
-    }
-
-
-def sample_responses(model: PoolModel, todo: list[Assignment], recipe: Recipe, store: RunStore, writer: ShardWriter,
-                     failures: FailureLedger, chunk: int, bar: Any = None,
-                     stage: str = STAGE) -> tuple[str, dict[str, float]]:
-    """Load one pool model, answer its assignments chunk by chunk into the writer; (stop message, cost)."""
-    backend = make_backend(model, recipe, store, stage)
-    params = SamplingParams.of(model)
-    stop = ""
-    try:
-        for start in range(0, len(todo), chunk):
-            part = todo[start:start + chunk]
-            conversations = [answer_messages(a.prompt.prompt, a.principle, model) for a in part]
-            requests = [GenerationRequest(m, a.sample_seed) for a, m in zip(part, conversations, strict=True)]
-            try:
-                completions: list[Completion | None] = list(backend.generate(requests, params))
-            except BackendStopped as stopped:
-                completions, stop = stopped.completions, str(stopped)
-            for a, messages, c in zip(part, conversations, completions, strict=True):
-                if c is None:
-                    continue  # not started: the stage stopped
-                if c.error is not None:
-                    failures.record(a.completion_id, f"{model.name}: {c.error}", c.attempts)
-                else:
-                    writer.add(completion_row(a, model, messages, c))
-            writer.flush()  # a finished chunk is never redone
-            if bar is not None:
-                bar.update(len(part))
-            if stop:
-                break
-    finally:
-        backend.close()
-    return stop, backend.cost()
-
-
-def unique_prompts(recipe: Recipe) -> list[SeedPrompt]:
-    seen: set[str] = set()
-    out = []
-    for p in iter_prompts(recipe.sample.prompts or recipe.prompts, recipe.task):
-        if p.prompt and p.prompt_id not in seen:
-            seen.add(p.prompt_id)
-            out.append(p)
-    return out
-
-
 def decontaminate(recipe: Recipe, prompts: list[SeedPrompt]) -> tuple[list[SeedPrompt], dict[str, Match]]:
     """The prompts that share no n-gram with the recipe's evaluation sets, and what the others matched:
     preference pairs are training data too."""
@@ -168,7 +74,7 @@ def run(recipe: Recipe, store: RunStore) -> StageReport:
     if not cfg.pool:
         raise SampleError("sample.pool is empty: list the models that answer the prompts (see configs/quickstart.yaml)")
     check_principles(cfg)
-    prompts, contaminated = decontaminate(recipe, unique_prompts(recipe))
+    prompts, contaminated = decontaminate(recipe, unique_prompts(recipe.sample.prompts or recipe.prompts, recipe.task))
     ledger = store.ledger(STAGE, "dropped")
     known = {e.item_id for e in ledger.entries()}
     ledger.record_many((pid, m.reason, 1, m.detail()) for pid, m in contaminated.items() if pid not in known)

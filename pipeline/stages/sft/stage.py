@@ -35,7 +35,7 @@ def run(recipe: Recipe, store: RunStore) -> StageReport:
                                    f"see {store.url}/sft/failures.jsonl)")
     if should_launch(recipe.compute):
         models.resolve_base_model(recipe, store)  # build the tiny student once, not once per rank
-        launch_stage("sft", recipe, store)
+        launch_stage("sft", recipe, store, entry=__package__)
         metrics = store.read_json(store.join("sft", "metrics.json"))
     else:
         metrics = train_sft(recipe, store, dialogues)

@@ -1,4 +1,5 @@
-"""One place that turns the errors the pipeline raises into a message and an exit code (never a traceback)."""
+"""One place that turns the errors the pipeline raises into a message and an exit code (never a traceback),
+for the CLI and for Prefect flow runs' final states alike."""
 
 from __future__ import annotations
 
@@ -6,16 +7,21 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from pipeline.cli.common import EXIT_BAD_INPUT, EXIT_FAILED, CliError
+EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
+
+
+class StageFailed(RuntimeError):
+    """A stage stopped, or would stop; the message says why and what to do."""
 
 
 class DistillFailed(RuntimeError):
-    """An error already turned into its message (stage, what, what to do): a Prefect flow run's final state
-    carries exactly this text, and the CLI prints it as is."""
+    """An error already turned into its message (stage, what, what to do) and exit code: a Prefect flow run's
+    final state carries exactly this text, and the CLI prints it as is."""
 
     def __init__(self, message: str, code: int = EXIT_FAILED):
         super().__init__(message)
         self.code = code
+
 
 # A pipeline error class derived from ValueError is bad input (a file, key or item); the rest are failures.
 ADVICE = {
@@ -25,6 +31,7 @@ ADVICE = {
     "TeacherFatal": "fix the endpoint (key, model name, base_url) and run the same command to resume",
     "StoreError": "check storage.root and the run name",
 }
+PLAIN = ("StageFailed", "CliError")  # messages that already say what to do: shown without their class name
 
 
 def is_known(exc: BaseException) -> bool:
@@ -39,21 +46,21 @@ def advice(exc: BaseException) -> str:
     return "fix what the message names and run the same command again (finished work is kept)"
 
 
-def as_cli_error(exc: BaseException) -> CliError | None:
+def explain(exc: BaseException) -> DistillFailed | None:
     """The message and exit code for a known error; None for an unexpected one (a bug: let its traceback show)."""
-    if isinstance(exc, CliError):
-        return exc
     if isinstance(exc, DistillFailed):
-        return CliError(str(exc), exc.code)
+        return exc
     if not is_known(exc):
         return None
     code = EXIT_BAD_INPUT if isinstance(exc, ValueError) else EXIT_FAILED
     name = type(exc).__name__
-    text = str(exc) if name in ("StageFailed", "CliError") else f"{name}: {exc}"
+    text = str(exc) if name in PLAIN else f"{name}: {exc}"
     stage = getattr(exc, "stage", None)  # set by the runner on what a stage raised
     if stage and f"'{stage}'" not in text.split(":")[0]:
         text = f"stage '{stage}': {text}"
-    return CliError(f"{text}\n  what to do: {advice(exc)}", code)
+    if name == "CliError":
+        return DistillFailed(text, getattr(exc, "exit_code", code))
+    return DistillFailed(f"{text}\n  what to do: {advice(exc)}", code)
 
 
 @contextmanager
@@ -62,10 +69,10 @@ def explained() -> Iterator[None]:
     try:
         yield
     except Exception as exc:
-        known = as_cli_error(exc)
-        if known is None or isinstance(exc, DistillFailed):
+        known = explain(exc)
+        if known is None or known is exc:
             raise
-        raise DistillFailed(known.message, known.exit_code) from None
+        raise known from None
 
 
 class KnownWithoutTraceback(logging.Filter):
@@ -74,7 +81,7 @@ class KnownWithoutTraceback(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        if exc is not None and as_cli_error(exc) is not None:
+        if exc is not None and explain(exc) is not None:
             record.exc_info, record.exc_text = None, None
         return True
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-from pipeline.core.graph import STAGES
 from pipeline.core.recipe import Recipe, TeacherConfig, all_endpoints, endpoint_key, unpriced_pool_members
+from pipeline.run.registry import STAGES
 from pipeline.teacher.demand import Demand, Planner
 
 NUMBERS = ("requests", "input_tokens", "output_tokens", "usd_live", "usd_batch", "usd")

@@ -1,0 +1,1 @@
+"""Orchestration, above the stages: the stage registry, the runner, checks before paying, estimates, errors."""
