@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import os
-
 from prefect import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
+from pipeline.core import environment
 from pipeline.core.recipe import Recipe
 from pipeline.run.registry import STAGES
 from pipeline.teacher.serving import server_gpus
 
 GPU_CONCURRENCY_LIMIT = "zephyr-distill-gpu"
-GPUS_ENV = "ZEPHYR_DISTILL_GPUS"  # how many GPUs the gpu pool has, when nothing created the limit yet
 
 
 def gpus_needed(recipe: Recipe) -> int:
@@ -32,7 +30,7 @@ def ensure_gpu_limit(gpus: int | None = None) -> int:
     """Create the limit if it is missing (whichever path runs the flow: `distill deploy`, `prefect deploy`, a
     served deployment), sized `gpus`, else $ZEPHYR_DISTILL_GPUS, else 1; `gpus` given also resizes an existing
     one (`distill deploy --gpus N`). Returns the limit's size."""
-    size = gpus or int(os.environ.get(GPUS_ENV) or 1)
+    size = gpus or environment.gpu_pool_size()
     with get_client(sync_client=True) as client:
         try:
             current = client.read_global_concurrency_limit_by_name(GPU_CONCURRENCY_LIMIT).limit

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -35,8 +39,28 @@ def test_change_propagates_downstream_only(repo_root: Path, override: str, chang
     assert {s for s in STAGE_NAMES if base[s] != new[s]} == changed
 
 
-def test_fingerprint_is_stable(repo_root: Path):
-    assert _fps(repo_root) == _fps(repo_root)
+def _fps_in_a_new_process(repo_root: Path, hash_seed: str) -> dict[str, str]:
+    code = ("import json, sys; from pipeline.core.recipe import load_recipe; "
+            "from pipeline.run.registry import STAGE_NAMES, fingerprint; "
+            "r = load_recipe(sys.argv[1]); print(json.dumps({s: fingerprint(s, r) for s in STAGE_NAMES}))")
+    env = {**os.environ, "PYTHONHASHSEED": hash_seed, "PYTHONPATH": str(repo_root)}
+    out = subprocess.run([sys.executable, "-c", code, str(repo_root / "configs/quickstart.yaml")], env=env,
+                         capture_output=True, text=True, check=True, timeout=120).stdout
+    return json.loads(out)
+
+
+def test_fingerprints_are_the_same_in_other_processes_whatever_their_hash_seed(repo_root: Path):
+    # a set iterated into the payload, or a hash() of a string, would differ between these processes
+    here = _fps(repo_root)
+    assert _fps_in_a_new_process(repo_root, "1") == here
+    assert _fps_in_a_new_process(repo_root, "2") == here
+
+
+def test_equivalent_spellings_of_a_setting_give_one_fingerprint(repo_root: Path):
+    # the quickstart sets dpo.beta and dpo.loss_type: the same values under dpo.args train the same model
+    assert _fps(repo_root, "dpo.beta=null", "dpo.args.beta=0.1") == _fps(repo_root)
+    assert _fps(repo_root, "dpo.loss_type=null", "dpo.args.loss_type=[sigmoid, sft]") == _fps(repo_root)
+    assert _fps(repo_root, "dpo.beta=null", "dpo.args.beta=0.05") != _fps(repo_root)
 
 
 def test_starting_the_builtin_teacher_does_not_change_fingerprints(repo_root: Path):

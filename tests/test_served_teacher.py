@@ -17,7 +17,7 @@ import pytest
 import yaml
 from test_process_lifetime import marked, wait_for
 
-from pipeline.core.filehash import CACHE_ENV
+from pipeline.core.environment import CACHE_DIR as CACHE_ENV
 from pipeline.core.gguf import hf_model_dir, package_file
 from pipeline.core.recipe import load_recipe
 from pipeline.core.recipe.serve import ServeConfig

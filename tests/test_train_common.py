@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.core import environment
 from pipeline.core.recipe import ComputeConfig, DPOStageConfig, recipe_from_dict
 from pipeline.core.store import RunStore
 from pipeline.stages.dpo.stage import to_explicit_preference
@@ -124,10 +125,10 @@ def test_student_path_is_relative_to_the_recipe_and_a_hub_id_stays_an_id(tmp_pat
 
 
 def test_only_the_parent_of_a_multi_gpu_run_launches(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(launch.LAUNCHED_ENV, raising=False)
+    monkeypatch.delenv(environment.LAUNCHED, raising=False)
     assert not launch.should_launch(ComputeConfig(num_gpus=1))
     assert launch.should_launch(ComputeConfig(num_gpus=8))
-    monkeypatch.setenv(launch.LAUNCHED_ENV, "1")
+    monkeypatch.setenv(environment.LAUNCHED, "1")
     assert not launch.should_launch(ComputeConfig(num_gpus=8))
 
 

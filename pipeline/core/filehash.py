@@ -13,10 +13,11 @@ import sqlite3
 from contextlib import closing
 from pathlib import Path
 
+from pipeline.core import environment
+
 log = logging.getLogger(__name__)
 _BLOCK = 1 << 20
 _MEMO: dict[tuple[str, int, int, int], str] = {}
-CACHE_ENV = "ZEPHYR_DISTILL_CACHE"  # where the shared hash cache lives (default ~/.cache/zephyr-distill)
 
 
 def content_hash(path: str | os.PathLike[str]) -> str:
@@ -76,7 +77,7 @@ class _Cache:
 
     @staticmethod
     def _connect() -> sqlite3.Connection:
-        base = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "zephyr-distill")
+        base = environment.cache_root()
         base.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(base / "content-hashes.sqlite", timeout=5, isolation_level=None)
         db.execute("CREATE TABLE IF NOT EXISTS hashes (path TEXT, size INTEGER, mtime_ns INTEGER, inode INTEGER, "

@@ -15,7 +15,8 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from pipeline.core.filehash import CACHE_ENV, content_hash
+from pipeline.core import environment
+from pipeline.core.filehash import content_hash
 
 log = logging.getLogger(__name__)
 NOTE = "converted.json"  # written last: a directory without it is an interrupted conversion
@@ -62,7 +63,7 @@ def gguf_files(specs: Iterable[str | None]) -> dict[str, str]:
 
 def model_cache_root() -> Path:
     """Converted models live beside the content-hash cache (`$ZEPHYR_DISTILL_CACHE`, ~/.cache/zephyr-distill)."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "zephyr-distill") / "gguf"
+    return environment.cache_root() / "gguf"
 
 
 def hf_model_dir(spec: str, cache_root: Path | None = None) -> str:

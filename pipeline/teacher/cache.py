@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import sqlite3
 import time
 from dataclasses import asdict
@@ -21,6 +22,8 @@ from pipeline.core.store import RunStore
 from pipeline.teacher.ledger import Charge, SpendLedger
 from pipeline.teacher.messages import ChatRequest, ChatResult
 from pipeline.teacher.mirror import RemoteMirror
+
+log = logging.getLogger(__name__)
 
 
 def cache_key(model: str, request: ChatRequest) -> str:
@@ -95,21 +98,29 @@ class ResponseCache:
         if self.mirror is not None:
             await self.mirror.flush()
 
-    def pull(self) -> int:
+    def pull(self, max_listings: int = 5) -> int:
         """Import the run store's segments this file has not seen (responses and charges other workers paid
-        for); the number of entries imported."""
+        for); the number of entries imported. A segment folded into a newer one between the listing and the
+        read is found by listing again, at most `max_listings` times; what is still missing then (other workers
+        folding without pause) comes in with the next pull."""
         assert self.mirror is not None
-        seen = {r[0] for r in self._db.execute("SELECT segment FROM imported").fetchall()}
-        imported, missing = 0, False
-        for name in self.mirror.segments():
-            if name in seen:
-                continue
-            entries = self.mirror.read(name)
-            if entries is None:  # folded into a newer segment meanwhile: list again afterwards
-                missing = True
-                continue
-            imported += self._import(name, entries)
-        return imported + (self.pull() if missing else 0)
+        imported = 0
+        for _ in range(max_listings):
+            seen = {r[0] for r in self._db.execute("SELECT segment FROM imported").fetchall()}
+            missing = False
+            for name in self.mirror.segments():
+                if name in seen:
+                    continue
+                entries = self.mirror.read(name)
+                if entries is None:
+                    missing = True
+                    continue
+                imported += self._import(name, entries)
+            if not missing:
+                return imported
+        log.warning("response cache: segments of %s kept changing while read; the rest comes with the next pull",
+                    self.mirror.folder)
+        return imported
 
     def _import(self, segment: str, entries: list[dict[str, Any]]) -> int:
         self._db.execute("BEGIN")

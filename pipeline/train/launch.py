@@ -14,13 +14,12 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline.core import processes
+from pipeline.core import environment, processes
 from pipeline.core.recipe import ComputeConfig, Recipe, recipe_from_dict
 from pipeline.core.store import RunStore
-from pipeline.train.models import STAGE_DIR_ENV, TrainingError, local_stage_dir
+from pipeline.train.models import TrainingError, local_stage_dir
 
 ACCELERATE_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "accelerate"
-LAUNCHED_ENV = "DISTILL_LAUNCHED"  # set for the launched ranks, so they train instead of launching again
 SHIPPED = {"multi_gpu": "multi_gpu.yaml", "deepspeed_zero3": "deepspeed_zero3.yaml", "zero3": "deepspeed_zero3.yaml",
            "fsdp": "fsdp.yaml"}
 
@@ -32,7 +31,7 @@ def should_launch(compute: ComputeConfig) -> bool:
 
 def is_launched_rank() -> bool:
     """True inside a process started by `launch_stage` (one rank of a multi-GPU run)."""
-    return os.environ.get(LAUNCHED_ENV) == "1"
+    return environment.is_launched_rank()
 
 
 def accelerate_config_path(compute: ComputeConfig) -> Path:
@@ -63,7 +62,7 @@ def launch_stage(stage: str, recipe: Recipe, store: RunStore, entry: str, tail_l
     With a remote store the ranks share one local stage dir, downloaded before and uploaded after by this
     (the parent) process alone."""
     with local_stage_dir(store, stage) as stage_dir:
-        extra_env = {} if store.is_local else {STAGE_DIR_ENV: str(stage_dir)}
+        extra_env = {} if store.is_local else {environment.STAGE_DIR: str(stage_dir)}
         _launch(stage, recipe, store, entry, tail_lines, extra_env)
 
 
@@ -88,7 +87,7 @@ def _launch(stage: str, recipe: Recipe, store: RunStore, entry: str, tail_lines:
     command = accelerate_command(entry, recipe_file, store.url, recipe.compute)
     log_path = workdir / "launch.log"
     tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
-    env = {**os.environ, LAUNCHED_ENV: "1", **extra_env}
+    env = {**os.environ, environment.LAUNCHED: "1", **extra_env}
     with open(log_path, "w") as log_file, processes.start(
             command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
         for line in proc.stdout:

@@ -13,13 +13,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from pipeline.core import environment
 from pipeline.core.recipe import BUILTIN_STUDENT, ComputeConfig, LoraConfig, Recipe
 from pipeline.core.store import RunStore
 from pipeline.train.errors import TrainingError
 from pipeline.train.student import build_tiny_student
 
 log = logging.getLogger("pipeline.train")
-STAGE_DIR_ENV = "DISTILL_STAGE_DIR"  # the local stage dir a multi-process run's parent hands its ranks
 
 
 def detect_device(compute: ComputeConfig) -> str:
@@ -151,8 +151,8 @@ def local_stage_dir(store: RunStore, stage: str) -> Iterator[Path]:
     if store.is_local:
         yield Path(store.stage_dir(stage))
         return
-    if os.environ.get(STAGE_DIR_ENV):
-        yield Path(os.environ[STAGE_DIR_ENV])
+    if os.environ.get(environment.STAGE_DIR):
+        yield Path(os.environ[environment.STAGE_DIR])
         return
     local = Path(tempfile.mkdtemp(prefix=f"distill-{stage}-"))
     store.download_dir(local / "checkpoints", stage, "checkpoints")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationInfo
 
 BUILTIN_TEACHER = "builtin"  # teacher.base_url: the recipe's task serves its own teacher on loopback
 BUILTIN_STUDENT = "builtin:tiny"  # sft.model: a tiny student built offline from the task's texts
@@ -21,15 +21,18 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-# Relative paths in a recipe are resolved against the recipe file's folder while it is validated.
-BASE_DIR: dict[str, Path | None] = {"dir": None}
+def recipe_dir(info: ValidationInfo | None) -> Path | None:
+    """The recipe file's folder, which relative paths in it are resolved against: the loader passes it as the
+    validation context (`{"base_dir": ...}`); None for a recipe built in code or from a run's snapshot."""
+    context = info.context if info is not None else None
+    return (context or {}).get("base_dir")
 
 
-def existing_path(value: str, what: str) -> str:
+def existing_path(value: str, what: str, info: ValidationInfo | None = None) -> str:
     """`value` as an absolute path that exists (relative to the recipe's folder); URLs are checked when read."""
     if "://" in value:
         return value
-    base = BASE_DIR.get("dir")
+    base = recipe_dir(info)
     path = Path(value).expanduser()
     if not path.is_absolute() and base is not None:
         path = base / path
@@ -38,9 +41,9 @@ def existing_path(value: str, what: str) -> str:
     return str(path.resolve())
 
 
-def local_path_or_id(value: str) -> str:
+def local_path_or_id(value: str, info: ValidationInfo | None = None) -> str:
     """A model directory next to the recipe becomes an absolute path; anything else stays as given (a hub id)."""
-    base = BASE_DIR.get("dir")
+    base = recipe_dir(info)
     if value.startswith("builtin:") or base is None or "://" in value or Path(value).is_absolute():
         return value
     candidate = base / Path(value).expanduser()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from pipeline.core.recipe.base import Section, existing_path
 
@@ -21,10 +21,10 @@ class DecontamConfig(Section):
 
     @field_validator("eval_files")
     @classmethod
-    def _files_are_evaluation_sets(cls, files: list[str]) -> list[str]:
+    def _files_are_evaluation_sets(cls, files: list[str], info: ValidationInfo) -> list[str]:
         from pipeline.core.evalsets import EvalSetError, cached_eval_rows
 
-        resolved = [existing_path(f, "an evaluation set file") for f in files]
+        resolved = [existing_path(f, "an evaluation set file", info) for f in files]
         for path in resolved:
             if "://" in path:
                 continue  # remote sets are read (and checked) when a stage starts

@@ -8,6 +8,7 @@ from typing import Any
 
 from pydantic import Field
 
+from pipeline.core import environment
 from pipeline.core.recipe.base import Section
 
 DEFAULT_ENDPOINT = "teacher"  # the `teacher` section is the endpoint every role uses unless `roles` says otherwise
@@ -73,13 +74,12 @@ def unknown_endpoint(key: str, name: str, defined: list[str]) -> str:
 
 def secret_variables(data: Any) -> Any:
     """Give each endpoint whose key comes from a Prefect Secret block its own environment variable, so two
-    blocks never land in the same one (the `teacher` section's default is ZEPHYR_DISTILL_TEACHER_KEY)."""
+    blocks never land in the same one (pipeline.core.environment)."""
     if not isinstance(data, dict) or not isinstance(data.get("endpoints"), dict):
         return data
     endpoints = {}
     for name, entry in data["endpoints"].items():
         if isinstance(entry, dict) and entry.get("api_key_secret_block") and not entry.get("api_key_env"):
-            var = re.sub(r"[^A-Z0-9]", "_", str(name).upper())
-            entry = {**entry, "api_key_env": f"ZEPHYR_DISTILL_{var}_KEY"}
+            entry = {**entry, "api_key_env": environment.endpoint_key(str(name))}
         endpoints[name] = entry
     return {**data, "endpoints": endpoints}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from pipeline.core.recipe.base import Section, existing_path
 
@@ -36,8 +36,8 @@ class EvaluateConfig(Section):
 
     @field_validator("prompts")
     @classmethod
-    def _prompts_exist(cls, value: str | None) -> str | None:
-        return None if value is None else existing_path(value, "an evaluation prompts file")
+    def _prompts_exist(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return None if value is None else existing_path(value, "an evaluation prompts file", info)
 
     @field_validator("models")
     @classmethod

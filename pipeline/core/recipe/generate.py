@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from pipeline.core.recipe.base import TASK_PROMPTS, Section, existing_path
 
@@ -20,8 +20,8 @@ class PromptSource(Section):
 
     @field_validator("source")
     @classmethod
-    def _source_exists(cls, value: str) -> str:
-        return value if value == TASK_PROMPTS else existing_path(value, "a prompts file or dataset directory")
+    def _source_exists(cls, value: str, info: ValidationInfo) -> str:
+        return value if value == TASK_PROMPTS else existing_path(value, "a prompts file or dataset directory", info)
 
     @property
     def from_task(self) -> bool:

@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from pipeline.core.recipe.base import BASE_DIR, RecipeError
+from pipeline.core.recipe.base import RecipeError
 from pipeline.core.recipe.model import Recipe
 
 
@@ -83,13 +83,10 @@ def recipe_from_dict(data: Any, origin: str = "<recipe>", base_dir: Path | None 
         raise RecipeError(f"{origin}: the recipe is empty; start from configs/quickstart.yaml")
     if not isinstance(data, dict):
         raise RecipeError(f"{origin}: expected a mapping of sections at the top level, got {type(data).__name__}")
-    BASE_DIR["dir"] = base_dir
     try:
-        return Recipe.model_validate(data)
+        return Recipe.model_validate(data, context={"base_dir": base_dir})
     except ValidationError as exc:
         raise RecipeError(_format_validation(exc, origin)) from None
-    finally:
-        BASE_DIR["dir"] = None
 
 
 def load_recipe_text(text: str, origin: str, overrides: list[str] | None = None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from pipeline.core.gguf import package_file
 from pipeline.core.recipe.base import Section, existing_path, local_path_or_id
@@ -33,14 +33,14 @@ class ServeConfig(Section):
 
     @field_validator("model")
     @classmethod
-    def _local_model(cls, value: str) -> str:
+    def _local_model(cls, value: str, info: ValidationInfo) -> str:
         if value.startswith("package:"):
             if not package_file(value).is_file():
                 raise ValueError(f"serve.model '{value}': the package has no such file")
             return value
         if value.lower().endswith(".gguf"):
-            return existing_path(value, "serve.model")
-        return local_path_or_id(value)
+            return existing_path(value, "serve.model", info)
+        return local_path_or_id(value, info)
 
     @property
     def is_local(self) -> bool:

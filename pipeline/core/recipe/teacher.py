@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from pipeline.core import environment
 from pipeline.core.filehash import content_hash
 from pipeline.core.gguf import package_file
 from pipeline.core.recipe.base import BUILTIN_TEACHER, Section
@@ -50,7 +51,7 @@ class TeacherConfig(Section):
     def _secret_needs_a_variable(cls, data: Any) -> Any:
         # The flows export a Secret block's value into a process-local variable; give it a name if none.
         if isinstance(data, dict) and data.get("api_key_secret_block") and not data.get("api_key_env"):
-            data = {**data, "api_key_env": "ZEPHYR_DISTILL_TEACHER_KEY"}
+            data = {**data, "api_key_env": environment.TEACHER_KEY}
         return data
 
     @model_validator(mode="before")

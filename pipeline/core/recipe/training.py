@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from pipeline.core.recipe.base import BUILTIN_STUDENT, Section, existing_path, local_path_or_id
 
@@ -49,14 +49,17 @@ class SFTStageConfig(Section):
     chat_template: str | None = None
     replace_template: bool = False  # a template no training variant renders identically: use Zephyr's instead
 
-    _model_path = field_validator("model")(classmethod(lambda cls, v: local_path_or_id(v)))
+    @field_validator("model")
+    @classmethod
+    def _model_path(cls, value: str, info: ValidationInfo) -> str:
+        return local_path_or_id(value, info)
 
     @field_validator("chat_template")
     @classmethod
-    def _template_file(cls, value: str | None) -> str | None:
+    def _template_file(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is None or "{{" in value or "{%" in value or not value.endswith((".jinja", ".j2")):
             return value
-        return Path(existing_path(value, "the chat template file")).read_text(encoding="utf-8")
+        return Path(existing_path(value, "the chat template file", info)).read_text(encoding="utf-8")
 
 
 class DPOStageConfig(Section):
