@@ -306,13 +306,23 @@ def test_second_turn_is_judged_with_the_models_first_answer(tmp_path: Path, stud
     with ScriptedJudge() as judge:
         result = evaluate.run(live(recipe, judge.base_url), store)
     assert result.status == "completed", result.message
-    answer = f"The answer is {students['best']}."
+    answer, baseline = f"The answer is {students['best']}.", f"The answer is {students['worse']}."
     rows = {(r["item_id"], r["model"]): r for r in read(store, "answers")}
     assert rows[("m-1", "dpo")]["answers"] == [answer, answer]
+    assert rows[("m-1", "sft")]["answers"] == [baseline, baseline]
     single = [t for t in judge.requests if "[[rating]]" in t]
     turn_two = [t for t in single if "Now 3x = x plus 14." in t.split("## Question")[1]]
     assert len(single) == 2 * 3 and len(turn_two) == 2  # 3 turns, answered by dpo and by the baseline sft
-    assert all(f"Assistant: {answer}" in t or "Assistant: The answer is" in t for t in turn_two)
+
+    def shown(request: str) -> tuple[str, str]:
+        """(the first answer in the conversation so far, the graded answer) of a turn-two request."""
+        first = re.findall(r"Assistant: (.*)", request.split("## Question")[0])
+        graded = re.findall(r"<answer>\n(.*)\n</answer>", request)
+        assert len(first) == 1 and len(graded) == 1, request
+        return first[0], graded[0]
+
+    # each model's second turn is judged after that model's own first answer, not another model's
+    assert sorted(shown(t) for t in turn_two) == sorted([(answer, answer), (baseline, baseline)])
     assert all("Reference answer" not in t for t in turn_two)
     assert sum("Reference answer, for the judge only: 7" in t for t in single) == 2
     ev = json.loads(Path(store.join("evaluate", "report.json")).read_text())["evaluation"]
