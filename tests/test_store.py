@@ -46,7 +46,7 @@ MANIFEST_WRITER = textwrap.dedent("""
 """)
 
 
-def _kill_mid_write(script: str, root: Path, writes: int, fraction: float) -> None:
+def kill_mid_write(script: str, root: Path | str, writes: int, fraction: float) -> None:
     """SIGKILL the writer `fraction` of a write interval after its `writes`-th reported write: timed by its
     output, so a loaded machine delays the kill along with the writer."""
     proc = subprocess.Popen([sys.executable, "-c", script, str(root)], stdout=subprocess.PIPE, text=True)
@@ -65,7 +65,7 @@ def _kill_mid_write(script: str, root: Path, writes: int, fraction: float) -> No
 
 @pytest.mark.parametrize("fraction", [0.5, 0.85, 0.9, 0.95])
 def test_killed_shard_write_leaves_no_partial_shard(tmp_path: Path, fraction: float):
-    _kill_mid_write(WRITER, tmp_path, writes=3, fraction=fraction)
+    kill_mid_write(WRITER, tmp_path, writes=3, fraction=fraction)
     store = RunStore(tmp_path, "run")
     shards = store.shard_paths("generate")
     assert len(shards) >= 3, "every shard the writer reported must be visible"
@@ -82,7 +82,7 @@ def test_killed_shard_write_leaves_no_partial_shard(tmp_path: Path, fraction: fl
 
 @pytest.mark.parametrize("fraction", [0.2, 0.5, 0.9])
 def test_manifest_survives_a_crash_mid_write(tmp_path: Path, fraction: float):
-    _kill_mid_write(MANIFEST_WRITER, tmp_path, writes=20, fraction=fraction)
+    kill_mid_write(MANIFEST_WRITER, tmp_path, writes=20, fraction=fraction)
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     # one whole version the writer wrote: its padding belongs to its counter, the recipe is intact
     assert manifest["counter"] >= 19
