@@ -268,8 +268,8 @@ def test_a_judge_reask_differs_from_its_first_ask(tmp_path: Path, students: dict
     for body in reasks:
         text = body["messages"][-1]["content"]
         assert body["temperature"] > 0 and body["seed"] == 2 and body["messages"][-1]["content"] not in by_question
-        assert "Note: your previous reply could not be used (no rating" in text or \
-            "Note: your previous reply could not be used (conflicting verdicts" in text
+        problem = "no rating" if "[[rating]]" in text else "conflicting verdicts"  # what ScriptedJudge replied
+        assert f"Note: your previous reply could not be used ({problem}" in text
 
 
 def test_structured_verdicts_carry_schemas_and_give_the_text_modes_report(tmp_path: Path,
