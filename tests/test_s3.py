@@ -172,8 +172,8 @@ def test_multi_process_training_on_s3_uploads_once_from_the_parent(s3, tmp_path:
 
 def test_reading_the_manifest_while_another_process_rewrites_it_never_fails(s3) -> None:
     """`distill status` (or a test) polls a run's manifest while its stage rewrites it: each read is one GET,
-    which sees the old or the new object (a HEAD then a ranged GET tied to the old ETag failed with
-    PreconditionFailed when the object was replaced in between)."""
+    which sees the old or the new object (a HEAD then a ranged GET tied to the old ETag fails with
+    PreconditionFailed when the object is replaced in between)."""
     import threading
 
     store = RunStore(s3.url(f"poll-{uuid.uuid4().hex[:8]}"), "run")
