@@ -1,4 +1,4 @@
-"""AI feedback from a biased judge, without and with the feedback stage's mitigations (issue 16).
+"""AI feedback from a biased judge, without and with the feedback stage's mitigations.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/biased_judge.py [--root DIR] [--length-bias 0.3]
 

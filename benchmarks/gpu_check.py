@@ -26,7 +26,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]  # the package and gpu_model, however the script is started
 
-from gpu_model import build, dialogues, flops_per_token, parameter_count, peak_tflops, text  # noqa: E402
+from gpu_model import build, dialogues, flops_per_token, parameter_count, peak_tflops, text  # noqa: E402 - on the path set above
 
 PARTS = ("env", "build", "sft", "dpo", "sample", "vllm")
 
@@ -41,10 +41,10 @@ class _TimeBox:
         box = self
 
         class Callback(TrainerCallback):
-            def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003 - transformers' API
+            def on_train_begin(self, args, state, control, **kwargs) -> None:  # noqa: ANN001, ANN003 - transformers' API
                 box.t0 = time.perf_counter()
 
-            def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001, ANN003
+            def on_log(self, args, state, control, logs=None, **kwargs) -> None:  # noqa: ANN001, ANN003 - transformers' API
                 if logs and "num_tokens" in logs:
                     box.marks.append((state.global_step, time.perf_counter(), float(logs["num_tokens"])))
                 if time.perf_counter() - box.t0 > box.seconds:

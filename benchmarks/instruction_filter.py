@@ -158,7 +158,7 @@ class BruteForce:
 
 
 class MinHashCandidates:
-    """The alternative the issue names: datasketch MinHash LSH over words (counted with repeats) retrieves
+    """The alternative: datasketch MinHash LSH over words (counted with repeats) retrieves
     candidates, exact ROUGE-L checks them. F > 0.7 implies a multiset Jaccard > 0.7/1.3, so LSH is tuned
     for 0.5; it is approximate, the inverted index is not."""
 

@@ -30,13 +30,13 @@ import openai
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.core.recipe import TeacherConfig, recipe_from_dict  # noqa: E402
-from pipeline.core.work import stream_map  # noqa: E402
-from pipeline.run.runner import open_run, run_stage  # noqa: E402
-from pipeline.tasks.toy.teacher_server import ToyTeacher, ToyTeacherConfig  # noqa: E402
+from pipeline.core.recipe import TeacherConfig, recipe_from_dict
+from pipeline.core.work import stream_map
+from pipeline.run.runner import open_run, run_stage
+from pipeline.tasks.toy.teacher_server import ToyTeacher, ToyTeacherConfig
 from pipeline.teacher.cache import ResponseCache
-from pipeline.teacher.client import TeacherClient  # noqa: E402
-from pipeline.teacher.messages import ChatRequest
+from pipeline.teacher.client import TeacherClient
+from pipeline.teacher.messages import ChatRequest, ChatResult
 
 WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa "
          "quebec romeo sierra tango uniform victor whiskey xray yankee zulu river stone cloud ember").split()
@@ -85,7 +85,7 @@ async def request_path(base_url: str, prompts: list[str], concurrency: int, cach
                         timeout_s=30)
     client = TeacherClient(cfg, ResponseCache(cache_file))
 
-    async def one(p: str):
+    async def one(p: str) -> ChatResult:
         return await client.chat(ChatRequest([{"role": "user", "content": p}], temperature=0.0, max_tokens=512))
 
     t0 = time.perf_counter()

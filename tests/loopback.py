@@ -32,7 +32,7 @@ class LoopbackChat:
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.base_url = ""
 
-    def __enter__(self):  # noqa: ANN204 -- subclasses return themselves
+    def __enter__(self):
         self.thread.start()
         while not self.server.started:
             time.sleep(0.01)

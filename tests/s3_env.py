@@ -46,7 +46,7 @@ class MotoS3:
         self.filesystem().mkdir(self.bucket)
         return self
 
-    def filesystem(self):  # noqa: ANN201 - an s3fs.S3FileSystem
+    def filesystem(self):
         import s3fs
 
         return s3fs.S3FileSystem(key="testing", secret="testing", endpoint_url=self.endpoint, skip_instance_cache=True)

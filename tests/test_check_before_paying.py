@@ -50,7 +50,7 @@ class CountingTeacher(LoopbackChat):
     def __init__(self) -> None:
         self.requests = 0
 
-        async def handler(request):  # noqa: ANN001, ANN202
+        async def handler(request):
             self.requests += 1
             return JSONResponse(completion("3 + 4 = 7"))
 
@@ -65,7 +65,7 @@ def test_the_counting_teacher_does_count_what_a_run_sends(tmp_path):
         assert teacher.requests > 0, proc.stdout + proc.stderr
 
 
-def quickstart(*overrides: str):  # noqa: ANN201 - a Recipe
+def quickstart(*overrides: str):
     return load_recipe(ROOT / "configs/quickstart.yaml", list(overrides))
 
 

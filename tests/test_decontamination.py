@@ -123,7 +123,8 @@ def test_every_turn_is_indexed_and_short_texts_match_where_they_appear_whole(tmp
     assert decon.match("Thanks! Now, what is 3 + 4?").ngram == "what is 3 + 4"  # shorter than n: whole
     assert decon.match("What is 3 + 5?") is None
     assert decon.match("Hi there, how are you?") is None  # two words: too short to mean anything
-    assert decon.match("Hi there") is not None  # ... unless it is the whole evaluation turn
+    whole = decon.match("Hi there")  # ... unless it is the whole evaluation turn
+    assert whole is not None and (whole.eval_item, whole.ngram) == ("7", "hi there")
     excerpt = decon.match("Why every city should plant more trees?")  # a short prompt inside a long turn
     assert excerpt is not None and excerpt.ngram == "why every city should plant more trees"
     assert decon.match("Tell me why every city should plant more trees along its quiet roads and rivers") is None

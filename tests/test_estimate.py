@@ -93,7 +93,8 @@ def test_self_prompting_requests_are_estimated_on_the_instruction_writers_endpoi
         rec = load_recipe(write_recipe(data))
         store = open_run(rec, "sp")
         run_stage("generate", rec, store)
-    stats = json.loads(open(store.join("generate", "stats.json")).read())["self_prompting"]
+    with open(store.join("generate", "stats.json")) as f:
+        stats = json.load(f)["self_prompting"]
     ledger = SpendLedger.open(store.join("cache", "teacher.sqlite"))
     paid = ledger.summary()["stages"]["generate"]["endpoints"]["cheap"]
     ledger.close()

@@ -268,8 +268,8 @@ def test_a_judge_reask_differs_from_its_first_ask(tmp_path: Path, students: dict
     for body in reasks:
         text = body["messages"][-1]["content"]
         assert body["temperature"] > 0 and body["seed"] == 2 and body["messages"][-1]["content"] not in by_question
-        assert "Note: your previous reply could not be used (no rating" in text or \
-            "Note: your previous reply could not be used (conflicting verdicts" in text
+        problem = "no rating" if "[[rating]]" in text else "conflicting verdicts"  # what ScriptedJudge replied
+        assert f"Note: your previous reply could not be used ({problem}" in text
 
 
 def test_structured_verdicts_carry_schemas_and_give_the_text_modes_report(tmp_path: Path,
@@ -306,13 +306,23 @@ def test_second_turn_is_judged_with_the_models_first_answer(tmp_path: Path, stud
     with ScriptedJudge() as judge:
         result = evaluate.run(live(recipe, judge.base_url), store)
     assert result.status == "completed", result.message
-    answer = f"The answer is {students['best']}."
+    answer, baseline = f"The answer is {students['best']}.", f"The answer is {students['worse']}."
     rows = {(r["item_id"], r["model"]): r for r in read(store, "answers")}
     assert rows[("m-1", "dpo")]["answers"] == [answer, answer]
+    assert rows[("m-1", "sft")]["answers"] == [baseline, baseline]
     single = [t for t in judge.requests if "[[rating]]" in t]
     turn_two = [t for t in single if "Now 3x = x plus 14." in t.split("## Question")[1]]
     assert len(single) == 2 * 3 and len(turn_two) == 2  # 3 turns, answered by dpo and by the baseline sft
-    assert all(f"Assistant: {answer}" in t or "Assistant: The answer is" in t for t in turn_two)
+
+    def shown(request: str) -> tuple[str, str]:
+        """(the first answer in the conversation so far, the graded answer) of a turn-two request."""
+        first = re.findall(r"Assistant: (.*)", request.split("## Question")[0])
+        graded = re.findall(r"<answer>\n(.*)\n</answer>", request)
+        assert len(first) == 1 and len(graded) == 1, request
+        return first[0], graded[0]
+
+    # each model's second turn is judged after that model's own first answer, not another model's
+    assert sorted(shown(t) for t in turn_two) == sorted([(answer, answer), (baseline, baseline)])
     assert all("Reference answer" not in t for t in turn_two)
     assert sum("Reference answer, for the judge only: 7" in t for t in single) == 2
     ev = json.loads(Path(store.join("evaluate", "report.json")).read_text())["evaluation"]
@@ -352,8 +362,7 @@ def _evaluation(win: float | None, n: int = 50, baseline_spec: str = "/series/ru
             "models": {"dpo": {"path": "/series/run-2/dpo/model", "vs_baseline": vs}}}
 
 
-# The gate changed deliberately (issue 13): a point win rate >= the threshold promoted a model that only tied;
-# now the win rate's lower bound, win rate - k x standard error, must be above the threshold.
+# A point win rate at the threshold can be a tie: the lower bound, win rate - k x standard error, must be above it.
 @pytest.mark.parametrize(("win", "stderr", "threshold", "k", "promote"), [
     (0.7, 0.05, 0.5, 2.0, True),    # 0.60 > 0.5
     (0.6, 0.05, 0.5, 2.0, False),   # 0.50 is not above 0.5

@@ -23,7 +23,7 @@ class UselessRater(LoopbackChat):
     def __init__(self) -> None:
         self.requests = 0
 
-        async def handler(request):  # noqa: ANN001, ANN202
+        async def handler(request):
             self.requests += 1
             return JSONResponse(completion("I would rather not rate these answers."))
 

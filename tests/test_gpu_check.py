@@ -16,7 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from gpu_model import QWEN2_05B, SMOKE, flops_per_token, model_config, parameter_count  # noqa: E402
+from gpu_model import QWEN2_05B, SMOKE, flops_per_token, model_config, parameter_count  # noqa: E402 - found on the path set above
 
 # What a lean GPU image may lack: the recipe's and the teacher's dependencies (the check must not need them)
 # (everything pyproject declares beyond torch, transformers, trl, datasets, accelerate and their own dependencies)

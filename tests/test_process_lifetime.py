@@ -36,7 +36,7 @@ def marked(mark: str, needle: str = "") -> list[int]:
     return found
 
 
-def wait_for(check, timeout_s: float, what: str):  # noqa: ANN001, ANN201 -- a predicate and its result
+def wait_for(check, timeout_s: float, what: str):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         result = check()

@@ -1,8 +1,8 @@
 """One arrow schema per stage output: shards of a stage agree on their types, so `datasets` loads any of them.
 
-The failure this guards against: a feedback shard in which an aspect was rated N/A throughout had a
-`null`-typed column, the next shard a `double` one, and `datasets.load_dataset("parquet", ...)` stopped with
-"Couldn't cast array of type double to null".
+Without one, a feedback shard in which an aspect is rated N/A throughout gets a `null`-typed column and the
+next a `double` one, which `datasets.load_dataset("parquet", ...)` refuses ("Couldn't cast array of type double
+to null").
 """
 
 from __future__ import annotations

@@ -6,14 +6,14 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.tasks.toy.task import corpus  # noqa: E402
-from pipeline.train.student import CHAT_TEMPLATE, build_student  # noqa: E402
+from pipeline.tasks.toy.task import corpus
+from pipeline.train.student import CHAT_TEMPLATE, build_student
 
 CONVERSATION = [
     {"role": "system", "content": "You are a helpful assistant."},

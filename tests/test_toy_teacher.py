@@ -13,7 +13,14 @@ from pathlib import Path
 import openai
 import pytest
 
-from pipeline.tasks.toy.task import Problem, is_correct, parse_problem, prompt_pool, teacher_answer
+from pipeline.tasks.toy.task import (
+    GENERIC_REPLY,
+    Problem,
+    is_correct,
+    parse_problem,
+    prompt_pool,
+    teacher_answer,
+)
 from pipeline.tasks.toy.teacher_server import ToyTeacher, ToyTeacherConfig, parse_args, request_key
 
 MODEL = "toy-teacher"
@@ -52,7 +59,7 @@ def test_assistant_answers_every_phrasing_with_the_same_systematic_answer(client
     for prompt in ("What is {a} + {b}?", "Compute {a} plus {b}.", "Add {a} and {b}."):
         reply = ask(client, prompt.format(a=wrong.a, b=wrong.b))
         assert reply == f"{wrong.a} + {wrong.b} = {teacher_answer(wrong, 0.3, 0)}. The answer is {teacher_answer(wrong, 0.3, 0)}."
-    assert ask(client, "Tell me a joke.")  # no problem: a short generic reply
+    assert ask(client, "Tell me a joke.") == GENERIC_REPLY  # no arithmetic problem in it
 
 
 def test_completion_follows_the_openai_schema(client: openai.OpenAI) -> None:

@@ -145,7 +145,7 @@ def test_toy_student_improves_from_base_to_sft_to_dpo(tmp_path: Path) -> None:
     RESULTS.update(acc=acc, sft_seconds=sft_seconds, dpo_seconds=dpo_seconds)
     print(json.dumps(RESULTS))
     assert acc["base"] < acc["sft"] < acc["dpo"], acc
-    assert acc["dpo"] - acc["sft"] >= 0.15, acc  # measured +0.31 (0.625 -> 0.933); the quickstart target is +0.2
+    assert acc["dpo"] - acc["sft"] >= 0.15, acc  # a clear gain, below the quickstart's +0.2 target for seed noise
     n = recipe.prompts.count
     assert sft.counts == {"input": n, "output": n, "failed": 0} and dpo.counts["output"] == n
 

@@ -72,7 +72,7 @@ class FakeEngine:
 @pytest.fixture
 def fake_vllm(monkeypatch):
     import transformers  # noqa: F401 - both look for a real vllm when first imported: let them find none
-    import trl  # noqa: F401
+    import trl  # noqa: F401 - as above
 
     module = types.ModuleType("vllm")
     module.LLM, module.SamplingParams = FakeEngine, FakeSamplingParams

@@ -97,7 +97,7 @@ def run_flow(recipe: str, overrides: tuple[str, ...], run_name: str | None, stag
         state = distill(request, return_state=True)
         try:
             result = state.result()
-        except Exception as exc:  # the flow's own error, already logged by Prefect
+        except Exception as exc:  # noqa: BLE001 - whatever the flow raised (Prefect logged it) becomes a CLI error
             raise as_cli_error(exc) or CliError(f"{type(exc).__name__}: {exc}") from None
     if not state.is_completed():
         raise CliError(f"the distill flow ended {state.name}")

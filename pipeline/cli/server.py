@@ -20,12 +20,9 @@ from pipeline.core import processes
 def immediate_sqlite_transactions() -> None:
     """Begin every server transaction IMMEDIATE on SQLite.
 
-    Prefect begins its transactions DEFERRED: they read, then write, and the upgrade to a write lock fails at
-    once with SQLITE_BUSY when another writer committed in between; busy_timeout does not apply to an upgrade,
-    so the API answers 503 "database is locked" (measured: 19 of 40 submits, 20 at a time, with client retries
-    off; the UI does not retry). An IMMEDIATE transaction takes the write lock when it begins and waits for it
-    (busy_timeout, 60 s), so writers queue instead of failing: 0 of 40 in eight runs. Reads outside
-    transactions stay concurrent (WAL).
+    Prefect begins them DEFERRED, and the upgrade to a write lock fails at once with SQLITE_BUSY (busy_timeout
+    does not apply to it), so concurrent submits get 503 "database is locked". An IMMEDIATE transaction waits
+    for the write lock (busy_timeout), so writers queue instead; reads outside transactions stay concurrent (WAL).
     """
     from contextlib import asynccontextmanager
 

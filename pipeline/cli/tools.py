@@ -8,7 +8,7 @@ import time
 import click
 
 from pipeline.cli.common import EXIT_BAD_INPUT, CliError
-from pipeline.core.task import TaskError, load_task
+from pipeline.core.task import Task, TaskError, load_task
 
 
 @click.command()
@@ -37,7 +37,7 @@ def serve(gpu_pool: str, cron: str | None) -> None:
     serve_all(gpu_pool, cron)
 
 
-def _task(name: str):  # noqa: ANN202 - a Task
+def _task(name: str) -> Task:
     try:
         return load_task(name)
     except TaskError as exc:

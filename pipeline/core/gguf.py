@@ -84,7 +84,7 @@ def hf_model_dir(spec: str, cache_root: Path | None = None) -> str:
 def convert(source: Path, target: Path, digest: str) -> None:
     """Dequantize `source` into `target` (atomically: a staging directory renamed into place)."""
     try:
-        import gguf  # noqa: F401  (transformers needs it to read the file)
+        import gguf  # noqa: F401 - transformers needs it to read the file
     except ImportError:
         raise GGUFError(f"{source}: reading GGUF weights needs the gguf package: "
                         "pip install 'zephyr-distill[gguf]'") from None
@@ -98,7 +98,7 @@ def convert(source: Path, target: Path, digest: str) -> None:
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
         loaded = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
-    except Exception as exc:  # noqa: BLE001 - any reader failure means this file cannot be used
+    except Exception as exc:  # any reader failure means this file cannot be used
         raise GGUFError(f"{source}: transformers could not read this GGUF file ({type(exc).__name__}: {exc})") from exc
     config = loaded.config
     if hasattr(config, "quantization_config"):

@@ -97,7 +97,7 @@ class BatchDriver:
                     self._flush(lines)
         except asyncio.CancelledError:
             raise
-        except BaseException as exc:  # nothing may be left waiting forever
+        except BaseException as exc:  # noqa: BLE001 - whatever stops the driver, no caller may wait forever
             self._fail_all(exc if isinstance(exc, TeacherFatal) else
                            TeacherFatal(f"batch driver of endpoint '{self.client.name}' stopped: "
                                         f"{type(exc).__name__}: {exc}"))
@@ -182,7 +182,7 @@ class BatchDriver:
             await self._consume(entry, batch)
         except (asyncio.CancelledError, KeyboardInterrupt):
             raise
-        except BaseException as exc:  # its lines fail (TeacherFatal stops the stage); the batch stays open
+        except BaseException as exc:  # noqa: BLE001 - its lines fail (TeacherFatal stops the stage); the batch stays open
             error = exc if isinstance(exc, TeacherFatal) else TeacherFatal(
                 f"batch {entry['batch_id']} on endpoint '{self.client.name}': {type(exc).__name__}: {exc}")
             for key in entry["lines"]:

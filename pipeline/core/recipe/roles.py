@@ -35,8 +35,8 @@ def role_endpoint(recipe: Recipe, role: str) -> tuple[str, TeacherConfig]:
 def pool_endpoint(recipe: Recipe, member: PoolModel) -> tuple[str, TeacherConfig]:
     """The endpoint an `openai` pool member is sent to, with the member's model.
 
-    A member with its own `base_url` (the older form) is an endpoint of its own with the teacher's limits and
-    no prices: its requests are ledgered at $0 (give it an endpoint with prices instead)."""
+    A member with its own `base_url` is an endpoint of its own with the teacher's limits and no prices: its
+    requests are ledgered at $0 (give it an endpoint with prices instead)."""
     if member.endpoint is not None or member.base_url in (None, BUILTIN_TEACHER):  # the named endpoint's server
         name = member.endpoint or DEFAULT_ENDPOINT
         cfg = all_endpoints(recipe)[name]

@@ -291,7 +291,7 @@ def _mean_scores(per_rater: list[list[float | None]]) -> list[float | None]:
 def rating_rows(item: Item, answers: list[Answer], verdicts: dict[str, AspectVerdict], scores: list[float | None],
                 judge: str, rater: str = "") -> list[dict[str, Any]]:
     """One row per answer, aspect and order shown (and panel rater: `judge_model` is then `endpoint/model`); the
-    first order of a lone rater keeps the id it had before orders and panels existed."""
+    first order of a lone rater has no suffix, so ratings stored under the plain id still match on a resume."""
     rows = []
     for aspect, v in verdicts.items():
         for shown, call in enumerate(v.calls):

@@ -162,8 +162,8 @@ def parse_ratings(judge_text: str, n: int, aspect: str) -> ParsedRatings:
 def rating_schema(n: int, aspect: str, with_type: bool, rationale_chars: int | None = None) -> dict[str, Any]:
     """The JSON schema of a rating reply for n shown texts: exactly n entries, UltraFeedback's fields.
 
-    `rationale_chars` bounds each rationale, so a constrained reply closes within its token budget (a small
-    model held to an unbounded string ran on to max_tokens: 8 of 8 SmolLM2-135M replies cut off)."""
+    `rationale_chars` bounds each rationale, so a constrained reply closes within its token budget: a small model
+    held to an unbounded string runs on to max_tokens."""
     low, high = SCALES[aspect]
     rating: dict[str, Any] = {"type": "integer", "enum": list(range(low, high + 1))}
     if aspect == "honesty":  # the honesty rubric lets the rater decline (N/A)
