@@ -22,6 +22,7 @@ from prefect.context import FlowRunContext, TaskRunContext
 from pipeline.core.progress import set_progress_factory
 from pipeline.core.stage import StageReport
 from pipeline.core.store import RunStore
+from pipeline.run.rounds import read_summary, rounds_markdown, rounds_plot, rounds_table
 from pipeline.run.runner import stage_warnings, status_rows
 
 
@@ -91,19 +92,21 @@ def _sample_rows(store: RunStore, stage: str) -> tuple[str, list[dict[str, Any]]
     return None
 
 
-def publish_stage(stage: str, store: RunStore, report: StageReport) -> None:
-    """A markdown summary of the stage and, for data stages, a table of examples."""
+def publish_stage(key: str, store: RunStore, report: StageReport, stage: str | None = None) -> None:
+    """A markdown summary of the stage (`key`: `dpo`, or `dpo@2` with `store` its round's view) and, for data
+    stages, a table of examples."""
     if not _in_run():
         return
+    stage = stage or key
     counts = ", ".join(f"{k} {v}" for k, v in report.counts.items())
     cost = report.cost.get("usd", 0.0)
     create_markdown_artifact(
-        f"### {stage} ({report.status})\n\n{report.message}\n\n- counts: {counts}\n- teacher cost: ${cost:.4f}\n"
+        f"### {key} ({report.status})\n\n{report.message}\n\n- counts: {counts}\n- teacher cost: ${cost:.4f}\n"
         f"- output: `{store.join(stage)}`\n",
-        key=artifact_key(store.run_name, stage, "summary"), description=f"{stage} stage of {store.run_name}")
+        key=artifact_key(store.run_name, key, "summary"), description=f"{key} stage of {store.run_name}")
     sample = None if report.skipped else _sample_rows(store, stage)
     if sample and sample[1]:
-        create_table_artifact(sample[1], key=artifact_key(store.run_name, stage, "samples"),
+        create_table_artifact(sample[1], key=artifact_key(store.run_name, key, "samples"),
                               description=f"{sample[0]} from {store.run_name}")
 
 
@@ -141,6 +144,19 @@ def publish_promotion(series: str, store: RunStore, decision: dict[str, Any]) ->
 
 def _fmt(value: Any) -> str | None:
     return None if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def publish_rounds(store: RunStore) -> None:
+    """The on-policy rounds: a table per round and a summary with the plot of the measure by round."""
+    summary = read_summary(store)
+    if not _in_run() or not summary.get("rounds"):
+        return
+    create_table_artifact(rounds_table(summary), key=artifact_key(store.run_name, "rounds"),
+                          description=f"on-policy rounds of {store.run_name}")
+    plot = base64.b64encode(rounds_plot(summary)).decode()
+    create_markdown_artifact(rounds_markdown(summary, f"data:image/png;base64,{plot}"),
+                             key=artifact_key(store.run_name, "rounds-summary"),
+                             description=f"on-policy rounds of {store.run_name}: measure by round")
 
 
 def publish_run_summary(store: RunStore) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
@@ -16,15 +17,23 @@ from prefect.deployments import run_deployment
 from prefect.states import Scheduled
 from prefect.utilities.annotations import quote
 
-from flows.artifacts import ProgressArtifact, publish_promotion, publish_run_summary, publish_stage
+from flows.artifacts import (
+    ProgressArtifact,
+    publish_promotion,
+    publish_rounds,
+    publish_run_summary,
+    publish_stage,
+)
 from flows.gpus import GPU_CONCURRENCY_LIMIT, check_fits, ensure_gpu_limit, stage_gpus
 from flows.params import DistillRequest, StageRequest
 from pipeline.core.recipe import Recipe, all_endpoints
+from pipeline.core.rounds import ROUND_STAGES, round_store, split_key, stage_key
 from pipeline.core.stage import StageReport
 from pipeline.core.store import RunStore
 from pipeline.run.checks import check_settings
 from pipeline.run.errors import StageFailed, explained, quiet_known_tracebacks
 from pipeline.run.registry import STAGE_NAMES, STAGES, fingerprint
+from pipeline.run.rounds import read_summary, record_round, still_running
 from pipeline.run.runner import open_run, run_stage
 from pipeline.series.promotion import promotion_for_run, with_current_baseline
 from pipeline.series.series import NothingNew, Series
@@ -44,12 +53,14 @@ def _stage_cache_key(context: TaskRunContext, params: dict[str, Any]) -> str:
     return f"{context.task_run.flow_run_id}-{params['stage']}-{params['fp']}"
 
 
-def _execute(stage: str, recipe: Recipe, run_name: str, force: bool) -> dict[str, Any]:
-    """Run one stage in this process, with the progress bar going to a Prefect progress artifact."""
+def _execute(key: str, recipe: Recipe, run_name: str, force: bool) -> dict[str, Any]:
+    """Run one stage (`dpo`, a later round's `dpo@2`) in this process, with the progress bar going to a
+    Prefect progress artifact."""
     store = RunStore(recipe.storage.root, run_name)
-    with ProgressArtifact.installed(run_name, stage):
-        report = run_stage(stage, recipe, store, force=force)  # starts the servers the stage uses
-    publish_stage(stage, store, report)
+    with ProgressArtifact.installed(run_name, key):
+        report = run_stage(key, recipe, store, force=force)  # starts the servers the stage uses
+    stage, round_ = split_key(key)
+    publish_stage(key, round_store(store, round_), report, stage)
     return asdict(report)
 
 
@@ -65,8 +76,9 @@ def dispatch_stage(stage: str, recipe: dict[str, Any], run_name: str, fp: str, f
                    pool: str) -> dict[str, Any]:
     """Run a GPU stage through its deployment on the gpu pool, exactly once per run and fingerprint."""
     log = get_run_logger()
-    request = StageRequest(recipe=recipe, run_name=run_name, force=force)
-    child: FlowRun = run_deployment(f"{stage}/{pool}", parameters={"request": request.model_dump()},
+    kind, round_ = split_key(stage)
+    request = StageRequest(recipe=recipe, run_name=run_name, force=force, round=round_)
+    child: FlowRun = run_deployment(f"{kind}/{pool}", parameters={"request": request.model_dump()},
                                     idempotency_key=f"{run_name}:{stage}:{fp}", timeout=0, as_subflow=True,
                                     _sync=True)
     if child.state and child.state.is_final() and not child.state.is_completed():
@@ -78,7 +90,8 @@ def dispatch_stage(stage: str, recipe: dict[str, Any], run_name: str, fp: str, f
     if not child.state.is_completed():
         raise StageFailed(f"stage '{stage}' on work pool '{pool}' ended {child.state.name}: "
                           f"{child.state.message or 'see flow run ' + str(child.id)}")
-    state = RunStore(Recipe.model_validate(recipe).storage.root, run_name).stage_state(stage)
+    run = RunStore(Recipe.model_validate(recipe).storage.root, run_name)
+    state = round_store(run, round_).stage_state(kind)
     return asdict(StageReport(stage, state.status, state.counts, state.cost, state.outputs, state.message))
 
 
@@ -103,15 +116,16 @@ def _stage_flow(stage: str, request: StageRequest) -> dict[str, Any]:
 def _stage_flow_body(stage: str, request: StageRequest) -> dict[str, Any]:
     recipe = request.load()
     export_teacher_key(recipe)
-    needed = stage_gpus(stage, recipe)
+    key = stage_key(stage, request.round)
+    needed = stage_gpus(key, recipe)
     if not needed:
-        return _execute(stage, recipe, request.run_name, request.force)
+        return _execute(key, recipe, request.run_name, request.force)
     from prefect.concurrency.sync import concurrency
 
     # a stage occupies as many slots of the limit as it uses GPUs, so two runs never share one
     check_fits(needed, ensure_gpu_limit())
     with concurrency(GPU_CONCURRENCY_LIMIT, occupy=needed, strict=True):
-        return _execute(stage, recipe, request.run_name, request.force)
+        return _execute(key, recipe, request.run_name, request.force)
 
 
 def stage_flow(stage: str) -> Flow:
@@ -127,6 +141,48 @@ def stage_flow(stage: str) -> Flow:
 
 STAGE_FLOWS: dict[str, Flow] = {name: stage_flow(name) for name in STAGE_NAMES}
 globals().update({fl.fn.__name__: fl for fl in STAGE_FLOWS.values()})  # importable by the entrypoints' names
+
+
+def _group(key: str, recipe: Recipe) -> int:
+    """The round a stage is drawn in as a group of the parent's graph; 0 for the parent's own chain."""
+    stage, round_ = split_key(key)
+    return round_ if recipe.dpo.rounds > 1 and stage in ROUND_STAGES else 0
+
+
+def run_keys(keys: list[str], recipe: Recipe, store: RunStore, force: bool, reports: dict[str, Any],
+             previous: Any = None) -> Any:
+    """Run stages as a chain of tasks (GPU ones through the gpu pool's deployments); the last task's state."""
+    pool, snapshot, memo = recipe.compute.gpu_pool, recipe.snapshot(), {}
+    for key in keys:
+        fp = fingerprint(key, recipe, memo)
+        # the task graph draws the chain: each stage waits for the one before it, and the recipe is quoted so
+        # Prefect does not take values inside it for results of earlier stages
+        wait = [previous] if previous else None
+        if pool and stage_gpus(key, recipe):  # a served vllm teacher puts its stages there too
+            state = dispatch_stage(key, quote(snapshot), store.run_name, fp, force, pool, wait_for=wait,
+                                   return_state=True)
+        else:
+            state = run_stage_task(key, quote(snapshot), store.run_name, fp, force, wait_for=wait,
+                                   return_state=True)
+        reports[key] = state.result()  # raises the stage's error
+        previous = state
+        if split_key(key)[0] == "evaluate":
+            record_round(store, recipe, split_key(key)[1])
+    return previous
+
+
+@flow(name="round", flow_run_name="round {round_}", persist_result=True)
+def round_flow(recipe: dict[str, Any], run_name: str, round_: int, keys: list[str], force: bool) -> dict[str, Any]:
+    """One on-policy round: its sample, feedback, dpo and evaluate; whether the round is kept, and its stages'
+    reports."""
+    rec = Recipe.model_validate(recipe)
+    store, reports = RunStore(rec.storage.root, run_name), {}
+    run_keys(keys, rec, store, force, reports)
+    decision = next((e for e in read_summary(store).get("rounds", []) if e["round"] == round_), None)
+    if decision is not None and any(split_key(k)[0] == "evaluate" for k in keys):
+        get_run_logger().info("round %d %s: %s", round_, "kept" if decision["kept"] else "not kept",
+                              decision["reason"])
+    return {"kept": decision is None or decision["kept"], "stages": reports}
 
 
 def _run_name(request: DistillRequest, recipe: Recipe) -> str:
@@ -148,7 +204,8 @@ def distill(request: DistillRequest = DistillRequest()) -> dict[str, Any]:  # no
 def run_chain(request: DistillRequest) -> dict[str, Any]:
     log = get_run_logger()
     recipe = request.load()
-    check_settings(recipe, list(request.stages))  # a bad TRL argument fails now, not hours later
+    keys = request.keys(recipe)
+    check_settings(recipe, sorted({split_key(k)[0] for k in keys}))  # a bad TRL argument fails now, not later
     export_teacher_key(recipe)
     store = open_run(recipe, _run_name(request, recipe))
     series = Series(recipe, request.series) if request.series else None
@@ -163,26 +220,25 @@ def run_chain(request: DistillRequest) -> dict[str, Any]:
         recipe = with_current_baseline(recipe, current)
         store.init_manifest(recipe.snapshot(), store.read_manifest().get("versions", {}))
     log.info("run %s in %s", store.run_name, store.url)
-    snapshot, pool, reports = recipe.snapshot(), recipe.compute.gpu_pool, {}
-    status = "failed"
+    reports: dict[str, Any] = {}
+    force, status = request.force or request.from_round is not None, "failed"
     try:
-        memo: dict[str, str] = {}
         previous = None
-        for stage in request.stages:
-            fp = fingerprint(stage, recipe, memo)
-            # the task graph draws the chain: each stage waits for the one before it, and the recipe is quoted
-            # so Prefect does not take values inside it for results of earlier stages
-            if pool and stage_gpus(stage, recipe):  # a served vllm teacher puts its stages there too
-                state = dispatch_stage(stage, quote(snapshot), store.run_name, fp, request.force, pool,
-                                       wait_for=[previous] if previous else None, return_state=True)
-            else:
-                state = run_stage_task(stage, quote(snapshot), store.run_name, fp, request.force,
-                                       wait_for=[previous] if previous else None, return_state=True)
-            reports[stage] = state.result()  # raises the stage's error
-            previous = state
+        for round_, group in itertools.groupby(keys, key=lambda k: _group(k, recipe)):
+            group = [k for k in group if still_running(store, k)]
+            if not round_:  # generate and sft, or a run of one round: the parent's own chain
+                previous = run_keys(group, recipe, store, force, reports, previous)
+                continue
+            if not group:
+                break
+            outcome = round_flow(quote(recipe.snapshot()), store.run_name, round_, group, force)
+            reports.update(outcome["stages"])
+            if not outcome["kept"]:
+                break  # the round did not beat its policy: the loop ends
         status = "completed"
     finally:
         publish_run_summary(store)
+        publish_rounds(store)
         if series:
             promotion = promotion_for_run(store, current) if status == "completed" else None
             entry = series.record(store, status, promotion=promotion)

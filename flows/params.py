@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from pipeline.core.recipe import Recipe, load_recipe, load_recipe_text, recipe_from_dict
 from pipeline.run.registry import STAGE_NAMES
+from pipeline.run.runner import chosen_stages
 
 StageName = Literal[STAGE_NAMES]  # one definition of the stages: the registry
+# a later on-policy round's stage (dpo.rounds > 1), e.g. dpo@2
+RoundStage = Annotated[str, StringConstraints(pattern=r"^(sample|feedback|dpo|evaluate)@([2-9]|[1-9][0-9]+)$")]
 _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
@@ -24,12 +27,16 @@ class DistillRequest(BaseModel):
     recipe_yaml: str | None = Field(None, description="A whole recipe inline (YAML); used instead of recipe_path.")
     run_name: str | None = Field(None, description="Run directory name; reuse one to resume it. "
                                                    "Default: the recipe's name (or series-timestamp).")
-    stages: list[StageName] = Field(default_factory=lambda: list(STAGE_NAMES),
-                                    description="Stages to run, in pipeline order.")
+    stages: list[StageName | RoundStage] = Field(
+        default_factory=lambda: list(STAGE_NAMES),
+        description="Stages to run, in pipeline order (all: every stage, then later rounds while each is kept; "
+                    "a later round's stage is e.g. dpo@2).")
     overrides: list[str] = Field(default_factory=list,
                                  description="Recipe overrides KEY.PATH=VALUE, e.g. dpo.beta=0.05.")
     series: str | None = Field(None, description="Recurring series: use only prompts no earlier run of it used.")
     force: bool = Field(False, description="Redo the chosen stages even if they completed.")
+    from_round: int | None = Field(None, ge=1, description="Redo the on-policy rounds from this one on "
+                                                           "(dpo.rounds > 1), whatever they did before.")
 
     @field_validator("overrides")
     @classmethod
@@ -45,6 +52,11 @@ class DistillRequest(BaseModel):
         if value is not None and not _RUN_NAME.fullmatch(value):
             raise ValueError(f"'{value}': use letters, digits, '.', '_' and '-' only")
         return value
+
+    def keys(self, recipe: Recipe) -> list[str]:
+        """The stages to run, in order: every stage's and then later rounds' by default (pipeline.run.runner)."""
+        return chosen_stages(recipe, None if set(self.stages) == set(STAGE_NAMES) else list(self.stages),
+                             self.from_round)
 
     def load(self) -> Recipe:
         """The validated recipe; errors name the recipe (file or inline) and the key path."""
@@ -62,6 +74,7 @@ class StageRequest(BaseModel):
     recipe: dict[str, Any] = Field(description="The resolved recipe (the run manifest's snapshot).")
     run_name: str
     force: bool = False
+    round: int = Field(1, ge=1, description="The on-policy round the stage belongs to.")
 
     def load(self) -> Recipe:
         return recipe_from_dict(self.recipe, origin=f"<recipe of run {self.run_name}>")

@@ -8,13 +8,15 @@ from pipeline.core.store import RunStore
 
 
 def resolve_model_path(model: PoolModel, recipe: Recipe, store: RunStore) -> str:
-    """`sft` -> this run's SFT model, `base` -> the untrained student, a GGUF file -> its converted model
-    directory (converted once), anything else as given."""
+    """`sft` -> this run's SFT model, `policy` -> the model this round starts from, `base` -> the untrained
+    student, a GGUF file -> its converted model directory (converted once), anything else as given."""
     from pipeline.core import gguf
     from pipeline.train import models
 
     if model.model == "sft":
         return models.local_model(store, "sft")
+    if model.model == "policy":
+        return models.local_model(*store.policy())
     if model.model == "base":
         return models.resolve_base_model(recipe, store)
     try:

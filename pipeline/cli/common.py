@@ -69,11 +69,11 @@ def print_status(store: RunStore) -> None:
     spend = spend_summary(store)
     rows = status_rows(store, spend)
     click.echo(f"run {store.run_name}  ({store.url})")
-    header = f"{'stage':<9} {'status':<10} {'items':>7} {'failures':>8} {'cost $':>9} {'time s':>8}  fingerprint"
+    header = f"{'stage':<11} {'status':<10} {'items':>7} {'failures':>8} {'cost $':>9} {'time s':>8}  fingerprint"
     click.echo(header)
     click.echo("-" * len(header))
     for r in rows:
-        click.echo(f"{r['stage']:<9} {r['status']:<10} {r['items']:>7} {r['failures']:>8} "
+        click.echo(f"{r['stage']:<11} {r['status']:<10} {r['items']:>7} {r['failures']:>8} "
                    f"{r['cost_usd']:>9.4f} {r['seconds']:>8.1f}  {r['fingerprint']}")
     for r in rows:
         if r["status"] == "failed" and r["message"]:

@@ -23,12 +23,14 @@ from pipeline.export.dataset import ExportError, ExportOptions, check_hub_target
                    "`huggingface-cli login`).")
 @click.option("--private", is_flag=True, help="Create the hub repository as private.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--rounds", is_flag=True, help="Every on-policy round's pairs in the prefs splits, with a `round` "
+              "column (default: round 1's, the run's own feedback).")
 def export(run: str, out: str, root: str | None, recipe_path: str | None, test_share: float, split_seed: int,
-           license_: str, repo: str | None, private: bool, overwrite: bool) -> None:
+           license_: str, repo: str | None, private: bool, overwrite: bool, rounds: bool) -> None:
     """Save RUN's dialogues and pairs as one DatasetDict in OUT (save_to_disk) with a README.md dataset card:
     train_sft/test_sft/train_gen/test_gen (generate) and train_prefs/test_prefs (feedback)."""
     store = open_run(run, root, recipe_path)
-    options = ExportOptions(test_share=test_share, seed=split_seed, license=license_)
+    options = ExportOptions(test_share=test_share, seed=split_seed, license=license_, rounds=rounds)
     try:
         if repo:
             check_hub_target(repo)  # before anything is written

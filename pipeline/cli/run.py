@@ -11,7 +11,7 @@ from pipeline.core.store import RunStore
 from pipeline.run.checks import check_settings
 from pipeline.run.errors import StageFailed
 from pipeline.run.registry import STAGE_NAMES, fingerprint, parse_stages
-from pipeline.run.runner import run_pipeline
+from pipeline.run.runner import chosen_stages, plan, run_pipeline
 from pipeline.train.configs import check_trl_args
 from pipeline.train.models import TrainingError
 
@@ -38,8 +38,8 @@ def validate(recipe: str, overrides: tuple[str, ...]) -> None:
         raise CliError(f"{recipe}: {exc}", EXIT_BAD_INPUT) from None
     click.echo(f"{recipe}: valid recipe '{rec.name}'")
     memo: dict[str, str] = {}
-    for name in STAGE_NAMES:
-        click.echo(f"  {name:<9} fingerprint {fingerprint(name, rec, memo)}")
+    for name in plan(rec):
+        click.echo(f"  {name:<11} fingerprint {fingerprint(name, rec, memo)}")
     for note in unpriced_pool_members(rec):
         click.echo(f"note: {note}", err=True)
 
@@ -63,36 +63,45 @@ def run_directly(rec: Recipe, run_name: str | None, stages: list[str], force: bo
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("--run-name", default=None, help="Run directory name (default: the recipe's `name`); "
               "reuse it to resume.")
-@click.option("--stages", default=None, help=f"Comma-separated subset of {','.join(STAGE_NAMES)} (default: all).")
+@click.option("--stages", default=None, help=f"Comma-separated subset of {','.join(STAGE_NAMES)}, or a later "
+              "round's stage such as dpo@2 (default: all, then later rounds while each is kept).")
 @click.option("--force", is_flag=True, help="Redo the chosen stages even if they completed.")
+@click.option("--from-round", type=click.IntRange(min=1), default=None,
+              help="Redo the on-policy rounds from this one on (dpo.rounds > 1).")
 @click.option("--series", default=None, help="Recurring series name: use only prompts no earlier run used.")
 @click.option("--prefect/--no-prefect", default=True, show_default=True,
               help="Run as the Prefect `distill` flow (shown in the UI when PREFECT_API_URL is set), "
                    "or directly.")
 @set_option
-def run(recipe: str, run_name: str | None, stages: str | None, force: bool, series: str | None, prefect: bool,
-        overrides: tuple[str, ...]) -> None:
+def run(recipe: str, run_name: str | None, stages: str | None, force: bool, from_round: int | None,
+        series: str | None, prefect: bool, overrides: tuple[str, ...]) -> None:
     """Run the pipeline (all stages, or --stages) in one run directory; finished stages are skipped."""
     rec = checked(recipe, overrides)
     try:
-        chosen = parse_stages(stages)
+        chosen = parse_stages(stages) if stages else None
     except ValueError as exc:
         raise CliError(f"--stages: {exc}", EXIT_BAD_INPUT) from None
+    if stages and from_round:
+        raise CliError("give --stages or --from-round, not both", EXIT_BAD_INPUT)
     if not prefect:
         if series:
             raise CliError("--series needs the Prefect flow (drop --no-prefect)", EXIT_BAD_INPUT)
-        run_directly(rec, run_name, chosen, force)
+        try:
+            keys = chosen_stages(rec, chosen, from_round)
+        except StageFailed as exc:
+            raise CliError(str(exc), EXIT_BAD_INPUT) from None
+        run_directly(rec, run_name, keys, force or from_round is not None)
         return
-    run_flow(recipe, overrides, run_name, chosen, force, series)
+    run_flow(recipe, overrides, run_name, chosen, force, series, from_round)
 
 
-def run_flow(recipe: str, overrides: tuple[str, ...], run_name: str | None, stages: list[str], force: bool,
-             series: str | None) -> None:
+def run_flow(recipe: str, overrides: tuple[str, ...], run_name: str | None, stages: list[str] | None, force: bool,
+             series: str | None, from_round: int | None = None) -> None:
     from flows.distill import distill
     from flows.params import DistillRequest
 
-    request = DistillRequest(recipe_path=recipe, run_name=run_name, stages=stages, overrides=list(overrides),
-                             series=series, force=force)
+    request = DistillRequest(recipe_path=recipe, run_name=run_name, stages=stages or list(STAGE_NAMES),
+                             overrides=list(overrides), series=series, force=force, from_round=from_round)
     with prefect_api():
         state = distill(request, return_state=True)
         try:
@@ -110,12 +119,17 @@ def run_flow(recipe: str, overrides: tuple[str, ...], run_name: str | None, stag
 
 
 @click.command()
-@click.argument("name", type=click.Choice(STAGE_NAMES))
+@click.argument("name", metavar=f"{{{'|'.join(STAGE_NAMES)}}}[@ROUND]")
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("--run-name", required=True, help="Run directory name under storage.root.")
 @click.option("--force", is_flag=True, help="Redo the stage even if it completed.")
 @set_option
 def stage(name: str, recipe: str, run_name: str, force: bool, overrides: tuple[str, ...]) -> None:
-    """Run one stage (no Prefect needed); it reads its inputs from the run directory."""
-    rec = checked(recipe, overrides) if name in ("sft", "dpo") else load(recipe, overrides)
-    run_directly(rec, run_name, [name], force)
+    """Run one stage (no Prefect needed), e.g. `dpo`, or `dpo@2` of a later on-policy round; it reads its
+    inputs from the run directory."""
+    try:
+        [key] = parse_stages(name)
+    except ValueError as exc:
+        raise CliError(f"stage '{name}': {exc}", EXIT_BAD_INPUT) from None
+    rec = checked(recipe, overrides) if key.split("@")[0] in ("sft", "dpo") else load(recipe, overrides)
+    run_directly(rec, run_name, [key], force)

@@ -39,6 +39,8 @@ class StageState:
 class RunStore:
     """`<root>/<run_name>/`: the only channel through which stages hand data to each other."""
 
+    round = 1  # the on-policy round a view of the store is for (pipeline.core.rounds); the run itself is round 1
+
     def __init__(self, root: str | os.PathLike[str], run_name: str, create: bool = True):
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", run_name):
             raise StoreError(f"run name '{run_name}': use letters, digits, '.', '_' and '-' only")
@@ -134,13 +136,21 @@ class RunStore:
         manifest = self.read_manifest()
         return list(manifest.get("plan") or manifest.get("stages", {}))
 
+    def state_key(self, stage: str) -> str:
+        """The stage's entry in the manifest (a round's view adds its round)."""
+        return stage
+
+    def policy(self) -> tuple[RunStore, str]:
+        """Where the model that answers as the policy lives, as (store, stage): this run's SFT model in round 1."""
+        return self, "sft"
+
     def stage_state(self, stage: str) -> StageState:
-        raw = self.read_manifest().get("stages", {}).get(stage)
+        raw = self.read_manifest().get("stages", {}).get(self.state_key(stage))
         return StageState(**raw) if raw else StageState()
 
     def set_stage_state(self, stage: str, state: StageState) -> None:
         manifest = self.read_manifest()
-        manifest.setdefault("stages", {})[stage] = asdict(state)
+        manifest.setdefault("stages", {})[self.state_key(stage)] = asdict(state)
         self.write_manifest(manifest)
 
     def reset_stage(self, stage: str) -> None:

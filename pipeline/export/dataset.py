@@ -13,6 +13,7 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline.core.arrow import MESSAGES, schema
+from pipeline.core.rounds import round_store, split_key
 from pipeline.core.store import RunStore
 from pipeline.export.card import dataset_card
 from pipeline.export.splits import Exported, ExportOptions, split_name
@@ -21,6 +22,7 @@ SFT_SCHEMA = schema(("prompt", pa.string()), ("prompt_id", pa.string()), ("messa
 PREFS_SCHEMA = schema(("prompt", pa.string()), ("prompt_id", pa.string()), ("chosen", MESSAGES),
                       ("rejected", MESSAGES), ("messages", MESSAGES), ("score_chosen", pa.float64()),
                       ("score_rejected", pa.float64()))
+ROUND_PREFS_SCHEMA = PREFS_SCHEMA.append(pa.field("round", pa.int64()))
 SPLITS = ("train_sft", "test_sft", "train_gen", "test_gen", "train_prefs", "test_prefs")
 
 
@@ -50,7 +52,7 @@ def collect(store: RunStore, options: ExportOptions) -> Exported:
     problem = _completed(store, "generate")
     if problem:
         raise ExportError(f"{store.url}: {problem}; export needs its dialogues (run `distill stage generate`)")
-    out = Exported({name: [] for name in SPLITS}, ["generate"])
+    out = Exported({name: [] for name in SPLITS}, ["generate"], rounds=options.rounds)
     for r in sorted(store.read_records("generate", columns=["prompt", "prompt_id", "messages"]),
                     key=lambda r: r["prompt_id"]):
         messages = [{"content": m["content"], "role": m["role"]} for m in r["messages"]]
@@ -63,14 +65,26 @@ def collect(store: RunStore, options: ExportOptions) -> Exported:
         out.left_out["feedback"] = problem
         return out
     out.stages.append("feedback")
-    columns = ["pair_id", *PREFS_SCHEMA.names]
-    for r in sorted(store.read_records("feedback", "pairs", columns=columns), key=lambda r: (r["prompt_id"],
-                                                                                              r["pair_id"])):
-        row = {k: r[k] for k in PREFS_SCHEMA.names}
-        row.update(score_chosen=to_ultrafeedback_scale(r["score_chosen"]),
-                   score_rejected=to_ultrafeedback_scale(r["score_rejected"]))
-        out.splits[split_name("prefs", r["prompt_id"], options.test_share, options.seed)].append(row)
+    for round_, rows in round_pairs(store, options.rounds):
+        for r in rows:
+            row = {k: r[k] for k in PREFS_SCHEMA.names} | ({"round": round_} if options.rounds else {})
+            row.update(score_chosen=to_ultrafeedback_scale(r["score_chosen"]),
+                       score_rejected=to_ultrafeedback_scale(r["score_rejected"]))
+            out.splits[split_name("prefs", r["prompt_id"], options.test_share, options.seed)].append(row)
     return out
+
+
+def round_pairs(store: RunStore, rounds: bool) -> list[tuple[int, list[dict[str, Any]]]]:
+    """(round, its pairs sorted by prompt and pair id) for round 1, and with `rounds` for every later round whose
+    feedback completed."""
+    found = []
+    for round_ in sorted({split_key(key)[1] for key in store.stage_names()} | {1} if rounds else {1}):
+        view = round_store(store, round_)
+        if round_ > 1 and view.stage_state("feedback").status != "completed":
+            continue
+        rows = view.read_records("feedback", "pairs", columns=["pair_id", *PREFS_SCHEMA.names])
+        found.append((round_, sorted(rows, key=lambda r: (r["prompt_id"], r["pair_id"]))))
+    return found
 
 
 def dataset_dict(exported: Exported) -> Any:
@@ -82,7 +96,7 @@ def dataset_dict(exported: Exported) -> Any:
         kind = name.rsplit("_", 1)[1]
         if kind == "prefs" and "feedback" not in exported.stages:
             continue
-        arrow = SFT_SCHEMA if kind in ("sft", "gen") else PREFS_SCHEMA
+        arrow = SFT_SCHEMA if kind in ("sft", "gen") else ROUND_PREFS_SCHEMA if exported.rounds else PREFS_SCHEMA
         dd[name] = datasets.Dataset.from_list(rows, features=datasets.Features.from_arrow_schema(arrow))
     return dd
 

@@ -24,6 +24,7 @@ class ExportOptions:
     test_share: float = 0.1  # share of prompts (by hash of prompt_id) in the test splits
     seed: int = 0  # salt of that hash: another seed, another split
     license: str = "other"
+    rounds: bool = False  # every on-policy round's pairs (with a `round` column), not round 1's alone
 
 
 @dataclass
@@ -33,3 +34,4 @@ class Exported:
     splits: dict[str, list[dict[str, Any]]]
     stages: list[str]
     left_out: dict[str, str] = field(default_factory=dict)  # stage -> why its splits are missing
+    rounds: bool = False  # the prefs splits hold every round's pairs, with a `round` column

@@ -48,7 +48,7 @@ def check_accelerate_config(recipe: Recipe) -> None:
 
 def local_model_dir(spec: str | None) -> str | None:
     """A model given as a local directory (a run's own `sft`/`base`, a hub id or a GGUF file: None)."""
-    if not spec or spec in ("sft", "base", "dpo", "outputs") or not Path(spec).expanduser().is_dir():
+    if not spec or spec in ("sft", "base", "dpo", "policy", "outputs") or not Path(spec).expanduser().is_dir():
         return None
     return str(Path(spec).expanduser().resolve())
 

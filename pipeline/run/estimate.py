@@ -4,7 +4,8 @@ is paid, at live and at batch prices, and whether it would pass a cap.
 Requests are counted from what the recipe fixes (prompts and their drawn rounds, self-instruct targets, the
 pool and k, aspects, the evaluation set and models); input tokens from the rendered prompts; reply lengths
 and the re-ask rate are the recipe's `estimate` assumptions. Filters that end dialogues early, identical
-answers the judge is not asked about twice and failed requests make a real run cheaper.
+answers the judge is not asked about twice and failed requests make a real run cheaper. With `dpo.rounds`
+> 1 every round is counted, as if none ended the loop early: the most the run can cost.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from collections import defaultdict
 from typing import Any
 
 from pipeline.core.recipe import Recipe, TeacherConfig, all_endpoints, endpoint_key, unpriced_pool_members
+from pipeline.core.rounds import split_key
 from pipeline.run.registry import STAGES
+from pipeline.run.rounds import round_keys, round_recipe
 from pipeline.teacher.demand import Demand, Planner
 
 NUMBERS = ("requests", "input_tokens", "output_tokens", "usd_live", "usd_batch", "usd")
@@ -41,18 +44,20 @@ def estimate(recipe: Recipe) -> dict[str, Any]:
     the price each endpoint pays (batch or live); the caps it would pass."""
     stages: dict[str, Any] = {}
     endpoints: dict[str, dict[str, Any]] = defaultdict(_zero)
-    for name, spec in STAGES.items():
+    for key in [*STAGES, *round_keys(recipe)]:  # every round, as if none stopped the loop early
+        name, round_ = split_key(key)
+        spec, rrecipe = STAGES[name], round_recipe(recipe, round_)
         stage = {**_zero(), "endpoints": {}}
         if spec.demand is not None:
-            plan = Planner(recipe)
-            spec.demand(recipe, plan)
+            plan = Planner(rrecipe)
+            spec.demand(rrecipe, plan)
             for demand, cfg in plan.demands():
                 numbers = priced(demand, cfg)
                 entry = stage["endpoints"].setdefault(demand.endpoint, {**_zero(), "batch": cfg.batch, "roles": {}})
                 entry["roles"][demand.role] = numbers
                 for bucket in (entry, stage, endpoints[demand.endpoint]):
                     _add(bucket, numbers)
-        stages[name] = stage
+        stages[key] = stage
     total = _zero()
     for stage in stages.values():
         _add(total, stage)
@@ -77,13 +82,13 @@ def over_caps(recipe: Recipe, total: float, endpoints: dict[str, dict[str, Any]]
 
 def estimate_table(result: dict[str, Any]) -> list[str]:
     """The estimate as lines of a table: stage, endpoint, requests, tokens in/out, dollars live / batch."""
-    lines = [f"{'stage':<9} {'endpoint':<14} {'requests':>9} {'tokens in':>11} {'tokens out':>11} "
+    lines = [f"{'stage':<11} {'endpoint':<14} {'requests':>9} {'tokens in':>11} {'tokens out':>11} "
              f"{'$ live':>10} {'$ batch':>10}"]
     lines.append("-" * len(lines[0]))
     for stage, numbers in result["stages"].items():
         for endpoint, e in numbers["endpoints"].items():
             mode = " (batch)" if e["batch"] else ""
-            lines.append(f"{stage:<9} {endpoint:<14} {e['requests']:>9.0f} {e['input_tokens']:>11.0f} "
+            lines.append(f"{stage:<11} {endpoint:<14} {e['requests']:>9.0f} {e['input_tokens']:>11.0f} "
                          f"{e['output_tokens']:>11.0f} {e['usd_live']:>10.4f} {e['usd_batch']:>10.4f}{mode}")
     lines.append(f"total: {result['total_requests']:.0f} requests, ${result['total_usd']:.4f} at the prices the "
                  f"endpoints pay (${result['total_usd_live']:.4f} all live, ${result['total_usd_batch']:.4f} all batch)")

@@ -20,10 +20,12 @@ from pipeline.core.recipe import (
     pool_uses,
     role_uses,
 )
+from pipeline.core.rounds import split_key, stage_key
 from pipeline.core.stage import StageReport
 from pipeline.core.store import RunStore
 from pipeline.core.task import load_task
 from pipeline.core.templates import templates_hash
+from pipeline.run.rounds import round_inputs, round_recipe, round_section
 from pipeline.stages.dpo.stage import run as dpo
 from pipeline.stages.evaluate import estimate as evaluate_estimate
 from pipeline.stages.evaluate.stage import run as evaluate
@@ -71,7 +73,7 @@ class StageSpec:
 
 
 def _pool_uses_sft(recipe: Recipe) -> bool:
-    return any(m.model == "sft" for m in recipe.sample.pool)
+    return any(m.model in ("sft", "policy") for m in recipe.sample.pool)  # the policy of round 1 is sft
 
 
 def _read_files(recipe: Recipe, prompts: PromptSource | None = None, decontaminated: bool = False,
@@ -120,7 +122,9 @@ def _sft_section(recipe: Recipe) -> Any:
 def _sample_section(recipe: Recipe) -> Any:
     prompts = recipe.sample.prompts or recipe.prompts
     # which endpoint a member is sent to is in `endpoints` (its identity), not its name
-    pool = recipe.sample.model_dump(mode="json", exclude={"prompts": True, "pool": {"__all__": {"endpoint"}}})
+    # which rounds a member answers in is the round's pool, not a setting of the member
+    pool = recipe.sample.model_dump(mode="json", exclude={"prompts": True,
+                                                          "pool": {"__all__": {"endpoint", "later_rounds"}}})
     return {"sample": pool, "prompts": prompts.model_dump(mode="json"), "task": recipe.task,
             "decontamination": recipe.decontamination.model_dump(mode="json"),
             "files": _read_files(recipe, prompts, True), **_model_files(recipe, [m.model for m in recipe.sample.pool])}
@@ -131,8 +135,9 @@ def _feedback_section(recipe: Recipe) -> Any:
 
 
 def _dpo_section(recipe: Recipe) -> Any:
-    # `dpo.beta: 0.1` and `dpo.args.beta: 0.1` train the same model: fingerprint the arguments TRL receives
-    section = recipe.dpo.model_dump(mode="json", exclude={"beta", "loss_type"})
+    # `dpo.beta: 0.1` and `dpo.args.beta: 0.1` train the same model: fingerprint the arguments TRL receives;
+    # the round settings belong to the rounds that use them (pipeline.run.rounds.round_section)
+    section = recipe.dpo.model_dump(mode="json", exclude={"beta", "loss_type", "rounds", "reference", "train_on"})
     return {**section, "args": recipe.dpo.trl_args(), **_earlier(recipe)}
 
 
@@ -171,34 +176,47 @@ STAGES: dict[str, StageSpec] = {spec.name: spec for spec in [
 STAGE_NAMES: tuple[str, ...] = tuple(STAGES)
 
 
-def fingerprint(stage: str, recipe: Recipe, _memo: dict[str, str] | None = None) -> str:
+def stage_inputs(key: str, recipe: Recipe) -> list[str]:
+    """The stages (keys: `dpo`, `dpo@2`) whose outputs stage `key` reads."""
+    stage, round_ = split_key(key)
+    return STAGES[stage].inputs(recipe) if round_ == 1 else round_inputs(stage, recipe, round_)
+
+
+def fingerprint(key: str, recipe: Recipe, _memo: dict[str, str] | None = None) -> str:
     """Hash of the stage's own section (with the content of the files it reads and the identities of the
-    endpoints it uses), its inputs' fingerprints, its templates and its output version."""
+    endpoints it uses), its inputs' fingerprints, its templates and its output version; for a later round's
+    stage (`dpo@2`) its round too, and the round's recipe."""
     memo = {} if _memo is None else _memo
-    if stage in memo:
-        return memo[stage]
-    spec = STAGES[stage]
-    section = spec.section(recipe)
+    if key in memo:
+        return memo[key]
+    stage, round_ = split_key(key)
+    spec, rrecipe = STAGES[stage], round_recipe(recipe, round_)
+    section = spec.section(rrecipe)
     if spec.sends_requests:
-        section = {**section, "endpoints": spec.endpoint_identities(recipe)}
+        section = {**section, "endpoints": spec.endpoint_identities(rrecipe)}
+    if round_ > 1:
+        section = {**section, "round": round_section(stage, recipe, round_)}
     payload = {
         "stage": stage,
         "section": section,
-        "inputs": {name: fingerprint(name, recipe, memo) for name in spec.inputs(recipe)},
+        "inputs": {name: fingerprint(name, recipe, memo) for name in stage_inputs(key, recipe)},
         "templates": templates_hash(spec.templates) if spec.templates else None,
         "version": spec.version,
     }
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    memo[stage] = digest
+    memo[key] = digest
     return digest
 
 
 def parse_stages(text: str | None) -> list[str]:
-    """`generate,sft` -> ordered, validated stage names; None or 'all' -> every stage."""
+    """`generate,sft,dpo@2` -> ordered, validated stage keys (a later round's stage is `STAGE@ROUND`); None or
+    'all' -> every stage of round 1 (later rounds follow while they improve)."""
     if not text or text == "all":
         return list(STAGE_NAMES)
     names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in STAGES]
+    unknown = [n for n in names if n.partition("@")[0] not in STAGES]
     if unknown:
-        raise ValueError(f"unknown stage(s) {unknown}; the stages are {', '.join(STAGE_NAMES)}")
-    return [n for n in STAGE_NAMES if n in names]
+        raise ValueError(f"unknown stage(s) {unknown}; the stages are {', '.join(STAGE_NAMES)} (a later "
+                         "round's: sample@2, feedback@2, dpo@2, evaluate@2, ...)")
+    keys = [split_key(n) for n in names]
+    return [stage_key(stage, r) for stage, r in sorted(set(keys), key=lambda k: (k[1], STAGE_NAMES.index(k[0])))]

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pipeline.core.recipe import Recipe, SeriesConfig
+from pipeline.core.rounds import final_model
 from pipeline.core.sources import iter_prompts
 from pipeline.core.store import RunStore
 
@@ -107,7 +108,7 @@ class Series:
                           if states.get(name, {}).get("status") == "completed"}
         for stage in ("dpo", "sft"):
             if states.get(stage, {}).get("status") == "completed":
-                entry.model = run_store.join(stage, "model")
+                entry.model = final_model(run_store) if stage == "dpo" else run_store.join(stage, "model")
                 break
         entry.promotion = promotion or {}
         current = self.current_model

@@ -70,7 +70,8 @@ class TeacherSession:
     """The clients of one stage, sharing the run's response cache, spend ledger and budget."""
 
     def __init__(self, recipe: Recipe, store: RunStore, stage: str):
-        self.recipe, self.store, self.stage = recipe, store, stage
+        # ledgered under the stage's manifest entry: a later round's spend (`feedback@2`) is its own row
+        self.recipe, self.store, self.stage = recipe, store, store.state_key(stage)
         self.cache = open_cache(store, recipe.storage.cache_dir)
         # the run's spend so far is the ledger's: killed and reset stages included
         self.budget = Budget(recipe.budget.max_cost_usd, self.cache.ledger.totals_by_endpoint())

@@ -15,8 +15,9 @@ class PoolModel(Section):
 
     name: str
     backend: Literal["vllm", "openai", "transformers"]
-    # path, hub id, "sft" (this run's SFT model) or "base" (the untrained student); an openai member without
-    # one asks its endpoint's model
+    # path, hub id, "sft" (this run's SFT model), "base" (the untrained student) or "policy" (the model being
+    # improved: the SFT model in round 1, the previous round's DPO model after); an openai member without one
+    # asks its endpoint's model
     model: str | None = None
     endpoint: str | None = None  # openai members: `teacher` or a name under `endpoints` (prices, cap, batch)
     base_url: str | None = None  # openai members without an endpoint: another server, unpriced (prefer endpoint)
@@ -34,6 +35,8 @@ class PoolModel(Section):
     # local backends: a chat template for a model without one (a format name, Jinja text); `base` gets sft's
     chat_template: str | None = None
     principles: bool = True  # False: no principle system prompt (a student never trained with a system turn)
+    # dpo.rounds > 1: a `policy` member answers in every round; any other member only in round 1 unless this
+    later_rounds: bool = False
 
     @field_validator("base_url")
     @classmethod

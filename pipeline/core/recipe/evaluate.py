@@ -12,8 +12,9 @@ from pipeline.core.recipe.base import Section, existing_path
 class EvaluateConfig(Section):
     """Judge grading, pairwise win rate against a baseline (both orders), ground truth where there is a checker.
 
-    `models` and `baseline` are `base`, `sft`, `dpo` (this run's), `outputs` (the answers the evaluation set ships,
-    e.g. AlpacaEval's `output`) or a model path/id, e.g. a series' current model.
+    `models` and `baseline` are `base`, `sft`, `dpo` (this run's), `policy` (the model a round starts from: sft in
+    round 1), `outputs` (the answers the evaluation set ships, e.g. AlpacaEval's `output`) or a model path/id,
+    e.g. a series' current model.
     """
 
     prompts: str | None = None  # None: the task's held-out set (when the task has one), else prompts/eval_set.jsonl

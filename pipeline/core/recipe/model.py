@@ -103,6 +103,14 @@ class Recipe(Section):
                 raise ValueError(f"evaluate.checker: {exc}") from None
         return self
 
+    @model_validator(mode="after")
+    def _rounds_have_a_policy(self) -> Recipe:
+        if self.dpo.rounds > 1 and not any(m.model == "policy" for m in self.sample.pool):
+            raise ValueError("dpo.rounds > 1 needs a model that answers as the policy in every round: a "
+                             "sample.pool member with model: policy (the SFT model in round 1, the previous "
+                             "round's DPO model after)")
+        return self
+
     def snapshot(self) -> dict[str, Any]:
         """The recipe as JSON-able data (it holds no secrets: keys are named, never stored)."""
         return self.model_dump(mode="json")

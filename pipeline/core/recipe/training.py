@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
@@ -69,6 +69,12 @@ class DPOStageConfig(Section):
     loss_type: list[str] | None = None  # shorthand for args.loss_type, e.g. [sigmoid, sft]
     args: dict[str, Any] = Field(default_factory=dict)  # checked against trl.DPOConfig by `distill validate`
     lora: LoraConfig | None = None  # with LoRA the reference is the adapter-disabled SFT model
+    # On-policy rounds: round r >= 2 samples the previous round's model (the pool's `policy` members and those
+    # with later_rounds), rates and pairs as feedback says, and trains from that model; a round must beat the
+    # one before to be kept, and the first that does not ends the loop (rounds is a maximum).
+    rounds: int = Field(1, ge=1)
+    reference: Literal["sft", "previous"] = "sft"  # rounds >= 2: the DPO reference model
+    train_on: Literal["round", "all"] = "round"  # rounds >= 2: that round's pairs, or every round's so far
 
     @model_validator(mode="after")
     def _no_double_keys(self) -> DPOStageConfig:

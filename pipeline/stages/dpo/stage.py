@@ -1,4 +1,5 @@
-"""dDPO: TRL's DPOTrainer on the teacher-ranked pairs; policy and reference both start from the SFT model."""
+"""dDPO: TRL's DPOTrainer on the teacher-ranked pairs; policy and reference both start from the SFT model (in a
+later on-policy round the policy starts from the previous round's model, and the reference is `dpo.reference`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from pipeline.core.recipe import DPOStageConfig, Recipe
+from pipeline.core.rounds import round_store
 from pipeline.core.stage import StageReport
 from pipeline.core.store import RunStore
 from pipeline.series.data import earlier_records
@@ -23,6 +25,8 @@ log = logging.getLogger("pipeline.train")
 def run(recipe: Recipe, store: RunStore) -> StageReport:
     """Align the SFT model with the preference pairs of `feedback` (and a series' earlier ones) into `<run>/dpo/model`."""
     total, pairs, failures = read_pairs(store)
+    if recipe.dpo.train_on == "all" and store.round > 1:  # every round's pairs so far
+        total, pairs, failures = earlier_rounds_pairs(store, total, pairs, failures)
     new = len(pairs)
     earlier_total, earlier, earlier_failures = series_pairs(recipe, store)
     total, pairs, failures = total + earlier_total, pairs + earlier, {**failures, **earlier_failures}
@@ -68,6 +72,15 @@ def usable_pairs(records: Iterable[dict[str, Any]],
         else:  # pairs without an id (imported ones) are ordered by their content
             keyed.append((str(record.get("pair_id") or ""), json.dumps(pair, sort_keys=True), pair))
     return total, [pair for *_, pair in sorted(keyed, key=lambda k: k[:2])], failures
+
+
+def earlier_rounds_pairs(store: RunStore, total: int, pairs: list[dict[str, Any]],
+                         failures: dict[str, str]) -> tuple[int, list[dict[str, Any]], dict[str, str]]:
+    """This round's pairs with those of every earlier round (their failures prefixed `round<q>:`)."""
+    for q in range(1, store.round):
+        n, usable, problems = usable_pairs(round_store(store, q).read_records("feedback", "pairs"), f"round{q}:")
+        total, pairs, failures = total + n, [*pairs, *usable], {**failures, **problems}
+    return total, pairs, failures
 
 
 def series_pairs(recipe: Recipe, store: RunStore) -> tuple[int, list[dict[str, Any]], dict[str, str]]:
@@ -120,14 +133,16 @@ def train_dpo(recipe: Recipe, store: RunStore, pairs: list[dict[str, Any]]) -> d
     t0 = time.perf_counter()
     device = models.detect_device(recipe.compute)
     sft_model = models.local_model(store, "sft")
+    start = models.local_model(*store.policy()) if store.round > 1 else sft_model
     with models.local_stage_dir(store, "dpo") as stage_dir:
         tokenizer = models.load_tokenizer(sft_model)  # carries the chat template SFT trained with
         user_args, init_kwargs = configs.split_model_init_kwargs(recipe.dpo.trl_args())
-        model = models.load_model(sft_model, device, recipe.dpo.lora, init_kwargs)
+        model = models.load_model(start, device, recipe.dpo.lora, init_kwargs)
         defaults = zephyr_dpo_defaults(len(pairs), configs.max_positions(model, 1024),
                                        user_args.get("per_device_train_batch_size"))
         args = configs.build_trl_config(DPOConfig, "dpo", user_args, defaults, stage_dir / "checkpoints", device)
-        reference = reference_model(recipe.dpo, args, sft_model, device, init_kwargs)
+        ref_path = start if recipe.dpo.reference == "previous" else sft_model
+        reference = reference_model(recipe.dpo, args, ref_path, device, init_kwargs)
         set_seed(args.seed)  # TRL adds the LoRA adapters before the Trainer seeds itself: seed their init too
         trainer = DPOTrainer(model=model, ref_model=reference,
                              args=args, processing_class=tokenizer, train_dataset=Dataset.from_list(pairs),
@@ -136,13 +151,15 @@ def train_dpo(recipe: Recipe, store: RunStore, pairs: list[dict[str, Any]]) -> d
         if resume:
             log.info("dpo: resuming from %s", resume)
         trainer.train(resume_from_checkpoint=resume)
-        outputs.save_final_model(trainer, tokenizer, stage_dir / "model", sft_model)
+        outputs.save_final_model(trainer, tokenizer, stage_dir / "model", start)
         metrics = outputs.write_metrics(trainer, stage_dir, {
-            "stage": "dpo", "base_model": sft_model, "pairs": len(pairs), "beta": args.beta,
+            "stage": "dpo", "base_model": start, "reference_model": ref_path, "round": store.round,
+            "pairs": len(pairs), "beta": args.beta,
             "loss_type": list(args.loss_type), "resumed_from_step": outputs.checkpoint_step(resume),
             "launched": is_launched_rank(), "device": device, "wall_seconds": time.perf_counter() - t0})
         if trainer.is_world_process_zero():
-            outputs.write_model_card(stage_dir / "model", "dpo", recipe, store, "this run's SFT model",
+            start_from = "this run's SFT model" if store.round == 1 else f"round {store.round - 1}'s DPO model"
+            outputs.write_model_card(stage_dir / "model", "dpo", recipe, store, start_from,
                                     f"{len(pairs)} teacher-ranked preference pairs from `feedback`", metrics,
                                      inputs=("sft", "feedback"))
     return metrics

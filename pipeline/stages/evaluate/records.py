@@ -17,7 +17,7 @@ STAGE = "evaluate"
 ANSWERS, SINGLE, PAIRWISE = "answers", "single", "pairwise"
 SHIPPED_SET = "eval_set.jsonl"
 OUTPUTS = "outputs"  # a model spec: the answers the evaluation set ships (AlpacaEval's `output`)
-RUN_MODELS = ("base", "sft", "dpo", OUTPUTS)
+RUN_MODELS = ("base", "sft", "dpo", "policy", OUTPUTS)
 
 
 class EvaluateError(ValueError):

@@ -71,6 +71,8 @@ def resolve_model(spec: str, recipe: Recipe, store: RunStore) -> str:
         return models.resolve_base_model(recipe, store)
     if spec in ("sft", "dpo"):
         return models.local_model(store, spec)
+    if spec == "policy":
+        return models.local_model(*store.policy())
     if gguf.is_gguf(spec):
         return models.model_path(spec, f"evaluate.models: {spec}")
     if "://" in spec:

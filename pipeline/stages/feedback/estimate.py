@@ -8,7 +8,7 @@ import statistics
 from pipeline.core.recipe import PoolModel, Recipe, role_endpoint
 from pipeline.core.sources import unique_prompts
 from pipeline.core.templates import render
-from pipeline.stages.feedback.rate import ASPECT_TITLES, ON_POLICY, TYPE_HINTS
+from pipeline.stages.feedback.rate import ASPECT_TITLES, ON_POLICY, STUDENTS, TYPE_HINTS
 from pipeline.stages.feedback.ratings import SCALES
 from pipeline.teacher.demand import Planner, RolePlan
 
@@ -18,7 +18,7 @@ def demand(recipe: Recipe, plan: Planner) -> None:
     rater = plan.role("rater")
     aspects = [*cfg.aspects, *(["overall"] if cfg.overall_critique else [])]
     pool_answer = statistics.mean([_answer(plan, m) for m in recipe.sample.pool] or [plan.reply.answer])
-    students = [m for m in recipe.sample.pool if m.model == "sft"]
+    students = [m for m in recipe.sample.pool if m.model in STUDENTS]
     draft = _answer(plan, cfg.on_policy_sampler if ON_POLICY in cfg.sources else (students or [None])[0])
     correction = render("feedback_correction.jinja", question="", draft="", reminder="")
     for prompt in unique_prompts(recipe.sample.prompts or recipe.prompts, recipe.task):

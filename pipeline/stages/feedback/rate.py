@@ -30,6 +30,7 @@ from pipeline.teacher.session import RoleClient
 from pipeline.teacher.structured import json_reply, response_format
 
 ON_POLICY = "on_policy"
+STUDENTS = ("sft", "policy")  # pool models whose answers are the student's own (drafts a correction rewrites)
 ASPECT_TITLES = {"instruction_following": "instruction following", "honesty": "honesty",
                  "truthfulness": "truthfulness", "helpfulness": "helpfulness", "overall": "overall quality"}
 TYPE_HINTS = {"truthfulness": "hallucination kinds found, or None", "helpfulness": "qualities present, or None"}

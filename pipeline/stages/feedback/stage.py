@@ -21,6 +21,7 @@ from pipeline.core.store import RunStore
 from pipeline.stages.feedback.debias import mitigation_effects
 from pipeline.stages.feedback.rate import (
     ON_POLICY,
+    STUDENTS,
     Answer,
     Item,
     Outcome,
@@ -84,7 +85,7 @@ def _answers(rows: list[dict[str, Any]]) -> tuple[Answer, ...]:
 def check_sources(recipe: Recipe) -> None:
     cfg = recipe.feedback
     if "correction" in cfg.sources and ON_POLICY not in cfg.sources \
-            and not any(m.model == "sft" for m in recipe.sample.pool):
+            and not any(m.model in STUDENTS for m in recipe.sample.pool):
         raise FeedbackError("feedback.sources has 'correction' but nothing gives a student answer to correct: "
                             "add 'on_policy' to feedback.sources or a pool model with model: sft")
 
@@ -94,7 +95,7 @@ def build_items(recipe: Recipe, prompts: list[SeedPrompt], pool: dict[str, list[
     """One item per prompt and source (a prompt without answers too: it is dropped, so still accounted
     for); a correction item holds the student's answer to be rewritten."""
     sources = recipe.feedback.sources
-    students = {m.name for m in recipe.sample.pool if m.model == "sft"}
+    students = {m.name for m in recipe.sample.pool if m.model in STUDENTS}
     items = []
     for p in prompts:
         rows = pool.get(p.prompt_id, [])
