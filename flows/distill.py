@@ -204,7 +204,7 @@ def distill(request: DistillRequest = DistillRequest()) -> dict[str, Any]:  # no
 def run_chain(request: DistillRequest) -> dict[str, Any]:
     log = get_run_logger()
     recipe = request.load()
-    keys = request.keys(recipe)
+    keys = request.stage_keys(recipe)
     check_settings(recipe, sorted({split_key(k)[0] for k in keys}))  # a bad TRL argument fails now, not later
     export_teacher_key(recipe)
     store = open_run(recipe, _run_name(request, recipe))

@@ -53,7 +53,7 @@ class DistillRequest(BaseModel):
             raise ValueError(f"'{value}': use letters, digits, '.', '_' and '-' only")
         return value
 
-    def keys(self, recipe: Recipe) -> list[str]:
+    def stage_keys(self, recipe: Recipe) -> list[str]:
         """The stages to run, in order: every stage's and then later rounds' by default (pipeline.run.runner)."""
         return chosen_stages(recipe, None if set(self.stages) == set(STAGE_NAMES) else list(self.stages),
                              self.from_round)
