@@ -27,10 +27,11 @@ class DistillRequest(BaseModel):
     recipe_yaml: str | None = Field(None, description="A whole recipe inline (YAML); used instead of recipe_path.")
     run_name: str | None = Field(None, description="Run directory name; reuse one to resume it. "
                                                    "Default: the recipe's name (or series-timestamp).")
-    stages: list[StageName | RoundStage] = Field(
-        default_factory=lambda: list(STAGE_NAMES),
-        description="Stages to run, in pipeline order (all: every stage, then later rounds while each is kept; "
-                    "a later round's stage is e.g. dpo@2).")
+    stages: list[StageName] = Field(default_factory=lambda: list(STAGE_NAMES),
+                                    description="Stages to run, in pipeline order (all of them: then the later "
+                                                "on-policy rounds too, while each is kept).")
+    round_stages: list[RoundStage] = Field(default_factory=list,
+                                           description="Stages of later on-policy rounds to run too, e.g. dpo@2.")
     overrides: list[str] = Field(default_factory=list,
                                  description="Recipe overrides KEY.PATH=VALUE, e.g. dpo.beta=0.05.")
     series: str | None = Field(None, description="Recurring series: use only prompts no earlier run of it used.")
@@ -55,8 +56,8 @@ class DistillRequest(BaseModel):
 
     def stage_keys(self, recipe: Recipe) -> list[str]:
         """The stages to run, in order: every stage's and then later rounds' by default (pipeline.run.runner)."""
-        return chosen_stages(recipe, None if set(self.stages) == set(STAGE_NAMES) else list(self.stages),
-                             self.from_round)
+        whole = set(self.stages) == set(STAGE_NAMES) and not self.round_stages
+        return chosen_stages(recipe, None if whole else [*self.stages, *self.round_stages], self.from_round)
 
     def load(self) -> Recipe:
         """The validated recipe; errors name the recipe (file or inline) and the key path."""

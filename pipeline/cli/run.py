@@ -100,8 +100,10 @@ def run_flow(recipe: str, overrides: tuple[str, ...], run_name: str | None, stag
     from flows.distill import distill
     from flows.params import DistillRequest
 
-    request = DistillRequest(recipe_path=recipe, run_name=run_name, stages=stages or list(STAGE_NAMES),
-                             overrides=list(overrides), series=series, force=force, from_round=from_round)
+    later = [key for key in stages or [] if "@" in key]
+    request = DistillRequest(recipe_path=recipe, run_name=run_name, overrides=list(overrides), series=series,
+                             stages=[key for key in stages or STAGE_NAMES if "@" not in key], round_stages=later,
+                             force=force, from_round=from_round)
     with prefect_api():
         state = distill(request, return_state=True)
         try:

@@ -161,7 +161,13 @@ def chosen_stages(recipe: Recipe, stages: list[str] | None, from_round: int | No
         if from_round > recipe.dpo.rounds:
             raise StageFailed(f"--from-round {from_round}: the recipe has dpo.rounds={recipe.dpo.rounds}")
         return [k for k in plan(recipe) if split_key(k)[1] >= from_round and split_key(k)[0] in ROUND_STAGES]
-    return stages or plan(recipe)
+    if not stages:
+        return plan(recipe)
+    order = {key: i for i, key in enumerate(plan(recipe))}
+    beyond = [key for key in stages if key not in order]
+    if beyond:
+        raise StageFailed(f"{', '.join(beyond)}: not a stage of this recipe (dpo.rounds={recipe.dpo.rounds})")
+    return sorted(dict.fromkeys(stages), key=order.__getitem__)
 
 
 def status_rows(store: RunStore, spend: dict | None = None) -> list[dict[str, object]]:
