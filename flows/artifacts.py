@@ -95,16 +95,25 @@ def publish_stage(stage: str, store: RunStore, report: StageReport) -> None:
     """A markdown summary of the stage and, for data stages, a table of examples."""
     if not _in_run():
         return
-    counts = ", ".join(f"{k} {v}" for k, v in report.counts.items())
-    cost = report.cost.get("usd", 0.0)
-    create_markdown_artifact(
-        f"### {stage} ({report.status})\n\n{report.message}\n\n- counts: {counts}\n- teacher cost: ${cost:.4f}\n"
-        f"- output: `{store.join(stage)}`\n",
-        key=artifact_key(store.run_name, stage, "summary"), description=f"{stage} stage of {store.run_name}")
+    create_markdown_artifact(stage_markdown(stage, store, report), key=artifact_key(store.run_name, stage, "summary"),
+                             description=f"{stage} stage of {store.run_name}")
     sample = None if report.skipped else _sample_rows(store, stage)
     if sample and sample[1]:
         create_table_artifact(sample[1], key=artifact_key(store.run_name, stage, "samples"),
                               description=f"{sample[0]} from {store.run_name}")
+
+
+def stage_markdown(stage: str, store: RunStore, report: StageReport) -> str:
+    """The stage's summary: message, counts, cost, output directory and, for a training stage that reported
+    to TensorBoard, where its curves are and the command that shows them."""
+    counts = ", ".join(f"{k} {v}" for k, v in report.counts.items())
+    text = (f"### {stage} ({report.status})\n\n{report.message}\n\n- counts: {counts}\n"
+            f"- teacher cost: ${report.cost.get('usd', 0.0):.4f}\n- output: `{store.join(stage)}`\n")
+    curves = report.outputs.get("tensorboard")
+    if curves:
+        link = curves if "://" in curves else f"file://{curves}"
+        text += f"- training curves (TensorBoard): [{curves}]({link}); `tensorboard --logdir {curves}`\n"
+    return text
 
 
 _IMAGE = re.compile(r"!\[([^\]]*)\]\(([\w.-]+\.png)\)")

@@ -42,7 +42,8 @@ def run(recipe: Recipe, store: RunStore) -> StageReport:
         counts.update(new=new, earlier=len(earlier), earlier_runs=len(recipe.series.previous_runs))
     return StageReport(
         "dpo", counts=counts,
-        outputs={"model": store.join("dpo", "model"), "metrics": store.join("dpo", "metrics.json")},
+        outputs={"model": store.join("dpo", "model"), "metrics": store.join("dpo", "metrics.json"),
+                 **outputs.tensorboard_output(store, "dpo")},
         message=f"{len(pairs)} pairs, final loss {final.get('loss', float('nan')):.4f}, reward accuracy "
                 f"{final.get('rewards/accuracies', float('nan')):.2f}; "
                 + outputs.training_size("dpo", metrics, len(pairs)))
@@ -126,12 +127,14 @@ def train_dpo(recipe: Recipe, store: RunStore, pairs: list[dict[str, Any]]) -> d
         model = models.load_model(sft_model, device, recipe.dpo.lora, init_kwargs)
         defaults = zephyr_dpo_defaults(len(pairs), configs.max_positions(model, 1024),
                                        user_args.get("per_device_train_batch_size"))
+        defaults["run_name"] = f"{store.run_name}-dpo"  # the run's name in W&B, MLflow, Trackio
         args = configs.build_trl_config(DPOConfig, "dpo", user_args, defaults, stage_dir / "checkpoints", device)
         reference = reference_model(recipe.dpo, args, sft_model, device, init_kwargs)
         set_seed(args.seed)  # TRL adds the LoRA adapters before the Trainer seeds itself: seed their init too
         trainer = DPOTrainer(model=model, ref_model=reference,
                              args=args, processing_class=tokenizer, train_dataset=Dataset.from_list(pairs),
                              peft_config=models.peft_config(recipe.dpo.lora), callbacks=training_callbacks("dpo"))
+        outputs.tensorboard_into(trainer, stage_dir)
         resume = outputs.last_checkpoint(stage_dir / "checkpoints")
         if resume:
             log.info("dpo: resuming from %s", resume)
