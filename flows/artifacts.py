@@ -98,16 +98,26 @@ def publish_stage(key: str, store: RunStore, report: StageReport, stage: str | N
     if not _in_run():
         return
     stage = stage or key
-    counts = ", ".join(f"{k} {v}" for k, v in report.counts.items())
-    cost = report.cost.get("usd", 0.0)
-    create_markdown_artifact(
-        f"### {key} ({report.status})\n\n{report.message}\n\n- counts: {counts}\n- teacher cost: ${cost:.4f}\n"
-        f"- output: `{store.join(stage)}`\n",
-        key=artifact_key(store.run_name, key, "summary"), description=f"{key} stage of {store.run_name}")
+    create_markdown_artifact(stage_markdown(key, store, report, stage), key=artifact_key(store.run_name, key, "summary"),
+                             description=f"{key} stage of {store.run_name}")
     sample = None if report.skipped else _sample_rows(store, stage)
     if sample and sample[1]:
         create_table_artifact(sample[1], key=artifact_key(store.run_name, key, "samples"),
                               description=f"{sample[0]} from {store.run_name}")
+
+
+def stage_markdown(key: str, store: RunStore, report: StageReport, stage: str | None = None) -> str:
+    """The stage's summary (`key`: `dpo`, or `dpo@2` with `store` its round's view): message, counts, cost,
+    output directory and, for a training stage that reported to TensorBoard, where its curves are and the
+    command that shows them."""
+    counts = ", ".join(f"{k} {v}" for k, v in report.counts.items())
+    text = (f"### {key} ({report.status})\n\n{report.message}\n\n- counts: {counts}\n"
+            f"- teacher cost: ${report.cost.get('usd', 0.0):.4f}\n- output: `{store.join(stage or key)}`\n")
+    curves = report.outputs.get("tensorboard")
+    if curves:
+        link = curves if "://" in curves else f"file://{curves}"
+        text += f"- training curves (TensorBoard): [{curves}]({link}); `tensorboard --logdir {curves}`\n"
+    return text
 
 
 _IMAGE = re.compile(r"!\[([^\]]*)\]\(([\w.-]+\.png)\)")

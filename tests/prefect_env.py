@@ -42,7 +42,6 @@ class PrefectEnv:
             "PREFECT_WORKER_QUERY_SECONDS": "1",
             "PREFECT_WORKER_PREFETCH_SECONDS": "5",
             "PREFECT_LOCAL_STORAGE_PATH": str(home / "results"),
-            "PREFECT_UI_API_URL": self.api_url,
             "PREFECT_LOGGING_LEVEL": "INFO",
             "HF_HUB_OFFLINE": "1",
             "TQDM_DISABLE": "1",
@@ -89,6 +88,10 @@ class PrefectEnv:
         return subprocess.run(list(args), cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=timeout)
 
     def stop(self) -> None:
+        if "prefect" in sys.modules:  # this process talked to the server: send what it still holds first
+            from pipeline.cli.server import flush_to_api
+
+            flush_to_api()
         for proc, log in reversed(self.procs):
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
@@ -108,8 +111,13 @@ class PrefectEnv:
         """Point this process's Prefect client at the server."""
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
+        from pipeline.cli.server import flush_to_api
+
         with temporary_settings({PREFECT_API_URL: self.api_url}):
-            yield
+            try:
+                yield
+            finally:
+                flush_to_api()  # the logs and events of what ran here, sent while the server is up
 
 
 def chromium_path() -> str | None:

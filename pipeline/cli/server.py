@@ -57,10 +57,42 @@ def uses_sqlite() -> bool:
     return url is None or url.get_secret_value().startswith("sqlite")
 
 
+def ui_api_url(public_url: str | None) -> str:
+    """The API URL the UI's browser calls, as `/ui-settings` tells it.
+
+    Prefect's default is PREFECT_API_URL, else http://127.0.0.1:4200/api: a server on any other port (or host)
+    serves a UI that cannot reach its own API. A relative `/api` is resolved by the browser against the page it
+    loaded, so it is right for any host, port, SSH tunnel or port mapping that reaches the server itself; a proxy
+    that serves it under another path needs `--public-url`. A PREFECT_UI_API_URL the user set still wins over
+    the default.
+    """
+    from prefect.settings import get_current_settings
+
+    if public_url:
+        return f"{public_url.rstrip('/')}/api"
+    ui = get_current_settings().server.ui
+    if "api_url" in ui.model_fields_set and ui.api_url:
+        return ui.api_url
+    return "/api"
+
+
+def ui_settings(public_url: str | None) -> dict[Any, Any]:
+    """The settings that make the UI (and the links the server writes) point at this server."""
+    import prefect.settings as ps
+
+    wanted: dict[Any, Any] = {ps.PREFECT_UI_API_URL: ui_api_url(public_url)}
+    if public_url:
+        wanted[ps.PREFECT_UI_URL] = public_url.rstrip("/")
+    return wanted
+
+
 @click.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=4200, show_default=True, type=int)
-def server(host: str, port: int) -> None:
+@click.option("--public-url", default=None, metavar="URL",
+              help="The URL browsers reach this server at, when it differs from what they load the page from "
+                   "(a proxy serving it under a path, e.g. https://example.org/prefect).")
+def server(host: str, port: int, public_url: str | None) -> None:
     """Start the Prefect server (API + UI) in this process; on SQLite its writers queue for the lock."""
     import uvicorn
     from prefect.server.api.server import create_app
@@ -69,18 +101,45 @@ def server(host: str, port: int) -> None:
     sqlite = uses_sqlite()
     if sqlite:
         immediate_sqlite_transactions()
-    with temporary_settings(sqlite_settings() if sqlite else {}):
+    settings = {**(sqlite_settings() if sqlite else {}), **ui_settings(public_url)}
+    with temporary_settings(settings):
         app = create_app(final=True)
         what = "SQLite, transactions IMMEDIATE" if sqlite else "PostgreSQL"
-        click.echo(f"Prefect server on http://{host}:{port} ({what})", err=True)
+        shown = public_url or f"http://{_url_host(host)}:{port}"
+        click.echo(f"Prefect server on {shown} ({what}); its UI calls the API at {ui_api_url(public_url)}",
+                   err=True)
         uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def flush_to_api() -> None:
+    """Send the log lines and events still queued for the API now, while its server is up.
+
+    Prefect batches them in background workers that otherwise flush at interpreter exit: after a temporary
+    server stopped, that prints "--- Error logging to API --- All connection attempts failed" under the run's
+    last lines. Prefect's own test harness drains the same two workers before it stops its server.
+    """
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=30, at_exit=False)
+    EventsWorker.drain_all(timeout=30, at_exit=False)
 
 
 @contextmanager
 def prefect_api() -> Iterator[None]:
     """The API a `distill run` reports to: PREFECT_API_URL when one is set, else a `distill server` started for
     the run (the profile's database, hardened as above) instead of Prefect's unhardened temporary server."""
-    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, get_current_settings, temporary_settings
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_HOME,
+        PREFECT_UI_URL,
+        get_current_settings,
+        temporary_settings,
+    )
 
     if get_current_settings().api.url:
         yield
@@ -88,17 +147,21 @@ def prefect_api() -> Iterator[None]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    url = f"http://127.0.0.1:{port}/api"
+    origin = f"http://127.0.0.1:{port}"
     log_path = Path(PREFECT_HOME.value()) / "distill-server.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
-        proc = processes.start([sys.executable, "-m", "pipeline.cli", "server", "--port", str(port)],
-                               stdout=log, stderr=log, start_new_session=True)
+        proc = processes.start([sys.executable, "-m", "pipeline.cli", "server", "--port", str(port),
+                                "--public-url", origin], stdout=log, stderr=log, start_new_session=True)
     try:
-        _wait_healthy(url, proc, log_path)
-        click.echo(f"temporary Prefect server at {url} (log: {log_path})", err=True)
-        with temporary_settings({PREFECT_API_URL: url}):
-            yield
+        _wait_healthy(f"{origin}/api", proc, log_path)
+        click.echo(f"temporary Prefect server at {origin} (log: {log_path})", err=True)
+        # the flow's "View at" links are built from PREFECT_UI_URL
+        with temporary_settings({PREFECT_API_URL: f"{origin}/api", PREFECT_UI_URL: origin}):
+            try:
+                yield
+            finally:
+                flush_to_api()
     finally:
         proc.stop(grace_s=20)
 

@@ -81,6 +81,26 @@ def write_chat_format(trainer: Any, tokenizer: Any, stage_dir: Path, fmt: Any, c
     (stage_dir / "chat_format.json").write_text(json.dumps(report, indent=2))
 
 
+TENSORBOARD_DIR = "tensorboard"
+
+
+def tensorboard_into(trainer: Any, stage_dir: Path) -> None:
+    """With `report_to: tensorboard`, the event files go to `<stage>/tensorboard`: in the run store (a remote
+    store gets them uploaded with the stage, as the model is) rather than transformers' default,
+    `checkpoints/runs/<date>_<host>`, among checkpoints that are pruned. TENSORBOARD_LOGGING_DIR still wins."""
+    from transformers.integrations import TensorBoardCallback
+
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
+            callback.logging_dir = str(stage_dir / TENSORBOARD_DIR)
+
+
+def tensorboard_output(store: RunStore, stage: str) -> dict[str, str]:
+    """`{"tensorboard": <run>/<stage>/tensorboard}` when the stage wrote TensorBoard event files there."""
+    path = store.join(stage, TENSORBOARD_DIR)
+    return {"tensorboard": path} if store.fs.exists(path) else {}
+
+
 def write_metrics(trainer: Any, stage_dir: Path, extra: dict[str, Any]) -> dict[str, Any]:
     """metrics.json: the final summary, the last logged values (loss, rewards, logps) and the history."""
     history = trainer.state.log_history

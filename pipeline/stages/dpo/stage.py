@@ -46,7 +46,8 @@ def run(recipe: Recipe, store: RunStore) -> StageReport:
         counts.update(new=new, earlier=len(earlier), earlier_runs=len(recipe.series.previous_runs))
     return StageReport(
         "dpo", counts=counts,
-        outputs={"model": store.join("dpo", "model"), "metrics": store.join("dpo", "metrics.json")},
+        outputs={"model": store.join("dpo", "model"), "metrics": store.join("dpo", "metrics.json"),
+                 **outputs.tensorboard_output(store, "dpo")},
         message=f"{len(pairs)} pairs, final loss {final.get('loss', float('nan')):.4f}, reward accuracy "
                 f"{final.get('rewards/accuracies', float('nan')):.2f}; "
                 + outputs.training_size("dpo", metrics, len(pairs)))
@@ -140,6 +141,7 @@ def train_dpo(recipe: Recipe, store: RunStore, pairs: list[dict[str, Any]]) -> d
         model = models.load_model(start, device, recipe.dpo.lora, init_kwargs)
         defaults = zephyr_dpo_defaults(len(pairs), configs.max_positions(model, 1024),
                                        user_args.get("per_device_train_batch_size"))
+        defaults["run_name"] = f"{store.run_name}-dpo"  # the run's name in W&B, MLflow, Trackio
         args = configs.build_trl_config(DPOConfig, "dpo", user_args, defaults, stage_dir / "checkpoints", device)
         ref_path = start if recipe.dpo.reference == "previous" else sft_model
         reference = reference_model(recipe.dpo, args, ref_path, device, init_kwargs)
@@ -147,6 +149,7 @@ def train_dpo(recipe: Recipe, store: RunStore, pairs: list[dict[str, Any]]) -> d
         trainer = DPOTrainer(model=model, ref_model=reference,
                              args=args, processing_class=tokenizer, train_dataset=Dataset.from_list(pairs),
                              peft_config=models.peft_config(recipe.dpo.lora), callbacks=training_callbacks("dpo"))
+        outputs.tensorboard_into(trainer, stage_dir)
         resume = outputs.last_checkpoint(stage_dir / "checkpoints")
         if resume:
             log.info("dpo: resuming from %s", resume)

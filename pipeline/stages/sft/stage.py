@@ -44,7 +44,8 @@ def run(recipe: Recipe, store: RunStore) -> StageReport:
         counts.update(new=new, earlier=len(earlier), earlier_runs=len(recipe.series.previous_runs))
     return StageReport(
         "sft", counts=counts,
-        outputs={"model": store.join("sft", "model"), "metrics": store.join("sft", "metrics.json")},
+        outputs={"model": store.join("sft", "model"), "metrics": store.join("sft", "metrics.json"),
+                 **outputs.tensorboard_output(store, "sft")},
         message=f"{len(dialogues)} dialogues, final loss {metrics['final'].get('loss', float('nan')):.4f}; "
                 + outputs.training_size("sft", metrics, len(dialogues)))
 
@@ -135,6 +136,7 @@ def train_sft(recipe: Recipe, store: RunStore, dialogues: dict[str, list[dict[st
         model = models.load_model(base, device, recipe.sft.lora, init_kwargs)
         defaults = zephyr_sft_defaults(len(dialogues), configs.max_positions(model, 2048),
                                        user_args.get("per_device_train_batch_size"))
+        defaults["run_name"] = f"{store.run_name}-sft"  # the run's name in W&B, MLflow, Trackio
         args = configs.build_trl_config(SFTConfig, "sft", user_args, defaults,
                                        stage_dir / "checkpoints", device)
         set_seed(args.seed)  # TRL adds the LoRA adapters before the Trainer seeds itself: seed their init too
@@ -144,6 +146,7 @@ def train_sft(recipe: Recipe, store: RunStore, dialogues: dict[str, list[dict[st
         trainer = SFTTrainer(model=model, args=args, processing_class=tokenizer,
                              train_dataset=Dataset.from_list(examples),
                              peft_config=models.peft_config(recipe.sft.lora), callbacks=training_callbacks("sft"))
+        outputs.tensorboard_into(trainer, stage_dir)
         resume = outputs.last_checkpoint(stage_dir / "checkpoints")
         if resume:
             log.info("sft: resuming from %s", resume)
