@@ -180,3 +180,43 @@ def test_a_run_killed_in_round_two_resumes_to_the_same_pairs_and_model_paying_no
     decided = [{k: v for k, v in e.items() if k != "model"}
                for name in "ab" for e in json.loads((runs / name / "rounds" / "summary.json").read_text())["rounds"]]
     assert decided[:2] == decided[2:]
+
+
+def _evaluated(tmp_path: Path, answers: list[dict], vs: dict | None = None) -> RunStore:
+    """A run whose round 2 evaluate wrote `answers` (and a report with `vs` against the policy)."""
+    from pipeline.stages.evaluate.schema import SCHEMAS
+
+    run = RunStore(tmp_path, "r")
+    two = round_store(run, 2)
+    columns = SCHEMAS["answers"].names
+    with two.shard_writer("evaluate", "answers", id_key="answer_id", schema=SCHEMAS["answers"]) as writer:
+        for i, row in enumerate(answers):
+            writer.add({c: None for c in columns} | {"answer_id": str(i), "turns": [], "answers": [],
+                                                        "finish_reasons": [], "completion_tokens": 0} | row)
+    report = {"evaluation": {"candidate": "dpo", "baseline": "policy", "baseline_spec": "policy",
+                             "models": {"dpo": {"vs_baseline": vs or {}}, "policy": {}}}}
+    two.write_json(two.join("evaluate", "report.json"), report)
+    return run
+
+
+def test_a_round_with_ground_truth_is_kept_only_when_its_paired_gain_clears_k_standard_errors(tmp_path: Path) -> None:
+    from pipeline.run.rounds import decide_round
+
+    recipe = load_recipe(ROUNDS)
+    rows = lambda model, right: [{"item_id": f"i{i}", "model": model, "correct": float(i < right)}  # noqa: E731
+                                 for i in range(100)]
+    clear = decide_round(_evaluated(tmp_path / "a", rows("dpo", 90) + rows("policy", 80)), recipe, 2)
+    assert clear["kept"] and clear["gain"] == pytest.approx(0.10) and clear["lower_bound"] > 0
+    noisy = decide_round(_evaluated(tmp_path / "b", rows("dpo", 82) + rows("policy", 80)), recipe, 2)
+    assert not noisy["kept"] and noisy["gain"] == pytest.approx(0.02) and "not above 0" in noisy["reason"]
+
+
+def test_a_round_without_ground_truth_is_kept_by_the_series_win_rate_rule(tmp_path: Path) -> None:
+    from pipeline.run.rounds import decide_round
+
+    recipe = load_recipe(ROUNDS)
+    judged = [{"item_id": f"i{i}", "model": m, "correct": None} for i in range(10) for m in ("dpo", "policy")]
+    win = decide_round(_evaluated(tmp_path / "a", judged, {"n": 40, "win_rate": 0.8, "stderr": 0.05}), recipe, 2)
+    assert win["kept"] and win["measure"] == "win_rate" and win["lower_bound"] == pytest.approx(0.7)
+    tie = decide_round(_evaluated(tmp_path / "b", judged, {"n": 40, "win_rate": 0.55, "stderr": 0.05}), recipe, 2)
+    assert not tie["kept"] and tie["lower_bound"] == pytest.approx(0.45)
