@@ -113,8 +113,8 @@ def spend_text(spend: list[dict[str, Any]]) -> list[str]:
         lines.append(f"{r['stage']:<10} {r['full_requests']:>11.0f} {r['full_usd']:>10.4f} "
                      f"{r['estimated_requests']:>11.0f} {r['estimated_usd']:>10.4f} {r['paid_requests']:>11.0f} "
                      f"{r['paid_usd']:>10.4f} {r['cached']:>7.0f}")
-    lines.append("The preview's spend is in the run's spend ledger (`distill status RUN --json`, stages "
-                 "preview:*) and counts against its budget.")
+    lines.append("The preview's spend is in the run's spend ledger, labelled preview:<stage>, and counts against "
+                 "the run's budget; once the run exists, `distill status RUN --json` shows it under `preview`.")
     return lines
 
 
