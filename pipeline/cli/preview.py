@@ -70,6 +70,8 @@ def run_preview_flow(recipe: str, overrides: tuple[str, ...], run_name: str | No
             state.result()
         except Exception as exc:  # noqa: BLE001 - whatever the flow raised (Prefect logged it) becomes a CLI error
             raise as_cli_error(exc) or CliError(f"{type(exc).__name__}: {exc}") from None
+    if not state.is_completed():
+        raise CliError(f"the preview flow ended {state.name}")
 
 
 def preview_text(store: PreviewStore, recipe: Recipe, plan: PreviewPlan, items: PreviewItems,
