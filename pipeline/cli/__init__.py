@@ -9,6 +9,7 @@ from pipeline.cli import run as run_commands
 from pipeline.cli.common import as_cli_error, setup_logging
 from pipeline.cli.estimate import estimate
 from pipeline.cli.export import export
+from pipeline.cli.preview import preview
 
 
 class MappedGroup(click.Group):
@@ -35,7 +36,7 @@ def main(verbose: bool) -> None:
     setup_logging(verbose)
 
 
-for command in (run_commands.validate, estimate, run_commands.run, run_commands.stage, runs.status, runs.report,
+for command in (run_commands.validate, estimate, preview, run_commands.run, run_commands.stage, runs.status, runs.report,
                 tools.deploy, tools.serve, tools.teacher, tools.build_student, export, server.server,
                 postgres.postgres):
     main.add_command(command)

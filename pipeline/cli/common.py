@@ -11,6 +11,7 @@ import click
 from pipeline.core.recipe import Recipe, RecipeError, load_recipe
 from pipeline.core.store import RunStore, StoreError
 from pipeline.run.errors import EXIT_BAD_INPUT, EXIT_FAILED, explain
+from pipeline.run.preview import preview_spend
 from pipeline.run.runner import stage_warnings, status_rows
 from pipeline.teacher.spend import spend_summary
 
@@ -83,6 +84,9 @@ def print_status(store: RunStore) -> None:
     click.echo(f"spent ${spend['total_usd']:.4f} in all (the spend ledger)"
                + (f" of budget.max_cost_usd=${spend['budget']['max_cost_usd']:.2f}"
                   if spend["budget"]["max_cost_usd"] is not None else ""))
+    if previews := preview_spend(spend):
+        click.echo(f"  of which `distill preview` paid ${sum(p['usd'] for p in previews.values()):.4f} for "
+                   f"{sum(p['requests'] for p in previews.values())} requests (its cached answers serve this run)")
     for b in spend["batches"]:
         if not b.get("consumed"):
             click.echo(f"open batch {b.get('batch_id') or '(being created)'} of {b['stage']} on endpoint "

@@ -7,6 +7,7 @@ import json
 import click
 
 from pipeline.cli.common import open_run, print_status, recipe_option, root_option, run_argument
+from pipeline.run.preview import preview_spend
 from pipeline.run.runner import status_rows
 from pipeline.stages.evaluate.report import write_report
 from pipeline.teacher.spend import spend_summary
@@ -17,7 +18,8 @@ from pipeline.teacher.spend import spend_summary
 @root_option
 @recipe_option
 @click.option("--json", "as_json", is_flag=True, help="Print an object: per stage and per endpoint the requests, "
-              "tokens, dollars paid (from the spend ledger) and cache hits; the caps; the batches sent.")
+              "tokens, dollars paid (from the spend ledger) and cache hits; the same for `distill preview` (`preview`); the caps; "
+              "the batches sent.")
 def status(run: str, root: str | None, recipe_path: str | None, as_json: bool) -> None:
     """Show a table of a run's stages: status, items, failures, cost and time."""
     store = open_run(run, root, recipe_path)
@@ -30,7 +32,7 @@ def status(run: str, root: str | None, recipe_path: str | None, as_json: bool) -
         paid = spend["stages"][row["stage"]]
         stages[row["stage"]] = {**{k: v for k, v in row.items() if k not in ("stage", "cost_usd")}, **paid}
     click.echo(json.dumps({"run": store.run_name, "run_dir": store.url, "stages": stages,
-                           "endpoints": spend["endpoints"], "total_usd": spend["total_usd"],
+                           "preview": preview_spend(spend), "endpoints": spend["endpoints"], "total_usd": spend["total_usd"],
                            "budget": spend["budget"], "batches": spend["batches"]}, indent=2, sort_keys=True))
 
 
