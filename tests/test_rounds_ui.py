@@ -20,8 +20,12 @@ ROUNDS = str(ROOT / "configs" / "quickstart-rounds.yaml")
 def subflow_tasks(env: PrefectEnv, flow_run_id: str) -> dict[str, list[str]]:
     """Each subflow run of the flow run (by name) with the names of its task runs."""
     from prefect import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId, TaskRunFilter
-    from prefect.client.schemas.filters import TaskRunFilterFlowRunId
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterParentFlowRunId,
+        TaskRunFilter,
+        TaskRunFilterFlowRunId,
+    )
 
     with env.client_settings(), get_client(sync_client=True) as client:
         children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
@@ -39,7 +43,7 @@ def artifact_page_text(url: str) -> str:
         page.set_default_timeout(TIMEOUT_MS)
         try:
             page.goto(url, wait_until="domcontentloaded")
-            expect(page.locator("body")).to_contain_text("On-policy rounds")
+            expect(page.locator("body")).to_contain_text("On-policy rounds", timeout=TIMEOUT_MS)
             return page.locator("body").inner_text()
         finally:
             browser.close()
