@@ -34,6 +34,15 @@ def subflow_tasks(env: PrefectEnv, flow_run_id: str) -> dict[str, list[str]]:
             flow_run_id=TaskRunFilterFlowRunId(any_=[child.id])))) for child in children}
 
 
+def artifact_id(env: PrefectEnv, key: str) -> str:
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with env.client_settings(), get_client(sync_client=True) as client:
+        [artifact] = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+        return str(artifact.id)
+
+
 def artifact_page_text(url: str) -> str:
     from playwright.sync_api import expect, sync_playwright
 
@@ -62,10 +71,11 @@ def test_the_run_graph_draws_a_group_per_round_and_the_artifact_shows_the_rounds
         link, flow_run_id = VIEW_AT.search(out).groups()
         graph = see_run_graph(link, flow_run_id, tmp_path / "rounds-graph.png")
         groups = subflow_tasks(env, flow_run_id)
-        text = artifact_page_text(f"{env.ui_url}/artifacts/key/{artifact_key('ui-rounds', 'rounds-summary')}")
+        summary = artifact_id(env, artifact_key("ui-rounds", "rounds-summary"))
+        text = artifact_page_text(f"{env.ui_url}/artifacts/artifact/{summary}")
     finally:
         env.stop()
-    assert node_labels(graph) == ["generate", "sft", "round 1", "round 2"], graph
+    assert node_labels(graph) == ["generate", "sft", "round / round 1", "round / round 2"], graph
     assert groups == {"round 1": ["dpo", "evaluate", "feedback", "sample"],
                       "round 2": ["dpo@2", "evaluate@2", "feedback@2", "sample@2"]}
     assert "| round |" not in text and "accuracy" in text and "kept" in text  # drawn as a table, not as source
