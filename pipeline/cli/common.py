@@ -74,6 +74,12 @@ def print_status(store: RunStore) -> None:
     click.echo(f"spent ${spend['total_usd']:.4f} in all (the spend ledger)"
                + (f" of budget.max_cost_usd=${spend['budget']['max_cost_usd']:.2f}"
                   if spend["budget"]["max_cost_usd"] is not None else ""))
+    for name, paid in spend["endpoints"].items():
+        settled = paid.get("concurrency") or {}
+        if settled.get("mode") == "auto":
+            click.echo(f"endpoint '{name}': max_concurrency auto settled at {settled['final']} in "
+                       f"{settled['stage']} (mean {settled['mean']}, max {settled['max']} of {settled['ceiling']}; "
+                       f"{settled['throttled']} answers 429/503)")
     for b in spend["batches"]:
         if not b.get("consumed"):
             click.echo(f"open batch {b.get('batch_id') or '(being created)'} of {b['stage']} on endpoint "
