@@ -1,6 +1,6 @@
 """AI feedback from a biased judge, without and with the feedback stage's mitigations.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/biased_judge.py [--root DIR] [--length-bias 0.3]
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/biased_judge.py [--root DIR] [--length-bias 0.3] [--tiny]
 
 The quickstart recipe with a flawed toy rater (the first text shown gains 1, a text gains `--length-bias` per word
 beyond the mean of those shown with it, 20 % of ratings are a uniform draw). generate, sft and sample run once
@@ -9,6 +9,7 @@ copied; then feedback → dpo → evaluate run once plain and once mitigated. Pr
 the longer of two answers that are both right or both wrong, the feedback reports' bias figures and mitigation
 lines, and held-out ground-truth accuracy side by side. Last line:
 `biased judge: sft=0.xx dpo_plain=0.xx dpo_mitigated=0.xx` (target: dpo_mitigated >= sft + 0.15, > dpo_plain).
+`--tiny` shrinks the run (prompts, training steps, held-out set) to check the script; its numbers mean nothing.
 """
 
 from __future__ import annotations
@@ -37,10 +38,17 @@ MITIGATIONS = {"orders": 4, "drop_order_flips": True}  # every answer of 4 shown
 LENGTH_MARGIN_PER_WORD = 0.15
 
 
-def recipes(root: Path, length_bias: float) -> tuple[Recipe, Recipe]:
+TINY = {"prompts": {"count": 24}, "sft": {"args": {"max_steps": 4}}, "dpo": {"args": {"max_steps": 4}},
+        "evaluate": {"heldout_count": 8}}
+
+
+def recipes(root: Path, length_bias: float, tiny: bool = False) -> tuple[Recipe, Recipe]:
     """The quickstart with the flawed judge, plain and mitigated (only the feedback section differs)."""
     data = yaml.safe_load(QUICKSTART.read_text())
     data["storage"]["root"] = str(root)
+    for section, keys in TINY.items() if tiny else ():
+        for key, value in keys.items():
+            data[section][key] = {**data[section][key], **value} if isinstance(value, dict) else value
     data["teacher"]["builtin"].update({"position_bias": 1.0, "length_bias": length_bias, "rater_noise": 0.2})
     plain = recipe_from_dict(data, str(QUICKSTART), QUICKSTART.parent)
     data["feedback"].update(MITIGATIONS)
@@ -90,10 +98,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, help="where the runs go (default: a temporary directory)")
     parser.add_argument("--length-bias", type=float, default=0.3, help="rating points per extra word")
+    parser.add_argument("--tiny", action="store_true", help="a tiny run: checks the script, measures nothing")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     root = args.root or Path(tempfile.mkdtemp(prefix="biased-judge-"))
-    plain, mitigated = recipes(root, args.length_bias)
+    plain, mitigated = recipes(root, args.length_bias, args.tiny)
     print(f"runs under {root}; mitigated feedback: {MITIGATIONS}, "
           f"pairs.length_margin_per_word={LENGTH_MARGIN_PER_WORD}", flush=True)
     run(plain, "plain", SHARED)

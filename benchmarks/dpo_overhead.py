@@ -1,13 +1,14 @@
 """What the `dpo` stage costs over a plain TRL DPO script: same data, model, settings and process.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/dpo_overhead.py [--steps 100] [--rounds 7] [--threads 1]
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/dpo_overhead.py [--steps 100] [--rounds 7] [--threads 1] [--tiny]
 
 Both train the tiny student on the same toy pairs with the same TrainingArguments (the plain script is
 given the stage's checkpoint and logging settings too, so both pay for the same saves). `DPOTrainer.train` is timed
 in both (wall and process CPU time; CPU time is the steadier measure on a shared machine). After one
 untimed warm-up run of each, rounds alternate which goes first. Prints the median step-time ratios
 (target <= 1.05) and the end-to-end ratio (the stage also reads the store, loads the reference
-explicitly, and writes metrics and a model card).
+explicitly, and writes metrics and a model card). `--tiny` runs a few steps once, without the warm-up, to
+check the script (its ratios mean nothing).
 """
 
 from __future__ import annotations
@@ -24,13 +25,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline.train.common import build_tiny_student, stage_defaults, student_options
-
 from pipeline.core.recipe import Recipe, recipe_from_dict
 from pipeline.core.store import RunStore, StageState
 from pipeline.run.registry import fingerprint
 from pipeline.run.runner import open_run, run_stage
 from pipeline.tasks.toy.task import format_answer, make_prompts, parse_problem
+from pipeline.train.configs import stage_defaults
+from pipeline.train.student import build_tiny_student
 
 SETTINGS = {"learning_rate": 1e-3, "per_device_train_batch_size": 16, "max_length": 128, "beta": 0.1,
             "loss_type": ["sigmoid", "sft"], "lr_scheduler_type": "linear", "warmup_steps": 0.1, "seed": 0,
@@ -73,7 +74,7 @@ def prepare_run(root: Path, pairs: list[dict[str, Any]], steps: int) -> tuple[Re
                                "dpo": {"beta": SETTINGS["beta"], "loss_type": SETTINGS["loss_type"],
                                        "args": {**dpo_args, "max_steps": steps}}})
     store = open_run(recipe, "overhead")
-    build_tiny_student(Path(store.join("sft", "model")), student_options({}))
+    build_tiny_student(Path(store.join("sft", "model")), recipe)
     with store.shard_writer("feedback", "pairs") as writer:
         writer.extend(pairs)
     for stage in ("sft", "feedback"):
@@ -121,7 +122,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--pairs", type=int, default=400)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadiest on a shared box)")
+    parser.add_argument("--tiny", action="store_true", help="a few steps, once: checks the script")
     opts = parser.parse_args()
+    if opts.tiny:
+        opts.steps, opts.rounds, opts.pairs = 4, 1, 64
     import torch
 
     torch.set_num_threads(opts.threads)
@@ -138,7 +142,8 @@ def main() -> None:
     def plain(i: int) -> tuple[float, float, float]:
         return measure(lambda: run_plain_trl(model_dir, pairs, opts.steps, root / f"plain-{i}"))
 
-    stage(), plain(-1)  # warm-up: first-call costs (allocator, lazy imports) hit neither side's numbers
+    if not opts.tiny:
+        stage(), plain(-1)  # warm-up: first-call costs (allocator, lazy imports) hit neither side's numbers
     results: list[tuple[tuple[float, float, float], tuple[float, float, float]]] = []
     for i in range(opts.rounds):
         if i % 2:

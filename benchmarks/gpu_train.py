@@ -109,6 +109,8 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak")
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU: checks the script, measures nothing")
     opts = parser.parse_args()
+    if opts.smoke:  # a few short steps: the script's path, in seconds
+        opts.steps, opts.batch, opts.seq = min(opts.steps, 3), min(opts.batch, 2), min(opts.seq, 64)
 
     import torch
 

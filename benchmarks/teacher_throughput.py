@@ -2,13 +2,16 @@
 
 Usage: python benchmarks/teacher_throughput.py [--requests 2000] [--concurrency 64] [--latency-ms 50]
                                                [--rounds 2] [--rss-sizes 2000,20000]
+                                               [--stage-concurrency auto] [--tiny]
 
 Part 1 runs, in one process and alternating, the baseline (AsyncOpenAI, semaphore, nothing else) and the
 `generate` stage (one teacher call per prompt: cache, spend ledger, retries, rate limiting, budget, shards,
 failure ledgers, stats) against the toy teacher with a fixed latency, and prints requests/s and the ratio of
-the whole stage to the baseline (target >= 0.9).
+the whole stage to the baseline (target >= 0.9). `--stage-concurrency auto` runs the stage with
+`max_concurrency: auto` (the baseline keeps `--concurrency`).
 Part 2 runs the stage in a fresh subprocess for each size against a zero-latency server and prints peak
 RSS (target: the largest/smallest ratio <= 1.3: the stage streams prompts instead of holding them).
+`--tiny` runs both parts on a few hundred prompts, once, to check the script.
 """
 
 from __future__ import annotations
@@ -129,8 +132,8 @@ def throughput(args: argparse.Namespace, workdir: Path) -> None:
                                                              args.concurrency)))
             measure("path", lambda r=r: asyncio.run(request_path(
                 toy.base_url, [f"{t} (p{r})" for t in texts], args.concurrency, workdir / f"cache-{r}.sqlite")))
-            measure("stage", lambda r=r: stage_rate(toy.base_url, prompts_file, args.requests, args.concurrency,
-                                                    str(r)))
+            measure("stage", lambda r=r: stage_rate(toy.base_url, prompts_file, args.requests,
+                                                    args.stage_concurrency or args.concurrency, str(r)))
     b, p, s = (statistics.median(rates[k]) for k in ("base", "path", "stage"))
 
     def rounds(kind: str) -> str:
@@ -141,7 +144,8 @@ def throughput(args: argparse.Namespace, workdir: Path) -> None:
           f"{args.latency_ms:.0f} ms, {args.rounds} alternating rounds (median)")
     print(f"  baseline AsyncOpenAI + semaphore        : {b:8.1f} req/s   (rounds: {rounds('base')})")
     print(f"  request path (client + cache + streaming): {p:8.1f} req/s   (rounds: {rounds('path')})")
-    print(f"  whole generate stage (dedup, shards, ...): {s:8.1f} req/s   (rounds: {rounds('stage')})")
+    print(f"  whole generate stage (dedup, shards, ...): {s:8.1f} req/s   (rounds: {rounds('stage')}; "
+          f"max_concurrency {args.stage_concurrency or args.concurrency})")
     print(f"  ratio request path / baseline           : {p / b:8.3f}")
     print(f"  ratio whole stage / baseline            : {s / b:8.3f}   (target >= 0.9)")
 
@@ -190,7 +194,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--rss-sizes", default="2000,20000")
     parser.add_argument("--skip-rss", action="store_true")
+    parser.add_argument("--stage-concurrency", default=None, help="the stage's max_concurrency (a number or auto)")
+    parser.add_argument("--tiny", action="store_true", help="a few hundred prompts, once: checks the script")
     args = parser.parse_args()
+    if args.tiny:
+        args.requests, args.rounds, args.rss_sizes = 300, 1, "200,400"
+    if args.stage_concurrency not in (None, "auto"):
+        args.stage_concurrency = int(args.stage_concurrency)
     os.environ.setdefault("TQDM_DISABLE", "1")
     with tempfile.TemporaryDirectory() as tmp:
         throughput(args, Path(tmp))

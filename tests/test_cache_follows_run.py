@@ -13,6 +13,7 @@ import time
 import uuid
 from pathlib import Path
 
+import pytest
 import yaml
 
 from pipeline.core.sources import prompt_id
@@ -27,14 +28,15 @@ CONCURRENCY = 8
 PROMPTS = 60
 
 
-def _worker(tmp_path: Path, name: str, root: str, teacher_url: str) -> tuple[list[str], dict[str, str]]:
+def _worker(tmp_path: Path, name: str, root: str, teacher_url: str,
+            limit: dict[str, object]) -> tuple[list[str], dict[str, str]]:
     """A worker's command and environment: its own HOME and cache dir, the shared S3 run store."""
     home = tmp_path / name
     home.mkdir()
     recipe = {"name": "follow", "task": "toy", "prompts": {"source": "task", "count": PROMPTS},
               "teacher": {"base_url": teacher_url, "model": "toy-gen", "api_key_env": None, "timeout_s": 10.0,
                           "max_retries": 3, "backoff_base_s": 0.05, "backoff_max_s": 0.2,
-                          "max_concurrency": CONCURRENCY, "price_input_per_1k": 1.0, "price_output_per_1k": 2.0},
+                          **limit, "price_input_per_1k": 1.0, "price_output_per_1k": 2.0},
               "generate": {"max_rounds": 3, "shard_size": 10},
               "storage": {"root": root, "cache_dir": str(home / "cache")}}
     path = home / "recipe.yaml"
@@ -43,11 +45,15 @@ def _worker(tmp_path: Path, name: str, root: str, teacher_url: str) -> tuple[lis
     return [*DISTILL, "stage", "generate", str(path), "--run-name", "follow"], env
 
 
-def test_generate_killed_on_one_worker_finishes_on_another_without_paying_twice(s3, tmp_path: Path) -> None:
+# `auto` holds a request's slot until the store holds its answer too, under its moving limit (<= the ceiling)
+@pytest.mark.parametrize("limit", [{"max_concurrency": CONCURRENCY},
+                                   {"max_concurrency": "auto", "max_concurrency_ceiling": CONCURRENCY}],
+                         ids=["fixed", "auto"])
+def test_generate_killed_on_one_worker_finishes_on_another_without_paying_twice(s3, tmp_path: Path, limit) -> None:
     root = s3.url(f"follow-{uuid.uuid4().hex[:8]}")
     with ToyTeacher(ToyTeacherConfig(latency_ms=10)) as toy:
-        cmd_a, env_a = _worker(tmp_path, "a", root, toy.base_url)
-        cmd_b, env_b = _worker(tmp_path, "b", root, toy.base_url)
+        cmd_a, env_a = _worker(tmp_path, "a", root, toy.base_url, limit)
+        cmd_b, env_b = _worker(tmp_path, "b", root, toy.base_url, limit)
         toy.hold(after=120)  # 120 answered, then every request waits: the kill finds a full in-flight window
         proc = subprocess.Popen(cmd_a, env=env_a, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 180

@@ -49,7 +49,7 @@ class OpenAIBackend:
             async def one(index: int) -> Completion:
                 return await self._answer(client, requests[index], params)
 
-            concurrency = BATCH_ITEMS_IN_FLIGHT if self.cfg.batch else self.cfg.max_concurrency
+            concurrency = BATCH_ITEMS_IN_FLIGHT if self.cfg.batch else self.cfg.concurrency_cap
             try:
                 async for index, result in stream_map(range(len(requests)), one, concurrency,
                                                       stop=lambda: bool(stopped)):

@@ -87,6 +87,12 @@ def print_status(store: RunStore) -> None:
     if previews := preview_spend(spend):
         click.echo(f"  of which `distill preview` paid ${sum(p['usd'] for p in previews.values()):.4f} for "
                    f"{sum(p['requests'] for p in previews.values())} requests (its cached answers serve this run)")
+    for name, paid in spend["endpoints"].items():
+        settled = paid.get("concurrency") or {}
+        if settled.get("mode") == "auto":
+            click.echo(f"endpoint '{name}': max_concurrency auto settled at {settled['final']} in "
+                       f"{settled['stage']} (mean {settled['mean']}, max {settled['max']} of {settled['ceiling']}; "
+                       f"{settled['throttled']} answers 429/503)")
     for b in spend["batches"]:
         if not b.get("consumed"):
             click.echo(f"open batch {b.get('batch_id') or '(being created)'} of {b['stage']} on endpoint "

@@ -25,13 +25,14 @@ from pipeline.core.stage import ItemFailed, StageStopped
 from pipeline.teacher.budget import Budget, BudgetExceeded
 from pipeline.teacher.cache import ResponseCache, cache_key
 from pipeline.teacher.ledger import Charge
-from pipeline.teacher.limits import TokenBucket
+from pipeline.teacher.limits import AdaptiveConcurrency, Slot, TokenBucket
 from pipeline.teacher.messages import ChatRequest, ChatResult, Usage
 from pipeline.teacher.serving import endpoint_url
 
 log = logging.getLogger(__name__)
 
 RETRYABLE_STATUS = {408, 409, 425, 429}
+CONGESTION_STATUS = {429, 503, 529}  # the endpoint is over its limit or overloaded: `auto` backs off
 POOL_CONNECTIONS = 16  # connections per HTTP client (see TeacherClient.__init__)
 __all__ = ["Activity", "BudgetExceeded", "StructuredUnsupported", "TeacherClient", "TeacherError", "TeacherFatal",
            "resolve_api_key"]
@@ -102,15 +103,19 @@ class TeacherClient:
         # time httpcore's pool assigns a request it probes the socket of every idle connection it holds, so
         # requests are spread over clients of POOL_CONNECTIONS each (one pool of 64: ~30% of the client's CPU).
         self.url = endpoint_url(cfg)  # a served endpoint's is known only while its server runs
-        self._clients = [openai.AsyncOpenAI(base_url=self.url, api_key=self._key, max_retries=0,
-                                            timeout=cfg.timeout_s)
-                         for _ in range(max(1, -(-cfg.max_concurrency // POOL_CONNECTIONS)))]
+        # more clients are made as requests in flight fill the ones there are: each costs an SSL context
+        # (measured: ~25 ms of CPU), and auto's ceiling of 256 would ask for 16 of them before any request
+        self._shards = max(1, -(-cfg.concurrency_cap // POOL_CONNECTIONS))
+        self._clients = [self._new_client()]
         self._client = self._clients[0]
-        self._in_flight = [0] * len(self._clients)
-        self._sem = asyncio.Semaphore(cfg.max_concurrency)
+        self._in_flight = [0]
+        # `auto`: the limit moves (AIMD); else a plain semaphore, the cheaper of the two
+        self.adaptive = AdaptiveConcurrency(cfg.concurrency_cap) if cfg.adaptive else None
+        self._sem = None if self.adaptive else asyncio.Semaphore(cfg.concurrency_cap)
         # On a remote run store an answer is in flight until the store holds it too: the window bounds the
-        # requests sent or not yet stored, so a kill repeats at most max_concurrency paid requests elsewhere.
-        self._window = asyncio.Semaphore(cfg.max_concurrency)
+        # requests sent or not yet stored, so a kill repeats at most max_concurrency (auto: its limit of the
+        # moment) paid requests elsewhere.
+        self._window = self.adaptive.window if self.adaptive else asyncio.Semaphore(cfg.concurrency_cap)
         self._rpm = TokenBucket(cfg.requests_per_minute) if cfg.requests_per_minute else None
         self._tpm = TokenBucket(cfg.tokens_per_minute) if cfg.tokens_per_minute else None
         if budget is None:  # a client on its own: only its endpoint's cap
@@ -309,26 +314,58 @@ class TeacherClient:
                 await self._rpm.take(1)
             if self._tpm:
                 await self._tpm.take(est_in + est_out)
-            async with self._sem:
-                self.usage.attempts += 1
-                self.activity.live += 1
-                shard = min(range(len(self._clients)), key=self._in_flight.__getitem__)
-                self._in_flight[shard] += 1
-                try:
-                    # the SDK's documented raw `post` (its errors, timeouts and connection pool) without its
-                    # per-request parameter transform and response models: a fifth of the client's CPU
-                    response = await self._clients[shard].post(
-                        "/chat/completions", cast_to=dict,
-                        body={"model": self.cfg.model, "messages": request.messages, **request.params()})
-                finally:
-                    self.activity.live -= 1
-                    self._in_flight[shard] -= 1
+            async with self.adaptive.slot() if self.adaptive else self._sem as slot:
+                response = await self._post(request, slot)
         finally:
             self.budget.release(self.name, reserve)
         result = parse_completion(response, est_in)
         if self._tpm:
             self._tpm.give_back(max(0, est_in + est_out - result.prompt_tokens - result.completion_tokens))
         return result
+
+    async def _post(self, request: ChatRequest, slot: Slot | None) -> Any:
+        """One HTTP attempt on the least busy client; a refusal for load is counted (and told to `auto`)."""
+        self.usage.attempts += 1
+        self.activity.live += 1
+        shard = self._shard()
+        self._in_flight[shard] += 1
+        try:
+            # the SDK's documented raw `post` (its errors, timeouts and connection pool) without its
+            # per-request parameter transform and response models: a fifth of the client's CPU
+            return await self._clients[shard].post(
+                "/chat/completions", cast_to=dict,
+                body={"model": self.cfg.model, "messages": request.messages, **request.params()})
+        except openai.APIStatusError as exc:
+            if exc.status_code in CONGESTION_STATUS:
+                self.usage.throttled += 1
+                if slot is not None:
+                    slot.congested(_retry_after(exc))
+            raise
+        except openai.APITimeoutError:
+            if slot is not None:
+                slot.congested()
+            raise
+        finally:
+            self.activity.live -= 1
+            self._in_flight[shard] -= 1
+
+    def _shard(self) -> int:
+        shard = min(range(len(self._clients)), key=self._in_flight.__getitem__)
+        if self._in_flight[shard] >= POOL_CONNECTIONS and len(self._clients) < self._shards:
+            self._clients.append(self._new_client())
+            self._in_flight.append(0)
+            shard = len(self._clients) - 1
+        return shard
+
+    def _new_client(self) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=self.url, api_key=self._key, max_retries=0, timeout=self.cfg.timeout_s)
+
+    def concurrency_summary(self) -> dict[str, Any]:
+        """The concurrency this client ran at (auto: where it settled) and the 429/503 answers it got."""
+        if self.adaptive is not None:
+            return {**self.adaptive.summary(), "throttled": self.usage.throttled}
+        cap = self.cfg.concurrency_cap
+        return {"mode": "fixed", "final": cap, "max": cap, "throttled": self.usage.throttled}
 
 
 def parse_completion(data: Any, est_in: int = 0) -> ChatResult:

@@ -4,10 +4,13 @@ It is a table in the response cache's SQLite file and each row is written in the
 cached response it paid for, so money is never recorded without its answer nor an answer without its money,
 a killed stage's spend is kept, and resetting a stage (`--force`, a changed fingerprint) forgets nothing.
 The run's spend is the ledger's sum. Cache hits are free; they are counted per stage, endpoint and role.
+Beside the charges it keeps, per stage and endpoint, the concurrency the stage's last run that sent requests
+ran at (where `max_concurrency: auto` settled) and the 429/503 answers it got.
 """
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from collections import defaultdict
@@ -21,6 +24,8 @@ SCHEMA = (
     "completion_tokens INTEGER NOT NULL, usd REAL NOT NULL, mode TEXT NOT NULL, batch_id TEXT)",
     "CREATE TABLE IF NOT EXISTS cache_hits (stage TEXT NOT NULL, endpoint TEXT NOT NULL, role TEXT NOT NULL, "
     "hits INTEGER NOT NULL, PRIMARY KEY (stage, endpoint, role))",
+    "CREATE TABLE IF NOT EXISTS concurrency (stage TEXT NOT NULL, endpoint TEXT NOT NULL, at REAL NOT NULL, "
+    "summary TEXT NOT NULL, PRIMARY KEY (stage, endpoint))",
 )
 
 
@@ -68,6 +73,12 @@ class SpendLedger:
             self._db.execute("INSERT INTO cache_hits VALUES (?, ?, ?, ?) ON CONFLICT (stage, endpoint, role) "
                              "DO UPDATE SET hits = hits + excluded.hits", (stage, endpoint, role, hits))
 
+    def set_concurrency(self, stage: str, endpoint: str, summary: dict[str, Any]) -> None:
+        """What a stage's run of an endpoint's client ran at (`TeacherClient.concurrency_summary`); replaces the
+        stage's earlier run's."""
+        self._db.execute("INSERT OR REPLACE INTO concurrency VALUES (?, ?, ?, ?)",
+                         (stage, endpoint, time.time(), json.dumps(summary)))
+
     def total(self, endpoint: str | None = None) -> float:
         """Dollars paid: the whole run's, or one endpoint's."""
         if endpoint is None:
@@ -85,7 +96,8 @@ class SpendLedger:
         return [Charge(*row) for row in self._db.execute(f"SELECT {cols} FROM spend ORDER BY at").fetchall()]
 
     def summary(self) -> dict[str, Any]:
-        """Per stage (and within it per endpoint) and per endpoint: requests, tokens, dollars, cached hits."""
+        """Per stage (and within it per endpoint) and per endpoint: requests, tokens, dollars, cached hits, and
+        the concurrency it ran at where recorded."""
         stages: dict[str, dict[str, Any]] = defaultdict(_empty_with_endpoints)
         endpoints: dict[str, dict[str, Any]] = defaultdict(_empty)
         total = _empty()
@@ -104,6 +116,11 @@ class SpendLedger:
             for bucket in (stages[stage], stages[stage]["endpoints"].setdefault(endpoint, _empty()),
                            endpoints[endpoint], total):
                 bucket["cached"] += hits
+        for stage, endpoint, blob in self._db.execute(
+                "SELECT stage, endpoint, summary FROM concurrency ORDER BY at").fetchall():
+            settled = json.loads(blob)
+            stages[stage]["endpoints"].setdefault(endpoint, _empty())["concurrency"] = settled
+            endpoints[endpoint]["concurrency"] = {**settled, "stage": stage}  # the latest stage's
         return {"stages": dict(stages), "endpoints": dict(endpoints), "total": total}
 
     @staticmethod

@@ -53,6 +53,7 @@ class Usage:
     cached: int = 0  # answered from the cache, free
     attempts: int = 0  # HTTP attempts, retries included
     retries: int = 0
+    throttled: int = 0  # attempts the endpoint refused for load (429, 503)
     prompt_tokens: int = 0
     completion_tokens: int = 0
     usd: float = 0.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from pipeline.core.recipe import (
     PoolModel,
@@ -106,11 +107,17 @@ class TeacherSession:
 
     def concurrency(self, *roles: str, live_factor: int = 1) -> int:
         """Items a stage keeps in flight for these roles: a whole round when one of their endpoints batches,
-        else `live_factor` times the largest max_concurrency."""
+        else `live_factor` times the largest max_concurrency (auto: its ceiling, so the limit can grow)."""
         cfgs = [role_endpoint(self.recipe, r)[1] for r in roles]
         if any(c.batch for c in cfgs):
             return BATCH_ITEMS_IN_FLIGHT
-        return live_factor * max(c.max_concurrency for c in cfgs)
+        return live_factor * max(c.concurrency_cap for c in cfgs)
+
+    def concurrency_settled(self) -> dict[str, dict[str, Any]]:
+        """Per endpoint this stage sent live requests to: the concurrency it ran at (auto: where it settled,
+        the highest it reached) and the 429/503 answers it got."""
+        return {client.name: client.concurrency_summary() for client in self._clients.values()
+                if client.usage.attempts}
 
     def usage(self) -> dict[str, float]:
         """What this stage's requests cost, all endpoints together (the stage report's `cost`)."""
@@ -135,12 +142,21 @@ class TeacherSession:
         try:
             for driver in self._drivers:
                 await driver.aclose()
+            for name, summary in self.concurrency_settled().items():
+                self.cache.ledger.set_concurrency(self.stage, name, summary)
             for client in self._clients.values():
                 for role, hits in client.hits.items():
                     self.cache.ledger.add_hits(self.stage, client.name, role, hits)
                 await client.aclose()
         finally:
             self.cache.close()
+
+
+def concurrency_note(settled: dict[str, dict[str, Any]]) -> str:
+    """For a stage report: where each `max_concurrency: auto` endpoint settled (empty when none is auto)."""
+    return "".join(f"; endpoint '{name}' concurrency auto settled at {s['final']} (mean {s['mean']}, max {s['max']} "
+                   f"of {s['ceiling']}; {s['throttled']} answers 429/503)"
+                   for name, s in settled.items() if s.get("mode") == "auto")
 
 
 @asynccontextmanager

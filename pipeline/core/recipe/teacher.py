@@ -14,6 +14,8 @@ from pipeline.core.gguf import package_file
 from pipeline.core.recipe.base import BUILTIN_TEACHER, Section
 from pipeline.core.recipe.serve import DEFAULT_CONCURRENCY, ServeConfig
 
+AUTO_CEILING = 256  # max_concurrency: auto grows no further unless max_concurrency_ceiling says
+
 
 class TeacherConfig(Section):
     """One endpoint: any OpenAI-compatible chat-completions API, the task's built-in one, or a served model."""
@@ -23,7 +25,10 @@ class TeacherConfig(Section):
     model: str = "toy-teacher"
     api_key_env: str | None = "OPENAI_API_KEY"
     api_key_secret_block: str | None = None
-    max_concurrency: int = Field(32, ge=1)
+    # requests in flight at once: a number, or `auto`: found while running (AIMD, pipeline.teacher.limits),
+    # between 1 and max_concurrency_ceiling
+    max_concurrency: int | Literal["auto"] = 32
+    max_concurrency_ceiling: int | None = Field(None, ge=1)  # only with auto; AUTO_CEILING when not given
     requests_per_minute: float | None = Field(None, gt=0)
     tokens_per_minute: float | None = Field(None, gt=0)
     timeout_s: float = Field(60.0, gt=0)
@@ -70,6 +75,21 @@ class TeacherConfig(Section):
                     "timeout_s": 600.0, "model": str(model).rsplit("/", 1)[-1] or "served"}
         return {**defaults, **data, "base_url": None}
 
+    @field_validator("max_concurrency", mode="before")
+    @classmethod
+    def _count_or_auto(cls, value: Any) -> Any:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise ValueError(f"expected a number of requests in flight (1 or more) or 'auto' (found while running, "
+                         f"up to max_concurrency_ceiling), got {value!r}")
+
+    @model_validator(mode="after")
+    def _ceiling_needs_auto(self) -> TeacherConfig:
+        if self.max_concurrency_ceiling is not None and self.max_concurrency != "auto":
+            raise ValueError(f"max_concurrency_ceiling applies only with max_concurrency: auto (it is fixed at "
+                             f"{self.max_concurrency}); set max_concurrency: auto or drop the ceiling")
+        return self
+
     @field_validator("structured", mode="before")
     @classmethod
     def _yaml_off(cls, value: Any) -> Any:
@@ -89,6 +109,18 @@ class TeacherConfig(Section):
         if self.base_url is None and self.serve is None:
             raise ValueError("base_url is empty: give an OpenAI-compatible URL, 'builtin', or serve: {model: PATH}")
         return self
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether the client finds the concurrency itself (`max_concurrency: auto`)."""
+        return self.max_concurrency == "auto"
+
+    @property
+    def concurrency_cap(self) -> int:
+        """The most requests in flight: the fixed max_concurrency, or auto's ceiling."""
+        if isinstance(self.max_concurrency, int):
+            return self.max_concurrency
+        return self.max_concurrency_ceiling or AUTO_CEILING
 
     @property
     def is_builtin(self) -> bool:

@@ -7,7 +7,7 @@ import asyncio
 import logging
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from pipeline.backends.base import Completion, GenerationRequest, SamplingParams
 from pipeline.backends.pool import make_backend
@@ -34,7 +34,7 @@ from pipeline.stages.evaluate.records import (
 from pipeline.stages.evaluate.report import write_report
 from pipeline.stages.evaluate.schema import SCHEMAS
 from pipeline.teacher.client import TeacherError
-from pipeline.teacher.session import teacher_session
+from pipeline.teacher.session import concurrency_note, teacher_session
 from pipeline.teacher.structured import merge_tallies
 
 log = logging.getLogger(__name__)
@@ -58,8 +58,8 @@ def run(recipe: Recipe, store: RunStore) -> StageReport:
                 generate_answers(model, todo[model.label], eval_set, recipe, store, writer, failures, bar)
         bar.close()
     answers = {r["answer_id"]: r for r in store.read_records(STAGE, ANSWERS)}
-    stop, cost, parsing, resend = asyncio.run(_judge(recipe, store, eval_set.items, models, answers))
-    return _finish(recipe, store, eval_set.items, models, answers, cost, stop, parsing, resend)
+    judged = asyncio.run(_judge(recipe, store, eval_set.items, models, answers))
+    return _finish(recipe, store, eval_set.items, models, answers, judged)
 
 
 def resolve_model(spec: str, recipe: Recipe, store: RunStore) -> str:
@@ -165,9 +165,8 @@ def shipped_answers(model: EvalModel, items: list[EvalItem], eval_set: EvalSet, 
 
 # -- judging ---------------------------------------------------------------------------------------
 async def _judge(recipe: Recipe, store: RunStore, items: list[EvalItem], models: list[EvalModel],
-                 answers: dict[str, dict[str, Any]]) -> tuple[str, dict[str, float], dict[str, Any], bool]:
-    """Every planned judgment not yet in the store; (why it stopped early, if it did; the judge's cost; its parse
-    tally; whether a failed judgment would be asked again by a rerun)."""
+                 answers: dict[str, dict[str, Any]]) -> Judged:
+    """Every planned judgment not yet in the store; how the judging ended (see `Judged`)."""
     resend = False
 
     async def obtain(j: Judgment) -> dict[str, Any]:
@@ -191,13 +190,24 @@ async def _judge(recipe: Recipe, store: RunStore, items: list[EvalItem], models:
             async for task, verdict in stream.results(todo, obtain, session.concurrency("judge")):
                 writers[task.kind].add(verdict)
         bar.close()
-    return stream.stopped, session.usage(), session.parse_tallies(), resend
+    return Judged(stream.stopped, session.usage(), session.parse_tallies(), resend, session.concurrency_settled())
+
+
+class Judged(NamedTuple):
+    """How judging ended: why it stopped early (if it did), the judge's cost, its parse tally, whether a failed
+    judgment would be asked again by a rerun, and the concurrency each endpoint ran at."""
+
+    stop: str
+    cost: dict[str, float]
+    parsing: dict[str, Any]
+    rerun_sends: bool
+    concurrency: dict[str, dict[str, Any]]
 
 
 def _finish(recipe: Recipe, store: RunStore, items: list[EvalItem], models: list[EvalModel],
-            answers: dict[str, dict[str, Any]], cost: dict[str, float], stop: str, parsing: dict[str, Any],
-            rerun_sends: bool) -> StageReport:
+            answers: dict[str, dict[str, Any]], judged_run: Judged) -> StageReport:
     """Account for every planned answer and judgment from what the store holds; write stats and the report."""
+    cost, stop, parsing, rerun_sends = judged_run.cost, judged_run.stop, judged_run.parsing, judged_run.rerun_sends
     cfg = recipe.evaluate
     planned_answers = {answer_id(it.item_id, m.spec) for it in items for m in models}
     planned_judgments = {j.judgment_id for j in plan_judgments(cfg, items, models, answers)}
@@ -208,7 +218,8 @@ def _finish(recipe: Recipe, store: RunStore, items: list[EvalItem], models: list
     counts = {"input": len(planned_answers), "items": len(items), "models": len(models), "output": len(answers),
               "judgments": len(judged), "failed": len(failed), "pending": pending}
     before = store.read_json(store.join(STAGE, "stats.json"), {}) or {}
-    stats = {"counts": counts, "teacher": cost, "parsing": merge_tallies(before.get("parsing"), parsing)}
+    stats = {"counts": counts, "teacher": cost, "parsing": merge_tallies(before.get("parsing"), parsing),
+             "concurrency": judged_run.concurrency}
     store.write_json(store.join(STAGE, "stats.json"), stats)
     status, message = conclude(
         STAGE, stop=stop, pending=pending, failed=len(failed), total=len(planned_answers) + len(planned_judgments),
@@ -218,7 +229,8 @@ def _finish(recipe: Recipe, store: RunStore, items: list[EvalItem], models: list
         "cache or the same models again and fail them the same way: change what their reasons name")
     report = write_report(store, evaluate_status=status)  # its cost table shows how this stage ends
     if status == "completed":
-        message = f"{summary_line(report)}; {len(failed)} failed; report {store.join(STAGE, 'report.md')}"
+        message = (f"{summary_line(report)}; {len(failed)} failed; report {store.join(STAGE, 'report.md')}"
+                   + concurrency_note(judged_run.concurrency))
     message, stats["warnings"] = say_loud_drops(STAGE, message, [f.reason for f in failed.values()],
                                                 len(planned_answers) + len(planned_judgments))
     store.write_json(store.join(STAGE, "stats.json"), stats)

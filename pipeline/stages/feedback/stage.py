@@ -32,7 +32,7 @@ from pipeline.stages.feedback.rate import (
 from pipeline.stages.feedback.report import feedback_report, report_markdown
 from pipeline.stages.feedback.schema import RATINGS, pairs_schema
 from pipeline.teacher.client import TeacherError
-from pipeline.teacher.session import teacher_session
+from pipeline.teacher.session import concurrency_note, teacher_session
 from pipeline.teacher.structured import merge_tallies
 
 log = logging.getLogger(__name__)
@@ -181,6 +181,7 @@ class Judged:
     stop: str = ""
     cost: dict[str, float] = field(default_factory=dict)
     parsing: dict[str, dict[str, Any]] = field(default_factory=dict)
+    concurrency: dict[str, dict[str, Any]] = field(default_factory=dict)  # per endpoint (session.concurrency_settled)
     rerun_sends: bool = False
 
 
@@ -220,6 +221,7 @@ async def judge_all(recipe: Recipe, store: RunStore, items: list[Item], stop: st
                 outbox.add(item, outcome)
             bar.close()
     judged.stop, judged.cost, judged.parsing = stream.stopped, session.usage(), session.parse_tallies()
+    judged.concurrency = session.concurrency_settled()
     return judged
 
 
@@ -241,7 +243,7 @@ def account_feedback(recipe: Recipe, store: RunStore, items: list[Item], cost: d
     judged = judged or Judged()
     before = store.read_json(store.join(STAGE, "stats.json"), {}) or {}
     stats = {"counts": counts, **feedback_stats(recipe, store, items, pairs, ratings, failed, dropped), "teacher": cost,
-             "parsing": merge_tallies(before.get("parsing"), judged.parsing)}
+             "parsing": merge_tallies(before.get("parsing"), judged.parsing), "concurrency": judged.concurrency}
     report = feedback_report(pairs, ratings, mitigation_effects(recipe.feedback, pairs, ratings,
                                                                 stats["dropped_by_reason"]))
     report["parsing"] = stats["parsing"]
@@ -253,7 +255,7 @@ def account_feedback(recipe: Recipe, store: RunStore, items: list[Item], cost: d
         max_failure_rate=recipe.feedback.max_failure_rate, ledger=store.join(STAGE, "failures.jsonl"),
         saved=f"{len(pair_ids)} pairs", retry="rerun to retry them" if judged.rerun_sends else NO_RETRY,
         done=(f"{len(pair_ids)} pairs from {len(item_ids)} items, {len(failed)} failed, {len(dropped)} dropped; "
-              f"mean margin {report['margin']['mean']}"))
+              f"mean margin {report['margin']['mean']}" + concurrency_note(judged.concurrency)))
     message, stats["warnings"] = say_loud_drops(
         STAGE, message, [r.reason for r in [*failed.values(), *dropped.values()]], len(item_ids))
     store.write_json(store.join(STAGE, "stats.json"), stats)

@@ -30,7 +30,7 @@ from pipeline.stages.generate.schema import DIALOGUES
 from pipeline.stages.generate.self_instruct import expand
 from pipeline.stages.generate.self_prompting import self_prompt
 from pipeline.stages.generate.textsim import NearDuplicateIndex
-from pipeline.teacher.session import RoleClient, TeacherSession, teacher_session
+from pipeline.teacher.session import RoleClient, TeacherSession, concurrency_note, teacher_session
 
 log = logging.getLogger(__name__)
 STAGE = "generate"
@@ -94,6 +94,7 @@ async def _run(recipe: Recipe, store: RunStore) -> StageReport:
         t0 = time.perf_counter()
         stop = await simulate_all(recipe, store, session, todo, decon)
         extra["seconds"]["dialogues"] = round(time.perf_counter() - t0, 3)
+    extra["concurrency"] = session.concurrency_settled()
     if not stop and cfg.filters.dedup:  # only over the finished set: the decision must not depend on timing
         rank = {s.prompt_id: i for i, s in enumerate(prompts)}
         remove_duplicate_dialogues(store, STAGE, rank, cfg.filters.near_dup_threshold)
@@ -201,7 +202,8 @@ def _finish(recipe: Recipe, store: RunStore, prompts: list[SeedPrompt], cost: di
         saved=f"{len(out_ids)} dialogues",
         done=(f"{len(out_ids)} dialogues, {len(failed)} failed, {len(dropped)} dropped; "
               f"{int(cost['prompt_tokens'] + cost['completion_tokens'])} teacher tokens paid, "
-              f"{int(cost['cached'])} cached responses reused, ${cost['usd']:.4f}" + _shortfall(extra)))
+              f"{int(cost['cached'])} cached responses reused, ${cost['usd']:.4f}" + _shortfall(extra)
+              + concurrency_note(extra.get("concurrency", {}))))
     message = "\n".join([message, *warnings])
     log.info("generate: %s", message)
     return StageReport(STAGE, status, counts, cost, {"data": store.join(STAGE)}, message)

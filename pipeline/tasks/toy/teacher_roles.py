@@ -51,6 +51,9 @@ class ToyTeacherOptions(BaseModel):
     fault_bad_json: float = Field(0.0, ge=0, le=1)
     fault_seed: int = 0
     retry_after_s: float = Field(1.0, ge=0)
+    # a provider's concurrency limit, hidden from the client: a request that finds this many in flight is
+    # answered 429 at once (no Retry-After), as `max_concurrency: auto` must discover
+    max_concurrent: int | None = Field(None, ge=1)
     hang_s: float = Field(600.0, ge=0)
     # answer a request holding a system turn with HTTP 400, as a server whose model's chat template refuses
     # one does (vLLM serving Mistral-Instruct or Gemma 2)

@@ -103,6 +103,10 @@ class ToyTeacherApp:
         self.in_flight += 1
         self.in_flight_max = max(self.in_flight_max, self.in_flight)
         try:
+            if self.config.max_concurrent is not None and self.in_flight > self.config.max_concurrent:
+                self.outcomes["over_limit"] += 1
+                return _error(429, f"Too many requests at once (limit {self.config.max_concurrent}).",
+                              "rate_limit_error")
             return await self._chat(request)
         finally:
             self.in_flight -= 1
