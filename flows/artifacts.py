@@ -199,3 +199,14 @@ def run_summary_markdown(store: RunStore, rows: list[dict[str, Any]]) -> str:
         with store.fs.open(report, "r") as fh:
             lines += ["", inline_images(fh.read(), store)]
     return "\n".join(lines)
+
+
+def publish_review(view: RunStore, report: dict[str, Any]) -> None:
+    """The review of a round's pairs (feedback.review): agreement, preferences and every pair, as markdown."""
+    if not _in_run():
+        return
+    raw = view.read_bytes(view.join("feedback", "review", "report.md")) or b""
+    agreement = report["agreement"]
+    create_markdown_artifact(raw.decode(), key=artifact_key(view.run_name, f"review-round-{view.round}"),
+                             description=f"review of round {view.round}'s pairs of {view.run_name}: agreement "
+                                         f"{agreement['k']}/{agreement['n']}")

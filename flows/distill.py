@@ -26,6 +26,7 @@ from flows.artifacts import (
 )
 from flows.gpus import GPU_CONCURRENCY_LIMIT, check_fits, ensure_gpu_limit, stage_gpus
 from flows.params import DistillRequest, StageRequest
+from flows.review import review_before_dpo
 from pipeline.core.recipe import Recipe, all_endpoints
 from pipeline.core.rounds import ROUND_STAGES, round_store, split_key, stage_key
 from pipeline.core.stage import StageReport
@@ -154,7 +155,9 @@ def run_keys(keys: list[str], recipe: Recipe, store: RunStore, force: bool, repo
     """Run stages as a chain of tasks (GPU ones through the gpu pool's deployments); the last task's state."""
     pool, snapshot, memo = recipe.compute.gpu_pool, recipe.snapshot(), {}
     for key in keys:
-        fp = fingerprint(key, recipe, memo)
+        if STAGES[split_key(key)[0]].reads_review:
+            review_before_dpo(key, recipe, store)  # pauses for a person (feedback.review): dpo's fingerprint holds it
+        fp = fingerprint(key, recipe, memo, store)
         # the task graph draws the chain: each stage waits for the one before it, and the recipe is quoted so
         # Prefect does not take values inside it for results of earlier stages
         wait = [previous] if previous else None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from pipeline.cli import postgres, runs, server, tools
+from pipeline.cli import postgres, review, runs, server, tools
 from pipeline.cli import run as run_commands
 from pipeline.cli.common import as_cli_error, setup_logging
 from pipeline.cli.estimate import estimate
@@ -37,6 +37,6 @@ def main(verbose: bool) -> None:
 
 
 for command in (run_commands.validate, estimate, preview, run_commands.run, run_commands.stage, runs.status, runs.report,
-                tools.deploy, tools.serve, tools.teacher, tools.build_student, export, server.server,
+                review.review, tools.deploy, tools.serve, tools.teacher, tools.build_student, export, server.server,
                 postgres.postgres):
     main.add_command(command)

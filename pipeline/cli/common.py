@@ -12,7 +12,7 @@ from pipeline.core.recipe import Recipe, RecipeError, load_recipe
 from pipeline.core.store import RunStore, StoreError
 from pipeline.run.errors import EXIT_BAD_INPUT, EXIT_FAILED, explain
 from pipeline.run.preview import preview_spend
-from pipeline.run.runner import stage_warnings, status_rows
+from pipeline.run.runner import review_lines, stage_warnings, status_rows
 from pipeline.teacher.spend import spend_summary
 
 __all__ = ["EXIT_BAD_INPUT", "EXIT_FAILED", "CliError", "as_cli_error"]
@@ -80,6 +80,8 @@ def print_status(store: RunStore) -> None:
         if r["status"] == "failed" and r["message"]:
             click.echo(f"{r['stage']} failed: {r['message']}")
     for line in stage_warnings(store):
+        click.echo(line)
+    for line in review_lines(store):
         click.echo(line)
     click.echo(f"spent ${spend['total_usd']:.4f} in all (the spend ledger)"
                + (f" of budget.max_cost_usd=${spend['budget']['max_cost_usd']:.2f}"

@@ -8,7 +8,7 @@ import click
 
 from pipeline.cli.common import open_run, print_status, recipe_option, root_option, run_argument
 from pipeline.run.preview import preview_spend
-from pipeline.run.runner import status_rows
+from pipeline.run.runner import review_reports, status_rows
 from pipeline.stages.evaluate.report import write_report
 from pipeline.teacher.spend import spend_summary
 
@@ -19,7 +19,7 @@ from pipeline.teacher.spend import spend_summary
 @recipe_option
 @click.option("--json", "as_json", is_flag=True, help="Print an object: per stage and per endpoint the requests, "
               "tokens, dollars paid (from the spend ledger) and cache hits; the same for `distill preview` (`preview`); the caps; "
-              "the batches sent.")
+              "the batches sent; the reviews' reports by round.")
 def status(run: str, root: str | None, recipe_path: str | None, as_json: bool) -> None:
     """Show a table of a run's stages: status, items, failures, cost and time."""
     store = open_run(run, root, recipe_path)
@@ -33,7 +33,8 @@ def status(run: str, root: str | None, recipe_path: str | None, as_json: bool) -
         stages[row["stage"]] = {**{k: v for k, v in row.items() if k not in ("stage", "cost_usd")}, **paid}
     click.echo(json.dumps({"run": store.run_name, "run_dir": store.url, "stages": stages,
                            "preview": preview_spend(spend), "endpoints": spend["endpoints"], "total_usd": spend["total_usd"],
-                           "budget": spend["budget"], "batches": spend["batches"]}, indent=2, sort_keys=True))
+                           "budget": spend["budget"], "batches": spend["batches"],
+                           "reviews": review_reports(store)}, indent=2, sort_keys=True))
 
 
 @click.command()

@@ -30,6 +30,8 @@ ADVICE = {
     "BudgetExceeded": "raise the budget named above or lower the work, then run the same command to resume",
     "TeacherFatal": "fix the endpoint (key, model name, base_url) and run the same command to resume",
     "StoreError": "check storage.root and the run name",
+    "ReviewPending": "answer the review as the message says, then run the same command again (finished work is kept)",
+    "ReviewTimedOut": "run the same command again to be asked again, or answer in a file with `distill review RUN`",
 }
 PLAIN = ("StageFailed", "CliError")  # messages that already say what to do: shown without their class name
 

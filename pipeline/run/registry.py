@@ -25,6 +25,7 @@ from pipeline.core.stage import StageReport
 from pipeline.core.store import RunStore
 from pipeline.core.task import load_task
 from pipeline.core.templates import templates_hash
+from pipeline.review.gate import review_inputs
 from pipeline.run.rounds import round_inputs, round_recipe, round_section
 from pipeline.stages.dpo.stage import run as dpo
 from pipeline.stages.evaluate import estimate as evaluate_estimate
@@ -54,6 +55,7 @@ class StageSpec:
     roles: tuple[str, ...] = ()  # the roles it plays through endpoints
     uses: Callable[[Recipe], list[EndpointUse]] | None = None  # the endpoints it sends to (default: its roles')
     demand: Callable[[Recipe, Planner], None] | None = None  # the endpoint requests it expects (distill estimate)
+    reads_review: bool = False  # trains on the pairs as a person reviewed them (feedback.review)
 
     @property
     def sends_requests(self) -> bool:
@@ -131,7 +133,8 @@ def _sample_section(recipe: Recipe) -> Any:
 
 
 def _feedback_section(recipe: Recipe) -> Any:
-    return {"feedback": recipe.feedback.model_dump(mode="json")}
+    # the review decides what dpo trains on, not what feedback writes: it is in dpo's fingerprint instead
+    return {"feedback": recipe.feedback.model_dump(mode="json", exclude={"review"})}
 
 
 def _dpo_section(recipe: Recipe) -> Any:
@@ -168,7 +171,7 @@ STAGES: dict[str, StageSpec] = {spec.name: spec for spec in [
               templates=("feedback_*",), roles=("rater",),
               uses=lambda r: [*role_uses(r, ("rater",)), *panel_uses(r)], demand=feedback_estimate.demand),
     StageSpec("dpo", "dDPO: TRL DPOTrainer with the SFT model as reference.", dpo, _dpo_section,
-              inputs=lambda r: ["sft", "feedback"], gpu=True),
+              inputs=lambda r: ["sft", "feedback"], gpu=True, reads_review=True),
     StageSpec("evaluate", "Judge scores, win rate against the baseline, ground truth.", evaluate, _evaluate_section,
               inputs=evaluate_inputs, templates=("judge_*",), gpu=True, roles=("judge",),
               demand=evaluate_estimate.demand),
@@ -182,10 +185,11 @@ def stage_inputs(key: str, recipe: Recipe) -> list[str]:
     return STAGES[stage].inputs(recipe) if round_ == 1 else round_inputs(stage, recipe, round_)
 
 
-def fingerprint(key: str, recipe: Recipe, _memo: dict[str, str] | None = None) -> str:
+def fingerprint(key: str, recipe: Recipe, _memo: dict[str, str] | None = None, store: RunStore | None = None) -> str:
     """Hash of the stage's own section (with the content of the files it reads and the identities of the
     endpoints it uses), its inputs' fingerprints, its templates and its output version; for a later round's
-    stage (`dpo@2`) its round too, and the round's recipe."""
+    stage (`dpo@2`) its round too, and the round's recipe. With feedback.review on, dpo's holds the verdicts of
+    the reviews recorded in `store` (a different review re-trains it); without a store they count as unknown."""
     memo = {} if _memo is None else _memo
     if key in memo:
         return memo[key]
@@ -196,10 +200,12 @@ def fingerprint(key: str, recipe: Recipe, _memo: dict[str, str] | None = None) -
         section = {**section, "endpoints": spec.endpoint_identities(rrecipe)}
     if round_ > 1:
         section = {**section, "round": round_section(stage, recipe, round_)}
+    if spec.reads_review and (reviews := review_inputs(recipe, store, round_)) is not None:
+        section = {**section, "review": reviews}
     payload = {
         "stage": stage,
         "section": section,
-        "inputs": {name: fingerprint(name, recipe, memo) for name in stage_inputs(key, recipe)},
+        "inputs": {name: fingerprint(name, recipe, memo, store) for name in stage_inputs(key, recipe)},
         "templates": templates_hash(spec.templates) if spec.templates else None,
         "version": spec.version,
     }

@@ -13,6 +13,9 @@ from pipeline.core.recipe import Recipe, all_endpoints
 from pipeline.core.rounds import ROUND_STAGES, round_store, split_key
 from pipeline.core.stage import StageReport
 from pipeline.core.store import RunStore, StageState
+from pipeline.review.answers import ReviewPending, review_path
+from pipeline.review.gate import require_review
+from pipeline.review.report import status_line
 from pipeline.run.checks import check_settings
 from pipeline.run.errors import StageFailed
 from pipeline.run.registry import STAGE_NAMES, STAGES, fingerprint, stage_inputs
@@ -51,7 +54,7 @@ def teacher_endpoint(recipe: Recipe) -> Iterator[Recipe]:
 def check_inputs(key: str, recipe: Recipe, store: RunStore) -> None:
     for dep in stage_inputs(key, recipe):
         state = state_of(store, dep)
-        want = fingerprint(dep, recipe)
+        want = fingerprint(dep, recipe, store=store)
         if state.status != "completed" or state.fingerprint != want:
             raise StageFailed(
                 f"stage '{key}' reads the output of '{dep}', which is {state.status}"
@@ -96,13 +99,19 @@ def run_stage(key: str, recipe: Recipe, store: RunStore, force: bool = False) ->
         raise StageFailed(str(exc)) from None
     if stage not in STAGES:
         raise StageFailed(f"unknown stage '{key}'; the stages are {', '.join(STAGE_NAMES)}")
-    rrecipe, rstore, fp = round_recipe(recipe, round_), round_store(store, round_), fingerprint(key, recipe)
-    state = rstore.stage_state(stage)
+    rrecipe, rstore = round_recipe(recipe, round_), round_store(store, round_)
+    fp, state = fingerprint(key, recipe, store=store), rstore.stage_state(stage)
     if state.status == "completed" and state.fingerprint == fp and not force:
         log.info("%s: completed earlier with the same fingerprint %s, skipped", key, fp)
         return StageReport(key, "completed", state.counts, state.cost, state.outputs,
                            "skipped: already completed", skipped=True)
     check_inputs(key, recipe, store)
+    if STAGES[stage].reads_review:
+        try:
+            require_review(recipe, store, round_)  # stops here, the stage untouched, until a person reviewed
+        except ReviewPending as exc:
+            exc.stage = key
+            raise
     if force or (state.fingerprint and state.fingerprint != fp):
         log.info("%s: settings or inputs changed (%s -> %s); starting the stage afresh", key, state.fingerprint, fp)
         rstore.reset_stage(stage)
@@ -201,3 +210,18 @@ def stage_warnings(store: RunStore) -> list[str]:
         stats = store.read_json(round_store(store, round_).join(stage, "stats.json"), {}) or {}
         lines += [f"{name}: {w}" for w in stats.get("warnings", [])]
     return lines
+
+
+def review_lines(store: RunStore) -> list[str]:
+    """A line per round with a review (feedback.review): agreement, swaps, drops; or where it waits."""
+    return [line for r in _rounds(store) if (line := status_line(round_store(store, r)))]
+
+
+def review_reports(store: RunStore) -> dict[str, dict]:
+    """{round: its review's report.json} for the rounds with a recorded review (`distill status --json`)."""
+    reports = {str(r): store.read_json(review_path(round_store(store, r), "report.json")) for r in _rounds(store)}
+    return {r: report for r, report in reports.items() if report}
+
+
+def _rounds(store: RunStore) -> list[int]:
+    return sorted({split_key(name)[1] for name in store.stage_names() or STAGE_NAMES})

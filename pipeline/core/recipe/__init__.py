@@ -1,6 +1,6 @@
 """The recipe package: the `Recipe` model, its sections (one module per area) and the loader."""
 
-from pipeline.core.recipe.aif import FeedbackConfig, PairsConfig, PoolModel, SampleConfig
+from pipeline.core.recipe.aif import FeedbackConfig, PairsConfig, PoolModel, ReviewConfig, SampleConfig
 from pipeline.core.recipe.base import BUILTIN_STUDENT, BUILTIN_TEACHER, TASK_PROMPTS, RecipeError, Section
 from pipeline.core.recipe.decontamination import DecontamConfig
 from pipeline.core.recipe.endpoints import (
@@ -48,7 +48,7 @@ __all__ = [
     "BUILTIN_STUDENT", "BUILTIN_TEACHER", "BudgetConfig", "ComputeConfig", "DEFAULT_ENDPOINT", "DPOStageConfig",
     "DecontamConfig", "EndpointUse", "EstimateConfig", "EvaluateConfig", "ExhaustionConfig", "FeedbackConfig", "FilterConfig",
     "GenerateConfig", "InstructionFilterConfig", "LoraConfig", "PairsConfig", "PoolModel", "PromptSource", "ROLES",
-    "Recipe", "RecipeError", "ReplyTokens", "RolesConfig", "SFTStageConfig", "SampleConfig",
+    "Recipe", "RecipeError", "ReplyTokens", "ReviewConfig", "RolesConfig", "SFTStageConfig", "SampleConfig",
     "Section", "SelfInstructConfig", "SelfPromptingConfig", "SeriesConfig", "StorageConfig", "TASK_PROMPTS",
     "TeacherConfig", "TinyStudentConfig", "all_endpoints", "apply_overrides", "endpoint_key", "load_recipe",
     "load_recipe_text", "panel_uses", "parse_override", "pool_endpoint", "pool_uses", "recipe_from_dict",

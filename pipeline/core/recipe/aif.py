@@ -93,6 +93,17 @@ class PairsConfig(Section):
     seed: int = 0
 
 
+class ReviewConfig(Section):
+    """A person reviews a sample of the pairs before DPO trains on them (README "Review before DPO")."""
+
+    sample: int = Field(ge=1)  # pairs drawn at random (seeded) from the round's pairs; all of them when fewer
+    seed: int = 0
+    # how long a paused Prefect flow run waits for the answers; without Prefect nothing waits: the run stops
+    # before dpo until the review is recorded
+    timeout_s: int = Field(86400, ge=1)
+    on_timeout: Literal["continue", "fail"] = "fail"  # continue: dpo trains on the judge's pairs as they are
+
+
 class FeedbackConfig(Section):
     """AI feedback: the teacher rates every answer (UltraFeedback aspects) and pairs are formed."""
 
@@ -119,6 +130,7 @@ class FeedbackConfig(Section):
     aggregate: Literal["mean", "majority"] = "mean"
     shard_size: int = Field(1000, ge=1)
     max_failure_rate: float = Field(0.5, ge=0, le=1)
+    review: ReviewConfig | None = None  # off by default; it decides what dpo trains on, not feedback's output
 
     @model_validator(mode="after")
     def _something_to_rate(self) -> FeedbackConfig:

@@ -14,6 +14,8 @@ from pipeline.core.recipe import DPOStageConfig, Recipe
 from pipeline.core.rounds import round_store
 from pipeline.core.stage import StageReport
 from pipeline.core.store import RunStore
+from pipeline.review.answers import ReviewPending, apply_review, read_review, review_path
+from pipeline.review.gate import review_command
 from pipeline.series.data import earlier_records
 from pipeline.train import configs, models, outputs
 from pipeline.train.launch import is_launched_rank, launch_stage, should_launch
@@ -23,15 +25,16 @@ log = logging.getLogger("pipeline.train")
 
 
 def run(recipe: Recipe, store: RunStore) -> StageReport:
-    """Align the SFT model with the preference pairs of `feedback` (and a series' earlier ones) into `<run>/dpo/model`."""
-    total, pairs, failures = read_pairs(store)
-    if recipe.dpo.train_on == "all" and store.round > 1:  # every round's pairs so far
-        total, pairs, failures = earlier_rounds_pairs(store, total, pairs, failures)
-    new = len(pairs)
+    """Align the SFT model with the preference pairs of `feedback` (as a person reviewed them, with
+    feedback.review on; and a series' earlier ones) into `<run>/dpo/model`."""
+    total, keyed, failures, verdicts = training_pairs(recipe, store)
+    pairs, new = [pair for _, pair in keyed], len(keyed)
     earlier_total, earlier, earlier_failures = series_pairs(recipe, store)
     total, pairs, failures = total + earlier_total, pairs + earlier, {**failures, **earlier_failures}
     if not is_launched_rank():
         outputs.record_new_failures(store, "dpo", failures)
+        if recipe.feedback.review is not None:
+            record_training_pairs(store, keyed, verdicts)
     if not pairs:
         raise models.TrainingError(f"dpo: no usable pairs in {store.url}/feedback ({len(failures)} rejected; "
                                    f"see {store.url}/dpo/failures.jsonl)")
@@ -42,6 +45,9 @@ def run(recipe: Recipe, store: RunStore) -> StageReport:
         metrics = train_dpo(recipe, store, pairs)
     final = metrics["final"]
     counts = {"input": total, "output": len(pairs), "failed": len(failures)}
+    if verdicts:  # what the review changed
+        counts.update(swapped=sum(v == "swap" for v in verdicts.values()),
+                      dropped_in_review=sum(v == "drop" for v in verdicts.values()))
     if recipe.series.previous_runs:  # how much of it came from the series' earlier runs
         counts.update(new=new, earlier=len(earlier), earlier_runs=len(recipe.series.previous_runs))
     return StageReport(
@@ -53,14 +59,63 @@ def run(recipe: Recipe, store: RunStore) -> StageReport:
                 + outputs.training_size("dpo", metrics, len(pairs)))
 
 
-def read_pairs(store: RunStore) -> tuple[int, list[dict[str, Any]], dict[str, str]]:
-    """(records read, pairs in TRL's explicit prompt/chosen/rejected form, {prompt_id: reason} for the rest)."""
-    return usable_pairs(store.read_records("feedback", "pairs"))
+def training_pairs(recipe: Recipe, store: RunStore) -> tuple[
+        int, list[tuple[str, dict[str, Any]]], dict[str, str], dict[str, str]]:
+    """This round's pairs, then (dpo.train_on: all) every earlier round's, each as its review left them: records
+    read, [(id, pair)], {id: why not}, {id: review verdict} (see round_pairs)."""
+    total, keyed, failures, verdicts = 0, [], {}, {}
+    for q in trained_rounds(recipe, store):
+        n, usable, problems, reviewed = round_pairs(recipe, store, q, "" if q == store.round else f"round{q}:")
+        total, keyed = total + n, [*keyed, *usable]
+        failures, verdicts = {**failures, **problems}, {**verdicts, **reviewed}
+    return total, keyed, failures, verdicts
+
+
+def trained_rounds(recipe: Recipe, store: RunStore) -> list[int]:
+    """The rounds whose pairs this round's dpo trains on: its own, then (dpo.train_on: all) every earlier one."""
+    if recipe.dpo.train_on == "all" and store.round > 1:
+        return [store.round, *range(1, store.round)]
+    return [store.round]
+
+
+def round_pairs(recipe: Recipe, store: RunStore, round_: int, prefix: str = "") -> tuple[
+        int, list[tuple[str, dict[str, Any]]], dict[str, str], dict[str, str]]:
+    """Round `round_`'s pairs as dpo trains on them: (records read, [(prefix + pair_id, pair in TRL's form)] in
+    pair_id order, {prefix + id: why not}, {prefix + pair_id: review verdict}); with feedback.review on, swapped
+    pairs are exchanged and dropped ones ledgered with the person's note. The prefix keeps apart the pairs of two
+    rounds, whose ids repeat where a prompt does."""
+    view = round_store(store, round_)
+    records, dropped, verdicts = list(view.read_records("feedback", "pairs")), {}, {}
+    if recipe.feedback.review is not None:
+        review = read_review(view)
+        if review is None:
+            raise ReviewPending(f"dpo: round {round_}'s pairs have no recorded review (feedback.review); run "
+                                f"`{review_command(view)}`")
+        records, dropped, verdicts = apply_review(records, review, review_path(view, "answers.json"), prefix)
+    total, keyed, failures = keyed_pairs(records, prefix)
+    return (total + len(dropped), [(prefix + pid, pair) for pid, pair in keyed], {**failures, **dropped},
+            {prefix + pid: verdict for pid, verdict in verdicts.items()})
+
+
+def record_training_pairs(store: RunStore, keyed: list[tuple[str, dict[str, Any]]],
+                          verdicts: dict[str, str]) -> None:
+    """dpo/train_pairs.jsonl: the run's pairs exactly as the trainer gets them (an earlier round's ids prefixed
+    `round<q>:`), with the review's verdict (null: not in the sample)."""
+    lines = [json.dumps({"pair_id": pid, "review": verdicts.get(pid), "prompt": pair["prompt"],
+                         "chosen": pair["chosen"], "rejected": pair["rejected"]}) for pid, pair in keyed]
+    store.write_bytes(store.join("dpo", "train_pairs.jsonl"), "".join(f"{line}\n" for line in lines).encode())
 
 
 def usable_pairs(records: Iterable[dict[str, Any]],
                  prefix: str = "") -> tuple[int, list[dict[str, Any]], dict[str, str]]:
-    """(records read, pairs in TRL's form in pair_id order, {prefix + prompt_id: reason} for the rest).
+    """(records read, pairs in TRL's form in pair_id order, {prefix + prompt_id: reason} for the rest)."""
+    total, keyed, failures = keyed_pairs(records, prefix)
+    return total, [pair for _, pair in keyed], failures
+
+
+def keyed_pairs(records: Iterable[dict[str, Any]],
+                prefix: str = "") -> tuple[int, list[tuple[str, dict[str, Any]]], dict[str, str]]:
+    """(records read, [(pair_id, pair in TRL's form)] in pair_id order, {prefix + prompt_id: reason} for the rest).
 
     In pair_id order: `feedback` writes pairs as the rater finishes them, and the trainer's seeded shuffle only
     gives the same batches when it starts from the same order."""
@@ -72,16 +127,7 @@ def usable_pairs(records: Iterable[dict[str, Any]],
             failures[prefix + record.get("prompt_id", f"#{total}")] = f"dpo: {pair}"
         else:  # pairs without an id (imported ones) are ordered by their content
             keyed.append((str(record.get("pair_id") or ""), json.dumps(pair, sort_keys=True), pair))
-    return total, [pair for *_, pair in sorted(keyed, key=lambda k: k[:2])], failures
-
-
-def earlier_rounds_pairs(store: RunStore, total: int, pairs: list[dict[str, Any]],
-                         failures: dict[str, str]) -> tuple[int, list[dict[str, Any]], dict[str, str]]:
-    """This round's pairs with those of every earlier round (their failures prefixed `round<q>:`)."""
-    for q in range(1, store.round):
-        n, usable, problems = usable_pairs(round_store(store, q).read_records("feedback", "pairs"), f"round{q}:")
-        total, pairs, failures = total + n, [*pairs, *usable], {**failures, **problems}
-    return total, pairs, failures
+    return total, [(pid, pair) for pid, _, pair in sorted(keyed, key=lambda k: k[:2])], failures
 
 
 def series_pairs(recipe: Recipe, store: RunStore) -> tuple[int, list[dict[str, Any]], dict[str, str]]:
