@@ -62,6 +62,8 @@ class PreviewPlan:
                 f"sft and dpo train {self.steps} steps only (the full run trains what sft.args and dpo.args say)"]
         if recipe.dpo.rounds > 1:
             said.append(f"one round of {recipe.dpo.rounds}")
+        if recipe.feedback.review is not None:
+            said.append("no review of the pairs (they are shown below; the full run asks for the review)")
         if any(cfg.batch for cfg in [recipe.teacher, *recipe.endpoints.values()]):
             said.append("every endpoint live, at live prices (the full run's batches reuse the cached answers)")
         gen = recipe.generate
@@ -79,7 +81,7 @@ def _prompt_count(recipe: Recipe) -> str:
 
 def preview_recipe(recipe: Recipe, plan: PreviewPlan, store: PreviewStore) -> Recipe:
     """The recipe trimmed to the plan: the first n prompts (the same ones the full run starts with, so their
-    requests are the same), n evaluation items, a few training steps, one round, no batches."""
+    requests are the same), n evaluation items, a few training steps, one round, no review, no batches."""
     data = recipe.snapshot()
     for src in (data["prompts"], data["sample"].get("prompts")):
         if src is not None:
@@ -88,6 +90,7 @@ def preview_recipe(recipe: Recipe, plan: PreviewPlan, store: PreviewStore) -> Re
     for section in ("sft", "dpo"):
         data[section]["args"] = {**data[section]["args"], "max_steps": plan.steps}
     data["dpo"]["rounds"] = 1
+    data["feedback"]["review"] = None  # the preview shows its pairs itself; a person reviews the full run's
     data["evaluate"]["heldout_count"] = min(plan.n, data["evaluate"]["heldout_count"])
     if data["evaluate"]["prompts"]:
         data["evaluate"]["prompts"] = first_items(data["evaluate"]["prompts"], plan.n, store)
