@@ -24,13 +24,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline.train.common import build_tiny_student, stage_defaults, student_options
-
 from pipeline.core.recipe import Recipe, recipe_from_dict
 from pipeline.core.store import RunStore, StageState
 from pipeline.run.registry import fingerprint
 from pipeline.run.runner import open_run, run_stage
 from pipeline.tasks.toy.task import format_answer, make_prompts, parse_problem
+from pipeline.train.common import build_tiny_student, stage_defaults, student_options
 
 SETTINGS = {"learning_rate": 1e-3, "per_device_train_batch_size": 16, "max_length": 128, "beta": 0.1,
             "loss_type": ["sigmoid", "sft"], "lr_scheduler_type": "linear", "warmup_steps": 0.1, "seed": 0,

@@ -88,8 +88,8 @@ def run(recipe: str, run_name: str | None, stages: str | None, force: bool, seri
 
 def run_flow(recipe: str, overrides: tuple[str, ...], run_name: str | None, stages: list[str], force: bool,
              series: str | None) -> None:
-    from flows.distill import distill
-    from flows.params import DistillRequest
+    from pipeline.flows.distill import distill
+    from pipeline.flows.params import DistillRequest
 
     request = DistillRequest(recipe_path=recipe, run_name=run_name, stages=stages, overrides=list(overrides),
                              series=series, force=force)
