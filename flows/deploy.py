@@ -9,10 +9,11 @@ from prefect import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.exceptions import ObjectAlreadyExists
 
-from flows.distill import STAGE_FLOWS, distill
-from flows.gpus import ensure_gpu_limit
+from pipeline.flows.distill import STAGE_FLOWS, distill
+from pipeline.flows.gpus import ensure_gpu_limit
 from pipeline.run.registry import STAGES
 
+# the folder that holds flows/: the source tree, or pipeline/ in an install; the entrypoints are relative to it
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 SERVING_STAGES = tuple(name for name, spec in STAGES.items() if spec.sends_requests)
 

@@ -17,20 +17,20 @@ from prefect.deployments import run_deployment
 from prefect.states import Scheduled
 from prefect.utilities.annotations import quote
 
-from flows.artifacts import (
+from pipeline.core.recipe import Recipe, all_endpoints
+from pipeline.core.rounds import ROUND_STAGES, round_store, split_key, stage_key
+from pipeline.core.stage import StageReport
+from pipeline.core.store import RunStore
+from pipeline.flows.artifacts import (
     ProgressArtifact,
     publish_promotion,
     publish_rounds,
     publish_run_summary,
     publish_stage,
 )
-from flows.gpus import GPU_CONCURRENCY_LIMIT, check_fits, ensure_gpu_limit, stage_gpus
-from flows.params import DistillRequest, StageRequest
-from flows.review import review_before_dpo
-from pipeline.core.recipe import Recipe, all_endpoints
-from pipeline.core.rounds import ROUND_STAGES, round_store, split_key, stage_key
-from pipeline.core.stage import StageReport
-from pipeline.core.store import RunStore
+from pipeline.flows.gpus import GPU_CONCURRENCY_LIMIT, check_fits, ensure_gpu_limit, stage_gpus
+from pipeline.flows.params import DistillRequest, StageRequest
+from pipeline.flows.review import review_before_dpo
 from pipeline.run.checks import check_settings
 from pipeline.run.errors import StageFailed, explained, quiet_known_tracebacks
 from pipeline.run.registry import STAGE_NAMES, STAGES, fingerprint

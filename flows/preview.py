@@ -12,9 +12,9 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel, ConfigDict, Field
 
-from flows.artifacts import ProgressArtifact, artifact_key
-from flows.distill import export_teacher_key
 from pipeline.core.recipe import Recipe, load_recipe
+from pipeline.flows.artifacts import ProgressArtifact, artifact_key
+from pipeline.flows.distill import export_teacher_key
 from pipeline.run.errors import explained
 from pipeline.run.preview import DEFAULT_STEPS, PreviewPlan, PreviewStore, open_preview, run_preview
 from pipeline.run.preview_items import KINDS, PreviewItems, preview_items_and_spend

@@ -16,10 +16,10 @@ from prefect.input import RunInput
 from prefect.states import Cancelled, Running
 from prefect.utilities.urls import url_for
 
-from flows.artifacts import publish_review
 from pipeline.core.recipe import Recipe, ReviewConfig
 from pipeline.core.rounds import round_store, split_key
 from pipeline.core.store import RunStore
+from pipeline.flows.artifacts import publish_review
 from pipeline.review.answers import ReviewTimedOut, read_review, record_timeout, review_path
 from pipeline.review.gate import record_answers, review_command, reviewed_rounds
 from pipeline.review.report import status_line, write_report

@@ -26,10 +26,10 @@ from prefect_env import ROOT, PrefectEnv
 from test_review import reviewed_run
 from test_ui_browser import CHROMIUM, CHROMIUM_ARGS, TIMEOUT_MS, _ensure_chromium
 
-from flows.review import review_before_dpo
 from pipeline.cli import main
 from pipeline.core.recipe import Recipe
 from pipeline.core.store import RunStore
+from pipeline.flows.review import review_before_dpo
 from pipeline.review.answers import read_review
 from pipeline.review.sample import draw
 from pipeline.stages.dpo.stage import round_pairs

@@ -12,7 +12,7 @@ from test_rounds import TINY
 from test_ui_any_port import VIEW_AT, node_labels, see_run_graph
 from test_ui_browser import CHROMIUM, CHROMIUM_ARGS, TIMEOUT_MS, _ensure_chromium
 
-from flows.artifacts import artifact_key
+from pipeline.flows.artifacts import artifact_key
 
 ROUNDS = str(ROOT / "configs" / "quickstart-rounds.yaml")
 

@@ -24,7 +24,7 @@ def test_trl_config_takes_recipe_args_over_defaults_and_cpu_settings_over_both()
     args = configs.build_trl_config(SFTConfig, "sft", {"learning_rate": 1e-3, "bf16": True, "warmup_ratio": 0.2},
                                    {"learning_rate": 2e-5, "num_train_epochs": 2}, Path("/tmp/x"), "cpu")
     assert args.learning_rate == 1e-3 and args.num_train_epochs == 2
-    assert args.use_cpu and not args.bf16 and not args.activation_checkpointing
+    assert args.use_cpu and not args.bf16 and not getattr(args, models.checkpointing_field())
     assert args.warmup_steps == 0.2  # warmup_ratio (gone in transformers 5) is the fraction form of warmup_steps
     assert args.output_dir == "/tmp/x"
 

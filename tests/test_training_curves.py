@@ -92,7 +92,7 @@ def test_on_s3_the_event_files_are_uploaded_with_the_stage(s3, tmp_path: Path) -
 
 
 def test_the_stage_artifact_links_the_tensorboard_curves(tmp_path: Path) -> None:
-    from flows.artifacts import stage_markdown
+    from pipeline.flows.artifacts import stage_markdown
 
     store = RunStore(str(tmp_path / "runs"), "r")
     curves = store.join("sft", "tensorboard")

@@ -230,7 +230,7 @@ def test_the_run_summary_shows_the_report_plots_in_the_ui(prefect_ui, tmp_path):
     from prefect import flow, get_client
     from test_report import finished_run
 
-    from flows.artifacts import publish_run_summary
+    from pipeline.flows.artifacts import publish_run_summary
     from pipeline.stages.evaluate.report import write_report
 
     store = finished_run(tmp_path / "runs")

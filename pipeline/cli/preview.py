@@ -58,9 +58,9 @@ def _prefect_api_set() -> bool:
 
 def run_preview_flow(recipe: str, overrides: tuple[str, ...], run_name: str | None, plan: PreviewPlan) -> None:
     """The preview as the Prefect `preview` flow (a temporary server when no API is set, as `distill run`)."""
-    from flows.preview import PreviewRequest
-    from flows.preview import preview as preview_flow
     from pipeline.cli.server import prefect_api
+    from pipeline.flows.preview import PreviewRequest
+    from pipeline.flows.preview import preview as preview_flow
 
     request = PreviewRequest(recipe_path=recipe, run_name=run_name, n=plan.n, steps=plan.steps,
                              overrides=list(overrides))

@@ -97,8 +97,8 @@ def run(recipe: str, run_name: str | None, stages: str | None, force: bool, from
 
 def run_flow(recipe: str, overrides: tuple[str, ...], run_name: str | None, stages: list[str] | None, force: bool,
              series: str | None, from_round: int | None = None) -> None:
-    from flows.distill import distill
-    from flows.params import DistillRequest
+    from pipeline.flows.distill import distill
+    from pipeline.flows.params import DistillRequest
 
     later = [key for key in stages or [] if "@" in key]
     request = DistillRequest(recipe_path=recipe, run_name=run_name, overrides=list(overrides), series=series,

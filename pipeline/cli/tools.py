@@ -20,7 +20,7 @@ from pipeline.core.task import Task, TaskError, load_task
               help="GPUs the gpu pool has: the global limit a GPU stage takes compute.num_gpus slots of.")
 def deploy(cpu_pool: str, gpu_pool: str, cron: str | None, gpus: int) -> None:
     """Register the deployments with the Prefect server at PREFECT_API_URL (pools and the GPU limit too)."""
-    from flows.deploy import deploy_all
+    from pipeline.flows.deploy import deploy_all
 
     for name in deploy_all(cpu_pool, gpu_pool, cron, gpus):
         click.echo(f"deployed {name}")
@@ -32,7 +32,7 @@ def deploy(cpu_pool: str, gpu_pool: str, cron: str | None, gpus: int) -> None:
 @click.option("--cron", default=None, help="Also serve `distill/nightly` on this schedule.")
 def serve(gpu_pool: str, cron: str | None) -> None:
     """Serve every deployment from this one process (a single machine; no work pools needed)."""
-    from flows.deploy import serve_all
+    from pipeline.flows.deploy import serve_all
 
     serve_all(gpu_pool, cron)
 

@@ -1,4 +1,4 @@
-"""Prompt templates: Jinja files shipped in the top-level `prompts` package, one file per prompt."""
+"""Prompt templates: Jinja files shipped in the `pipeline.prompts` package (prompts/ in the tree), one per prompt."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ _ENV = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newlin
 
 
 def _folder() -> resources.abc.Traversable:
-    return resources.files("prompts")
+    return resources.files("pipeline.prompts")
 
 
 def template_names() -> list[str]:

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
+from importlib import resources
 from pathlib import Path
 
 from pipeline.core import environment, processes
@@ -19,7 +20,8 @@ from pipeline.core.recipe import ComputeConfig, Recipe, recipe_from_dict
 from pipeline.core.store import RunStore
 from pipeline.train.models import TrainingError, local_stage_dir
 
-ACCELERATE_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "accelerate"
+# configs/ in a source tree, pipeline/configs/ in an install: a file either way, as `accelerate launch` needs
+ACCELERATE_CONFIGS = Path(str(resources.files("pipeline.configs") / "accelerate"))
 SHIPPED = {"multi_gpu": "multi_gpu.yaml", "deepspeed_zero3": "deepspeed_zero3.yaml", "zero3": "deepspeed_zero3.yaml",
            "fsdp": "fsdp.yaml"}
 

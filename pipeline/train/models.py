@@ -42,12 +42,23 @@ def device_args(device: str, user_args: dict[str, Any], section: str) -> dict[st
         import torch
 
         return {"bf16": torch.cuda.is_bf16_supported()}
-    # activation_checkpointing is transformers 5's name for gradient_checkpointing (TRL turns it on by default)
-    forced = {"use_cpu": True, "bf16": False, "fp16": False, "activation_checkpointing": False}
+    forced = {"use_cpu": True, "bf16": False, "fp16": False, checkpointing_field(): False}
     for key in ("bf16", "fp16", "gradient_checkpointing", "activation_checkpointing"):
         if user_args.get(key):
             log.warning("%s.args.%s is not usable on CPU; training without it", section, key)
     return forced
+
+
+def checkpointing_field() -> str:
+    """The TrainingArguments field that turns activation checkpointing on (TRL's configs default it to on):
+    `activation_checkpointing` from transformers 5.23, `gradient_checkpointing` before (the floor stays below:
+    vLLM 0.33 caps transformers under 5.21)."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
 
 
 def resolve_base_model(recipe: Recipe, store: RunStore) -> str:

@@ -78,7 +78,7 @@ def load_eval_set(recipe: Recipe) -> EvalSet:
             return EvalSet(name, parse_rows(rows, name), checker or (task.check if task.has_checker else None))
     if cfg.prompts is not None:
         return EvalSet(cfg.prompts, parse_items(cfg.prompts), checker)
-    with resources.as_file(resources.files("prompts") / SHIPPED_SET) as path:
+    with resources.as_file(resources.files("pipeline.prompts") / SHIPPED_SET) as path:
         return EvalSet(SHIPPED_SET, parse_items(str(path)), checker)
 
 
