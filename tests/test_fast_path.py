@@ -208,8 +208,10 @@ def first_dpo_loss(students, tmp_path: Path, precompute: bool, start: Path) -> f
     return next(h["loss"] for h in trainer.state.log_history if "loss" in h)
 
 
-@pytest.mark.parametrize("start", ["sft"])
+@pytest.mark.parametrize("start", ["sft", "later"])
 def test_precomputed_reference_log_probs_give_the_in_loop_loss(students, tmp_path, start):
+    """Also where the policy does not start from the reference (a later round with `dpo.reference: sft`): the
+    log-probs must then come from the reference, not from the policy before it trains."""
     policy = students[0] if start == "sft" else students[1]
     in_loop = first_dpo_loss(students, tmp_path, False, policy)
     assert first_dpo_loss(students, tmp_path, True, policy) == pytest.approx(in_loop, rel=1e-4)

@@ -230,9 +230,10 @@ def reference_model(section: DPOStageConfig, args: Any, ref_path: str, start: st
     """A frozen copy of the reference model from its saved directory (never the hub).
 
     None where TRL needs none: with LoRA the reference is the adapter-disabled policy, and precomputed
-    reference log-probs are taken from the policy before it trains.
+    reference log-probs are taken from the policy before it trains, which is right only where the policy starts
+    from the reference (round 1, or `dpo.reference: previous`).
     """
-    if section.lora is not None or args.precompute_ref_log_probs:
+    if section.lora is not None or (args.precompute_ref_log_probs and ref_path == start):
         return None
     return models.load_model(ref_path, device, init_kwargs=init_kwargs)
 
