@@ -5,6 +5,7 @@ message. Its speed is measured on a GPU only (benchmarks/gpu_check.sh), never he
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from pathlib import Path
@@ -16,6 +17,7 @@ from pipeline.stages.dpo.stage import dpo_trainer
 from pipeline.stages.sft.stage import chat_format, sft_trainer
 from pipeline.train import fastpath
 from pipeline.train.fastpath import Kernels
+from pipeline.train.outputs import write_chat_format
 from pipeline.train.student import CHAT_TEMPLATE, END, build_student
 
 UNMARKED = CHAT_TEMPLATE.replace("{% generation %}", "").replace("{% endgeneration %}", "")
@@ -124,7 +126,7 @@ def trained_text(tokenizer, ids: list[int], labels: list[int]) -> list[str]:
 def test_packed_rows_keep_each_conversations_mask_on_its_answers_and_end_tokens(students, tmp_path, template):
     data = dialogues()
     padded, tokenizer, _ = build_sft(students[0], {}, template, tmp_path / "padded", data)
-    packed, _, _ = build_sft(students[0], {"packing": True}, template, tmp_path / "packed", data)
+    packed, _, fmt = build_sft(students[0], {"packing": True}, template, tmp_path / "packed", data)
     alone = {tuple(row["input_ids"]): list(row["labels"]) for row in padded.train_dataset}
     answers = {tuple(row["input_ids"]): [m["content"] + END for m in messages if m["role"] == "assistant"]
                for row, messages in zip(padded.train_dataset, data.values(), strict=True)}
@@ -135,6 +137,11 @@ def test_packed_rows_keep_each_conversations_mask_on_its_answers_and_end_tokens(
             assert trained_text(tokenizer, ids, labels) == answers[tuple(ids)]
             seen.append(tuple(ids))
     assert sorted(seen) == sorted(alone)  # every conversation once, none cut
+    write_chat_format(packed, tokenizer, tmp_path, fmt, len(data))  # its example: the pack's first conversation
+    example = json.loads((tmp_path / "chat_format.json").read_text())["example"]
+    first = tuple(segments(packed.train_dataset[0])[0][0])
+    assert example["input_ids"] == list(first)
+    assert [s["text"] for s in example["segments"] if s["trained"]] == answers[first]
     batch = packed.data_collator([packed.train_dataset[0]])
     starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist()
     assert len(starts) == len(packed.train_dataset[0]["seq_lengths"])  # positions restart at every conversation
@@ -172,7 +179,7 @@ def test_an_absent_liger_or_flash_attention_falls_back_with_a_message(students, 
     caplog.set_level(logging.INFO, logger="pipeline.train")
     fast = fastpath.resolve("sft", "cuda", {"use_liger_kernel": True}, {"attn_implementation": "flash_attention_2"},
                             Kernels())
-    assert fast.user_args["use_liger_kernel"] is False and fast.init_kwargs["attn_implementation"] == "sdpa"
+    assert fast.user_args["use_liger_kernel"] is False and "attn_implementation" not in fast.init_kwargs
     assert "sft.args.use_liger_kernel: liger-kernel does not import here" in caplog.text
     assert "attn_implementation: flash_attention_2 needs flash-attn" in caplog.text
     caplog.clear()
@@ -182,7 +189,7 @@ def test_an_absent_liger_or_flash_attention_falls_back_with_a_message(students, 
                               None, tmp_path)
     trainer.train()
     assert trainer.state.global_step == 1 and fastpath.summary(trainer)["attn_implementation"] == "sdpa"
-    assert "training without it" in caplog.text and "training with sdpa" in caplog.text
+    assert "training without it" in caplog.text and "training with transformers' default" in caplog.text
 
 
 def pairs(n: int = 8, seed: int = 1) -> list[dict]:

@@ -78,13 +78,15 @@ def resolve(section: str, device: str, user_args: dict[str, Any], init_kwargs: d
 
 def attention(section: str, device: str, init_kwargs: dict[str, Any], kernels: Kernels) -> dict[str, Any]:
     """The model's init kwargs with the attention implementation it will train with: flash attention on CUDA
-    where it imports, sdpa in place of a flash attention that does not (with a warning), else as given."""
+    where it imports, transformers' default in place of a flash attention that does not (with a warning), else
+    as given."""
     init = dict(init_kwargs)
     wanted = init.get("attn_implementation")
     if wanted in FLASH and wanted not in kernels.flash:
         log.warning("%s.args.model_init_kwargs.attn_implementation: %s needs %s and a CUDA GPU with bf16, which "
-                    "this machine lacks; training with sdpa", section, wanted, FLASH_PACKAGES[wanted])
-        init["attn_implementation"] = "sdpa"
+                    "this machine lacks; training with transformers' default (sdpa where the model has it)",
+                    section, wanted, FLASH_PACKAGES[wanted])
+        init.pop("attn_implementation")
     elif wanted is None and kernels.flash and device == "cuda" and _half(init.get("dtype")):
         init["attn_implementation"] = kernels.flash[0]
         log.info("%s: attention with %s (set %s.args.model_init_kwargs.attn_implementation to choose another)",
