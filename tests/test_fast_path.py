@@ -222,3 +222,20 @@ def test_precomputed_reference_log_probs_give_the_in_loop_loss(students, tmp_pat
     policy = students[0] if start == "sft" else students[1]
     in_loop = first_dpo_loss(students, tmp_path, False, policy)
     assert first_dpo_loss(students, tmp_path, True, policy) == pytest.approx(in_loop, rel=1e-4)
+
+
+def test_a_model_that_refuses_the_chosen_flash_attention_loads_without_it(students, caplog):
+    """The fast path's own choice must not break a model that trained before; the recipe's choice still fails."""
+    from transformers import AutoModelForCausalLM
+
+    def load(init):
+        return AutoModelForCausalLM.from_pretrained(students[0], **init)
+
+    chosen = fastpath.resolve("sft", "cuda", {}, {}, CUDA_KERNELS)  # flash attention claimed, absent in fact
+    assert chosen.chose_attention and chosen.init_kwargs == {"attn_implementation": "flash_attention_2"}
+    model, init = fastpath.load_model(load, chosen, "sft")
+    assert init == {} and model.config._attn_implementation == "sdpa"
+    assert "sft: the model does not load with flash_attention_2" in caplog.text
+    asked = fastpath.FastPath({}, {}, {"attn_implementation": "flash_attention_2"})
+    with pytest.raises(ImportError):
+        fastpath.load_model(load, asked, "sft")

@@ -12,6 +12,7 @@ check (benchmarks/gpu_check.py) runs it on an image without pydantic.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +38,7 @@ class FastPath:
     defaults: dict[str, Any]
     user_args: dict[str, Any]
     init_kwargs: dict[str, Any]
+    chose_attention: bool = False  # the attention implementation is the fast path's choice, not the recipe's
 
 
 def available_kernels(device: str) -> Kernels:
@@ -73,7 +75,21 @@ def resolve(section: str, device: str, user_args: dict[str, Any], init_kwargs: d
         defaults["precompute_ref_log_probs"] = True
         log.info("dpo: reference log-probs computed once before training (dpo.args.precompute_ref_log_probs: "
                  "false turns it off)")
-    return FastPath(defaults, args, init)
+    return FastPath(defaults, args, init, chose_attention="attn_implementation" not in init_kwargs and flash)
+
+
+def load_model(load: Callable[[dict[str, Any]], Any], fast: FastPath, section: str) -> tuple[Any, dict[str, Any]]:
+    """(`load(init kwargs)`, the init kwargs it loaded with): where a model refuses the flash attention the fast
+    path chose for it (its architecture lacks it, or the kernel fails to load), it loads without, as before."""
+    try:
+        return load(fast.init_kwargs), fast.init_kwargs
+    except (ImportError, ValueError) as exc:
+        if not fast.chose_attention:
+            raise
+        log.warning("%s: the model does not load with %s (%s); training with transformers' default attention",
+                    section, fast.init_kwargs["attn_implementation"], str(exc)[:200])
+        init = {k: v for k, v in fast.init_kwargs.items() if k != "attn_implementation"}
+        return load(init), init
 
 
 def attention(section: str, device: str, init_kwargs: dict[str, Any], kernels: Kernels) -> dict[str, Any]:

@@ -213,12 +213,13 @@ def dpo_trainer(recipe: Recipe, device: str, start: str, ref_path: str, tokenize
 
     user_args, init_kwargs = configs.split_model_init_kwargs(recipe.dpo.trl_args())
     fast = fastpath.resolve("dpo", device, configs.checked_args(DPOConfig, "dpo", user_args), init_kwargs)
-    model = models.load_model(start, device, recipe.dpo.lora, fast.init_kwargs)
+    model, init_kwargs = fastpath.load_model(lambda init: models.load_model(start, device, recipe.dpo.lora, init),
+                                             fast, "dpo")
     defaults = zephyr_dpo_defaults(len(pairs), configs.max_positions(model, 1024),
                                    user_args.get("per_device_train_batch_size"))
     defaults.update(fast.defaults, run_name=run_name)  # the run's name in W&B, MLflow, Trackio
     args = configs.build_trl_config(DPOConfig, "dpo", fast.user_args, defaults, output_dir, device)
-    reference = reference_model(recipe.dpo, args, ref_path, start, device, fast.init_kwargs)
+    reference = reference_model(recipe.dpo, args, ref_path, start, device, init_kwargs)
     set_seed(args.seed)  # TRL adds the LoRA adapters before the Trainer seeds itself: seed their init too
     return DPOTrainer(model=model, ref_model=reference, args=args, processing_class=tokenizer,
                       train_dataset=Dataset.from_list(pairs), peft_config=models.peft_config(recipe.dpo.lora),

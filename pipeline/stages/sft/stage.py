@@ -161,7 +161,7 @@ def sft_trainer(recipe: Recipe, device: str, base: str, tokenizer: Any, fmt: Any
 
     user_args, init_kwargs = configs.split_model_init_kwargs(recipe.sft.args)
     fast = fastpath.resolve("sft", device, configs.checked_args(SFTConfig, "sft", user_args), init_kwargs)
-    model = models.load_model(base, device, recipe.sft.lora, fast.init_kwargs)
+    model, _ = fastpath.load_model(lambda init: models.load_model(base, device, recipe.sft.lora, init), fast, "sft")
     defaults = zephyr_sft_defaults(len(dialogues), configs.max_positions(model, 2048),
                                    user_args.get("per_device_train_batch_size"))
     defaults.update(fast.defaults, run_name=run_name)  # the run's name in W&B, MLflow, Trackio
