@@ -5,9 +5,11 @@
 `build` makes a ~0.5B Qwen2-architecture model from its config (Qwen2.5-0.5B's shape, random weights, bf16) and a
 byte-level BPE tokenizer trained here with Qwen's special tokens and chat template (no downloads). `sft` and `dpo`
 train it with TRL as the stages do (the student's own chat format, bf16, activation checkpointing) for a fixed time
-and report tokens/s, peak memory and MFU; `sample` runs the sample stage with the transformers backend on the GPU
-(or the backend alone where the stage's dependencies are missing); `vllm` the vLLM backend, when vllm imports.
-Each part writes DIR/<part>.json; `summary` prints one table. `--smoke` runs a tiny copy on the CPU.
+per row, with and without each fast-path option (benchmarks/gpu_fastpath.py), and report tokens/s, peak memory and
+MFU; `sample` runs the sample stage with the transformers backend on the GPU (or the backend alone where the
+stage's dependencies are missing); `vllm` the vLLM backend, when vllm imports. Each part writes DIR/<part>.json
+(and each training row DIR/<row>.json); `summary` prints one table of the parts and one of the rows side by side.
+`--smoke` runs a tiny copy on the CPU.
 
 Needs torch, transformers, trl, datasets, tokenizers; uses nothing newer than torch 2.11 / transformers 5.17.
 """
@@ -26,132 +28,12 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]  # the package and gpu_model, however the script is started
 
-from gpu_model import build, dialogues, flops_per_token, parameter_count, peak_tflops, text  # noqa: E402 - on the path set above
+from gpu_fastpath import run_rows, table  # noqa: E402 - on the path set above
+from gpu_model import build, peak_tflops, text  # noqa: E402 - on the path set above
+
+from pipeline.train.fastpath import available_kernels  # noqa: E402 - on the path set above
 
 PARTS = ("env", "build", "sft", "dpo", "sample", "vllm")
-
-
-class _TimeBox:
-    """A trainer callback: stops training after `seconds`; times the steps after the first `warmup` ones and counts
-    the tokens TRL logs for them (`num_tokens`, padding excluded)."""
-
-    def __init__(self, seconds: float, warmup: int = 3):
-        from transformers import TrainerCallback
-
-        box = self
-
-        class Callback(TrainerCallback):
-            def on_train_begin(self, args, state, control, **kwargs) -> None:  # noqa: ANN001, ANN003 - transformers' API
-                box.t0 = time.perf_counter()
-
-            def on_log(self, args, state, control, logs=None, **kwargs) -> None:  # noqa: ANN001, ANN003 - transformers' API
-                if logs and "num_tokens" in logs:
-                    box.marks.append((state.global_step, time.perf_counter(), float(logs["num_tokens"])))
-                if time.perf_counter() - box.t0 > box.seconds:
-                    control.should_training_stop = True
-
-        self.seconds, self.warmup, self.marks, self.t0 = seconds, warmup, [], 0.0
-        self.callback = Callback()
-
-    def rate(self) -> tuple[int, float, float]:
-        """(steps timed, seconds, tokens) over the steps after the warm-up ones."""
-        timed = [m for m in self.marks if m[0] >= self.warmup]
-        if len(timed) < 2:
-            raise RuntimeError(f"only {len(self.marks)} steps ran within {self.seconds} s: nothing to time")
-        (s0, t0, n0), (s1, t1, n1) = timed[0], timed[-1]
-        return s1 - s0, t1 - t0, n1 - n0
-
-
-def _training_report(box: _TimeBox, config: Any, seq: int, passes: int, smoke: bool) -> dict[str, Any]:
-    import torch
-
-    params = parameter_count(config)
-    steps, seconds, tokens = box.rate()
-    tokens_per_s = tokens / seconds
-    achieved = tokens_per_s * flops_per_token(config, params, seq, passes) / 1e12
-    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    peak = peak_tflops(name)
-    return {"steps_timed": steps, "seconds_timed": round(seconds, 2), "tokens_per_s": round(tokens_per_s),
-            "achieved_tflops": round(achieved, 2), "mfu": round(achieved / peak, 4) if peak and not smoke else None,
-            "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
-            "mean_seq": seq, "params_millions": round(params / 1e6, 1)}
-
-
-def _trl_args(config_cls: type, out: Path, smoke: bool, **extra: Any) -> Any:
-    """The stages' settings on a GPU (bf16, TRL's activation checkpointing), fixed-length runs, no checkpoints."""
-    common = {"output_dir": str(out), "max_steps": 1000, "learning_rate": 2e-5, "lr_scheduler_type": "cosine",
-              "save_strategy": "no", "logging_steps": 1, "report_to": "none", "seed": 0,
-              "dataloader_num_workers": 0 if smoke else 2}
-    common.update({"use_cpu": True, "bf16": False} if smoke else {"bf16": True})
-    return config_cls(**{**common, **extra})
-
-
-def sft(out: Path, smoke: bool, seconds: float) -> dict[str, Any]:
-    """TRL SFT in the model's own chat format with the loss on the answers, as the sft stage trains."""
-    import torch
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
-
-    from pipeline.train.templates import resolve_chat_format
-
-    tokenizer = AutoTokenizer.from_pretrained(out / "model")
-    fmt = resolve_chat_format(tokenizer, "qwen2-0.5b")
-    tokenizer.chat_template = fmt.training
-    device = "cpu" if smoke else "cuda"
-    model = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32 if smoke else torch.bfloat16)
-    batch, seq = (4, 256) if smoke else (16, 1024)
-    # 64 batches, cycled until the time is up: tokenizing more only delays the start
-    data = Dataset.from_list([{"messages": m} for m in dialogues(batch * (20 if smoke else 64), 60 if smoke else 220)])
-    box = _TimeBox(seconds, warmup=1 if smoke else 3)
-    args = _trl_args(SFTConfig, out / "sft-ckpt", smoke, per_device_train_batch_size=batch, max_length=seq,
-                     assistant_only_loss=True)
-    trainer = SFTTrainer(model=model.to(device), args=args, processing_class=tokenizer, train_dataset=data,
-                         callbacks=[box.callback])
-    trainer.train()
-    length = mean_length(tokenizer, [row["messages"] for row in data.select(range(64))])
-    tokenizer.chat_template = fmt.native
-    trainer.save_model(str(out / "sft"))
-    tokenizer.save_pretrained(out / "sft")
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {**_training_report(box, model.config, length, 3, smoke), "chat_format": fmt.variant, "batch": batch,
-            "max_length": seq, "first_loss": round(losses[0], 3), "last_loss": round(losses[-1], 3)}
-
-
-def dpo(out: Path, smoke: bool, seconds: float) -> dict[str, Any]:
-    """TRL DPO from the SFT model with a frozen reference copy (policy fwd+bwd, reference fwd), as the dpo stage."""
-    import torch
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import DPOConfig, DPOTrainer
-
-    source = out / "sft" if (out / "sft" / "config.json").is_file() else out / "model"
-    dtype = torch.float32 if smoke else torch.bfloat16
-    device = "cpu" if smoke else "cuda"
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    policy = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(device)
-    reference = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(device)
-    batch, seq, words = (2, 256, 50) if smoke else (8, 1024, 220)
-    rng = random.Random(1)
-    pairs = [{"prompt": [{"role": "user", "content": text(rng, words)}],
-              "chosen": [{"role": "assistant", "content": text(rng, words)}],
-              "rejected": [{"role": "assistant", "content": text(rng, words)}]} for _ in range(batch * 64)]
-    box = _TimeBox(seconds, warmup=1 if smoke else 3)
-    args = _trl_args(DPOConfig, out / "dpo-ckpt", smoke, per_device_train_batch_size=batch, max_length=seq,
-                     beta=0.1, learning_rate=5e-7)
-    trainer = DPOTrainer(model=policy, ref_model=reference, args=args, processing_class=tokenizer,
-                         train_dataset=Dataset.from_list(pairs), callbacks=[box.callback])
-    trainer.train()
-    length = mean_length(tokenizer, [p["prompt"] + p["chosen"] for p in pairs[:64]])
-    return {**_training_report(box, policy.config, length, 4, smoke), "source": source.name,
-            "pairs_per_step": batch, "max_length": seq}
-
-
-def mean_length(tokenizer: Any, conversations: list[list[dict[str, str]]]) -> int:
-    """Mean tokens of the conversations as the chat template renders them (attention's share of the FLOPs)."""
-    lengths = [len(tokenizer.apply_chat_template(c, tokenize=True, return_dict=True)["input_ids"])
-               for c in conversations[:64]]
-    return round(sum(lengths) / len(lengths))
 
 
 def _pool_model(name: str, backend: str, path: Path, smoke: bool, **kwargs: Any) -> Any:
@@ -257,14 +139,17 @@ def environment(out: Path, smoke: bool, seconds: float) -> dict[str, Any]:
     import torch
 
     versions = {}
-    for dist in ("torch", "transformers", "trl", "datasets", "accelerate", "peft", "vllm", "pydantic", "pyarrow"):
+    for dist in ("torch", "transformers", "trl", "datasets", "accelerate", "peft", "vllm", "pydantic", "pyarrow",
+                 "flash-attn", "flash-attn-3", "liger-kernel"):
         try:
             versions[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
             versions[dist] = None
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    kernels = available_kernels("cpu" if smoke else "cuda")  # what the stages' fast path finds here
     return {"python": platform.python_version(), "gpu": gpu, "gpus": torch.cuda.device_count(),
-            "peak_bf16_tflops": peak_tflops(gpu or ""), "versions": versions}
+            "peak_bf16_tflops": peak_tflops(gpu or ""), "flash_attention": list(kernels.flash) or None,
+            "liger": kernels.liger, "versions": versions}
 
 
 def preflight(smoke: bool) -> str | None:
@@ -291,18 +176,20 @@ def summary(out: Path) -> tuple[str, bool]:
         path = out / f"{part}.json"
         result = json.loads(path.read_text()) if path.is_file() else {"status": "not run (timed out or crashed)"}
         status = result.pop("status", "skipped" if "skipped" in result else "ok")
-        numbers = ", ".join(f"{k}={v}" for k, v in result.items() if k not in ("versions", "error"))
+        numbers = ", ".join(f"{k}={v}" for k, v in result.items() if k not in ("versions", "error", "settings", "base", "options", "stage_choice"))
         rows.append((part, status, result.get("error") or numbers))
     env = json.loads((out / "env.json").read_text()) if (out / "env.json").is_file() else {}
     versions = ", ".join(f"{k} {v}" for k, v in (env.get("versions") or {}).items() if v)
     lines = [f"GPU check: {env.get('gpu')} x{env.get('gpus')} ({versions})", "",
              f"{'part':<8} {'status':<10} numbers", f"{'-' * 8} {'-' * 10} {'-' * 60}"]
     lines += [f"{part:<8} {status:<10} {numbers}" for part, status, numbers in rows]
+    lines += ["", *table(out)]
     return "\n".join(lines), all(status in ("ok", "skipped") for _, status, _ in rows)
 
 
-RUNNERS = {"env": environment, "build": lambda out, smoke, seconds: build(out, smoke), "sft": sft, "dpo": dpo,
-           "sample": sample, "vllm": vllm_part}
+RUNNERS = {"env": environment, "build": lambda out, smoke, seconds: build(out, smoke),
+           "sft": lambda out, smoke, seconds: run_rows("sft", out, smoke, seconds),
+           "dpo": lambda out, smoke, seconds: run_rows("dpo", out, smoke, seconds), "sample": sample, "vllm": vllm_part}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -63,11 +63,32 @@ def text(rng: random.Random, words: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(words))
 
 
-def dialogues(n: int, words: int, seed: int = 0) -> list[list[dict[str, str]]]:
-    """Two-round dialogues of about `words` words per turn."""
+def dialogues(n: int, words: int, seed: int = 0, varied: bool = False) -> list[list[dict[str, str]]]:
+    """Two-round dialogues of about `words` words per turn; `varied`: one to three rounds of words/4 to 2·words
+    words a turn, so batches need padding as real dialogues do (UltraChat's run from one round to seven)."""
     rng = random.Random(seed)
-    return [[{"role": role, "content": text(rng, words)} for role in ("user", "assistant", "user", "assistant")]
-            for _ in range(n)]
+    if not varied:
+        return [[{"role": role, "content": text(rng, words)} for role in ("user", "assistant", "user", "assistant")]
+                for _ in range(n)]
+    return [[{"role": role, "content": text(rng, rng.randint(words // 4, 2 * words))}
+             for _ in range(rng.randint(1, 3)) for role in ("user", "assistant")] for _ in range(n)]
+
+
+def preference_pairs(n: int, words: int, seed: int = 1) -> list[dict[str, Any]]:
+    """Pairs in TRL's explicit form whose prompt and answers run from words/4 to 2·words words."""
+    rng = random.Random(seed)
+
+    def turn(role: str) -> list[dict[str, str]]:
+        return [{"role": role, "content": text(rng, rng.randint(words // 4, 2 * words))}]
+
+    return [{"prompt": turn("user"), "chosen": turn("assistant"), "rejected": turn("assistant")} for _ in range(n)]
+
+
+def attention_length(lengths: list[int], max_length: int) -> int:
+    """The sequence length attention's FLOPs per token are counted at: sum(L²) / sum(L) over the (truncated)
+    sequences, as attention over a sequence of L tokens costs ∝ L per token (the mean for equal lengths)."""
+    cut = [min(n, max_length) for n in lengths]
+    return round(sum(n * n for n in cut) / sum(cut))
 
 
 def build(out: Path, smoke: bool) -> dict[str, Any]:

@@ -25,7 +25,8 @@ TINY = {
     "dpo_overhead.py": (["--tiny"], r"^\s+wall ratio stage/plain \(median of 1\): \d+\.\d{3}(?s:.*)"
                                     r"^end-to-end ratio stage/plain \(median of 1\): \d+\.\d{3}$", True),
     "biased_judge.py": (["--tiny"], r"^biased judge: sft=\d\.\d\d dpo_plain=\d\.\d\d dpo_mitigated=\d\.\d\d$", True),
-    "gpu_train.py": (["--smoke"], r'"tokens_per_s": \d+,\s+"step_s": [\d.]+', True),
+    "gpu_train.py": (["--smoke"], r'"tokens_per_s": \d+,\s+"step_s": [\d.]+(?s:.*)'
+                                  r"^ratio stage/plain: steps tokens/s \d+\.\d{3}  stage wall \d+\.\d{3}", True),
     "rounds.py": (["--tiny"], r"^rounds: seed=0 r1=\d\.\d\d r2=\d\.\d\d kept=[12] \(\d+ s\)$", True),
 }
 # scripts whose tiny run lives in another test (they need a lean interpreter or CUDA), and where
@@ -35,6 +36,8 @@ ELSEWHERE = {
     "gpu_check.py": "test_gpu_check.py::test_gpu_check_runs_whole_in_smoke_mode_on_an_interpreter_without_the_recipe_"
                     "dependencies",
     "gpu_model.py": "test_gpu_check.py::test_flops_per_token_match_what_torch_counts_for_a_training_step",
+    "gpu_fastpath.py": "test_gpu_check.py::test_gpu_check_runs_whole_in_smoke_mode_on_an_interpreter_without_the_"
+                       "recipe_dependencies",
 }
 
 

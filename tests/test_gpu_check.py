@@ -13,9 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.train.fastpath import Kernels
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from gpu_fastpath import DPO_ROWS, SFT_ROWS  # noqa: E402 - found on the path set above
 from gpu_model import QWEN2_05B, SMOKE, flops_per_token, model_config, parameter_count  # noqa: E402 - found on the path set above
 
 # What a lean GPU image may lack: the recipe's and the teacher's dependencies (the check must not need them)
@@ -84,7 +87,7 @@ def test_gpu_check_runs_whole_in_smoke_mode_on_an_interpreter_without_the_recipe
     lean = tmp_path / "lean-python"
     lean.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{boot}" "$@"\n')
     lean.chmod(0o755)
-    env = {**os.environ, "PYTHON": str(lean), "GPU_CHECK_SMOKE": "1", "GPU_CHECK_SECONDS": "12",
+    env = {**os.environ, "PYTHON": str(lean), "GPU_CHECK_SMOKE": "1", "GPU_CHECK_SECONDS": "4",
            "GPU_CHECK_DIR": str(tmp_path / "check")}
     env.pop("PYTHONPATH", None)
     t0 = time.monotonic()
@@ -97,6 +100,18 @@ def test_gpu_check_runs_whole_in_smoke_mode_on_an_interpreter_without_the_recipe
         done.stdout + done.stderr[-3000:]
     sft = json.loads((tmp_path / "check" / "sft.json").read_text())
     assert sft["chat_format"] == "qwen2_5" and sft["tokens_per_s"] > 0 and sft["steps_timed"] >= 1
+    # every training row ran or said why not; padding-free, packed and precomputed rows ran on the CPU's sdpa
+    rows = {name: json.loads((tmp_path / "check" / f"{name}.json").read_text()) for name in (*SFT_ROWS, *DPO_ROWS)}
+    assert {name: row["status"] for name, row in rows.items()} == {
+        "sft": "ok", "sft_flash": "skipped", "sft_padfree": "ok", "sft_packed": "ok", "sft_liger": "skipped",
+        "dpo": "ok", "dpo_flash": "skipped", "dpo_padfree": "skipped", "dpo_precompute": "ok", "dpo_liger": "skipped"}
+    assert rows["sft_padfree"]["settings"]["padding_free"] and rows["sft_packed"]["settings"]["packing"] == "bfd"
+    assert rows["dpo_precompute"]["settings"]["precompute_ref_log_probs"] and rows["dpo_precompute"]["precompute_s"] > 0
+    assert "flash-attn does not import" in rows["sft_flash"]["skipped"]
+    assert "liger-kernel does not import" in rows["dpo_liger"]["skipped"]
+    assert "turns padding_free off" in rows["dpo_padfree"]["skipped"]
+    assert re.search(r"^  sft_packed +- +\d+ +\d+\.\d\d +\d+\.\d\d +- +packing$", done.stdout, re.M), done.stdout
+    assert re.search(r"^  dpo +- +\d+ .* none   <- the stage's choice here$", done.stdout, re.M), done.stdout
     sample = json.loads((tmp_path / "check" / "sample.json").read_text())
     assert sample["path"] == "backend only (no pydantic)" and sample["tokens"] > 0 and sample["failed"] == 0
     assert not (tmp_path / "check" / "model").exists()  # the weights are removed, the numbers kept
@@ -114,3 +129,37 @@ def test_sample_backend_path_builds_a_valid_pool_member_where_pydantic_imports(t
     assert type(member).__name__ == "PoolModel" and member.backend == "transformers"
     result = gpu_check._sample_backend(tmp_path / "model", True, 4, 8)
     assert result["answers"] == 4 and result["failed"] == 0 and result["tokens"] > 0
+
+
+@pytest.mark.parametrize("kernels, top", [
+    (Kernels(flash=("flash_attention_2",), liger=True), {"sft_liger": ["flash", "liger", "padding_free"],
+                                                          "dpo_liger": ["flash", "liger", "precompute"]}),
+    (Kernels(liger=True), {"sft_liger": ["liger"], "dpo_liger": ["liger", "precompute"]}),
+], ids=["every-kernel", "no-flash-attn"])
+def test_each_row_adds_one_option_and_the_top_row_is_the_stages_choice(monkeypatch, tmp_path, kernels, top):
+    """The ladder without training: each row's options are its base row's plus one, a skipped row's options pass
+    to none above it, and the stage's own choice (pipeline.train.fastpath) is the top row where every kernel is."""
+    import gpu_fastpath
+
+    monkeypatch.setattr(gpu_fastpath.fastpath, "available_kernels", lambda device: kernels)
+    trained = []
+
+    def fake_row(out, smoke, seconds, settings, first=False):
+        trained.append(settings)
+        return {"tokens_per_s": 100, "settings": {}}
+
+    monkeypatch.setattr(gpu_fastpath, "sft_row", fake_row)
+    monkeypatch.setattr(gpu_fastpath, "dpo_row", fake_row)
+    for part in ("sft", "dpo"):
+        gpu_fastpath.run_rows(part, tmp_path, smoke=False, seconds=1)
+    rows = {name: json.loads((tmp_path / f"{name}.json").read_text()) for name in (*SFT_ROWS, *DPO_ROWS)}
+    for name, options in top.items():
+        assert rows[name]["options"] == options and rows[name]["stage_choice"] is True
+    if kernels.flash:
+        assert [rows[n]["options"] for n in ("sft_flash", "sft_padfree", "sft_packed")] == [
+            ["flash"], ["flash", "padding_free"], ["flash", "packing"]]
+        assert rows["sft_padfree"]["base"] == "sft_flash" and rows["sft_liger"]["base"] == "sft_padfree"
+    else:  # padding-free without flash attention computes the whole flattened square: not run on a GPU
+        assert {rows[n]["status"] for n in ("sft_flash", "sft_padfree", "sft_packed", "dpo_flash")} == {"skipped"}
+        assert rows["sft_liger"]["base"] == "sft" and rows["dpo_precompute"]["base"] == "dpo"
+    assert {"attn_implementation": "flash_attention_2"} in [init for init, _ in trained] or not kernels.flash

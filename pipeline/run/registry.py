@@ -170,8 +170,9 @@ STAGES: dict[str, StageSpec] = {spec.name: spec for spec in [
               _feedback_section, inputs=lambda r: ["sample", "sft"] if "on_policy" in r.feedback.sources else ["sample"],
               templates=("feedback_*",), roles=("rater",),
               uses=lambda r: [*role_uses(r, ("rater",)), *panel_uses(r)], demand=feedback_estimate.demand),
+    # version 2: a later round with reference sft and precomputed log-probs took them from the policy, not sft
     StageSpec("dpo", "dDPO: TRL DPOTrainer with the SFT model as reference.", dpo, _dpo_section,
-              inputs=lambda r: ["sft", "feedback"], gpu=True, reads_review=True),
+              inputs=lambda r: ["sft", "feedback"], version=2, gpu=True, reads_review=True),
     StageSpec("evaluate", "Judge scores, win rate against the baseline, ground truth.", evaluate, _evaluate_section,
               inputs=evaluate_inputs, templates=("judge_*",), gpu=True, roles=("judge",),
               demand=evaluate_estimate.demand),

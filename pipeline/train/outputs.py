@@ -60,6 +60,8 @@ def write_chat_format(trainer: Any, tokenizer: Any, stage_dir: Path, fmt: Any, c
         return
     row = trainer.train_dataset[0]
     ids, labels = list(row["input_ids"]), list(row["labels"])
+    if row.get("seq_lengths"):  # a pack of several conversations (sft.args.packing): its first one
+        ids, labels = ids[:row["seq_lengths"][0]], labels[:row["seq_lengths"][0]]
     segments: list[dict[str, Any]] = []
     for token, label in zip(ids, labels, strict=True):
         trained = label != -100

@@ -8,6 +8,7 @@ import logging
 import math
 import time
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from pipeline.core.recipe import DPOStageConfig, Recipe
@@ -17,7 +18,7 @@ from pipeline.core.store import RunStore
 from pipeline.review.answers import ReviewPending, apply_review, read_review, review_path
 from pipeline.review.gate import review_command
 from pipeline.series.data import earlier_records
-from pipeline.train import configs, models, outputs
+from pipeline.train import configs, fastpath, models, outputs
 from pipeline.train.launch import is_launched_rank, launch_stage, should_launch
 from pipeline.train.progress import training_callbacks
 
@@ -173,28 +174,16 @@ def _message(message: dict[str, Any]) -> dict[str, str]:
 
 def train_dpo(recipe: Recipe, store: RunStore, pairs: list[dict[str, Any]]) -> dict[str, Any]:
     """Train (resuming from the last checkpoint), save the model, metrics.json and the model card."""
-    from datasets import Dataset
-    from transformers import set_seed
-    from trl import DPOConfig, DPOTrainer
-
     t0 = time.perf_counter()
     device = models.detect_device(recipe.compute)
     sft_model = models.local_model(store, "sft")
     start = models.local_model(*store.policy()) if store.round > 1 else sft_model
+    ref_path = start if recipe.dpo.reference == "previous" else sft_model
     with models.local_stage_dir(store, "dpo") as stage_dir:
         tokenizer = models.load_tokenizer(sft_model)  # carries the chat template SFT trained with
-        user_args, init_kwargs = configs.split_model_init_kwargs(recipe.dpo.trl_args())
-        model = models.load_model(start, device, recipe.dpo.lora, init_kwargs)
-        defaults = zephyr_dpo_defaults(len(pairs), configs.max_positions(model, 1024),
-                                       user_args.get("per_device_train_batch_size"))
-        defaults["run_name"] = f"{store.run_name}-dpo"  # the run's name in W&B, MLflow, Trackio
-        args = configs.build_trl_config(DPOConfig, "dpo", user_args, defaults, stage_dir / "checkpoints", device)
-        ref_path = start if recipe.dpo.reference == "previous" else sft_model
-        reference = reference_model(recipe.dpo, args, ref_path, device, init_kwargs)
-        set_seed(args.seed)  # TRL adds the LoRA adapters before the Trainer seeds itself: seed their init too
-        trainer = DPOTrainer(model=model, ref_model=reference,
-                             args=args, processing_class=tokenizer, train_dataset=Dataset.from_list(pairs),
-                             peft_config=models.peft_config(recipe.dpo.lora), callbacks=training_callbacks("dpo"))
+        trainer = dpo_trainer(recipe, device, start, ref_path, tokenizer, pairs, stage_dir / "checkpoints",
+                              run_name=f"{store.run_name}-dpo")
+        fast, args = fastpath.summary(trainer), trainer.args
         outputs.tensorboard_into(trainer, stage_dir)
         resume = outputs.last_checkpoint(stage_dir / "checkpoints")
         if resume:
@@ -203,7 +192,7 @@ def train_dpo(recipe: Recipe, store: RunStore, pairs: list[dict[str, Any]]) -> d
         outputs.save_final_model(trainer, tokenizer, stage_dir / "model", start)
         metrics = outputs.write_metrics(trainer, stage_dir, {
             "stage": "dpo", "base_model": start, "reference_model": ref_path, "round": store.round,
-            "pairs": len(pairs), "beta": args.beta,
+            "pairs": len(pairs), "beta": args.beta, "fast_path": fast,
             "loss_type": list(args.loss_type), "resumed_from_step": outputs.checkpoint_step(resume),
             "launched": is_launched_rank(), "device": device, "wall_seconds": time.perf_counter() - t0})
         if trainer.is_world_process_zero():
@@ -214,16 +203,40 @@ def train_dpo(recipe: Recipe, store: RunStore, pairs: list[dict[str, Any]]) -> d
     return metrics
 
 
-def reference_model(section: DPOStageConfig, args: Any, sft_model: str, device: str,
+def dpo_trainer(recipe: Recipe, device: str, start: str, ref_path: str, tokenizer: Any, pairs: list[dict[str, Any]],
+                output_dir: Path, run_name: str = "dpo") -> Any:
+    """TRL's DPOTrainer as the stage trains: the policy from `start`, the reference from `ref_path`, Zephyr's
+    settings under `dpo.args`, and the device's fast path (attention, kernels, precomputed reference log-probs)."""
+    from datasets import Dataset
+    from transformers import set_seed
+    from trl import DPOConfig, DPOTrainer
+
+    user_args, init_kwargs = configs.split_model_init_kwargs(recipe.dpo.trl_args())
+    fast = fastpath.resolve("dpo", device, configs.checked_args(DPOConfig, "dpo", user_args), init_kwargs)
+    model, init_kwargs = fastpath.load_model(lambda init: models.load_model(start, device, recipe.dpo.lora, init),
+                                             fast, "dpo")
+    defaults = zephyr_dpo_defaults(len(pairs), configs.max_positions(model, 1024),
+                                   user_args.get("per_device_train_batch_size"))
+    defaults.update(fast.defaults, run_name=run_name)  # the run's name in W&B, MLflow, Trackio
+    args = configs.build_trl_config(DPOConfig, "dpo", fast.user_args, defaults, output_dir, device)
+    reference = reference_model(recipe.dpo, args, ref_path, start, device, init_kwargs)
+    set_seed(args.seed)  # TRL adds the LoRA adapters before the Trainer seeds itself: seed their init too
+    return DPOTrainer(model=model, ref_model=reference, args=args, processing_class=tokenizer,
+                      train_dataset=Dataset.from_list(pairs), peft_config=models.peft_config(recipe.dpo.lora),
+                      callbacks=training_callbacks("dpo"))
+
+
+def reference_model(section: DPOStageConfig, args: Any, ref_path: str, start: str, device: str,
                     init_kwargs: dict[str, Any]) -> Any:
-    """A frozen copy of the SFT model from its saved directory (never the hub).
+    """A frozen copy of the reference model from its saved directory (never the hub).
 
     None where TRL needs none: with LoRA the reference is the adapter-disabled policy, and precomputed
-    reference log-probs are taken from the policy before it trains.
+    reference log-probs are taken from the policy before it trains, which is right only where the policy starts
+    from the reference (round 1, or `dpo.reference: previous`).
     """
-    if section.lora is not None or args.precompute_ref_log_probs:
+    if section.lora is not None or (args.precompute_ref_log_probs and ref_path == start):
         return None
-    return models.load_model(sft_model, device, init_kwargs=init_kwargs)
+    return models.load_model(ref_path, device, init_kwargs=init_kwargs)
 
 
 def zephyr_dpo_defaults(pairs: int, max_length: int, per_device: int | None = None) -> dict[str, Any]:

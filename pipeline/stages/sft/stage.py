@@ -6,6 +6,7 @@ import logging
 import math
 import time
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from pipeline.core.chat import fold_system
@@ -13,7 +14,7 @@ from pipeline.core.recipe import Recipe
 from pipeline.core.stage import StageReport
 from pipeline.core.store import RunStore
 from pipeline.series.data import earlier_records
-from pipeline.train import configs, models, outputs, templates
+from pipeline.train import configs, fastpath, models, outputs, templates
 from pipeline.train.launch import is_launched_rank, launch_stage, should_launch
 from pipeline.train.progress import training_callbacks
 
@@ -123,29 +124,14 @@ def chat_format(recipe: Recipe, base: str, dialogues: dict[str, list[dict[str, s
 def train_sft(recipe: Recipe, store: RunStore, dialogues: dict[str, list[dict[str, str]]]) -> dict[str, Any]:
     """Train (resuming from the last checkpoint), save the model in its own chat format, metrics.json, the
     chat format report and the model card."""
-    from datasets import Dataset
-    from transformers import set_seed
-    from trl import SFTConfig, SFTTrainer
-
     t0 = time.perf_counter()
     device = models.detect_device(recipe.compute)
     base = models.resolve_base_model(recipe, store)
     with models.local_stage_dir(store, "sft") as stage_dir:
         tokenizer, fmt, checked = chat_format(recipe, base, dialogues)
-        user_args, init_kwargs = configs.split_model_init_kwargs(recipe.sft.args)
-        model = models.load_model(base, device, recipe.sft.lora, init_kwargs)
-        defaults = zephyr_sft_defaults(len(dialogues), configs.max_positions(model, 2048),
-                                       user_args.get("per_device_train_batch_size"))
-        defaults["run_name"] = f"{store.run_name}-sft"  # the run's name in W&B, MLflow, Trackio
-        args = configs.build_trl_config(SFTConfig, "sft", user_args, defaults,
-                                       stage_dir / "checkpoints", device)
-        set_seed(args.seed)  # TRL adds the LoRA adapters before the Trainer seeds itself: seed their init too
-        examples = training_examples(tokenizer, fmt, dialogues, args.assistant_only_loss)
-        if fmt.rendered:  # the mask travels in the examples; TRL refuses the flag on pre-tokenized data
-            args.assistant_only_loss = False
-        trainer = SFTTrainer(model=model, args=args, processing_class=tokenizer,
-                             train_dataset=Dataset.from_list(examples),
-                             peft_config=models.peft_config(recipe.sft.lora), callbacks=training_callbacks("sft"))
+        trainer = sft_trainer(recipe, device, base, tokenizer, fmt, dialogues, stage_dir / "checkpoints",
+                              run_name=f"{store.run_name}-sft")
+        fast = fastpath.summary(trainer)
         outputs.tensorboard_into(trainer, stage_dir)
         resume = outputs.last_checkpoint(stage_dir / "checkpoints")
         if resume:
@@ -156,13 +142,37 @@ def train_sft(recipe: Recipe, store: RunStore, dialogues: dict[str, list[dict[st
         outputs.write_chat_format(trainer, tokenizer, stage_dir, fmt, checked)
         metrics = outputs.write_metrics(trainer, stage_dir, {
             "stage": "sft", "base_model": base, "chat_template": fmt.origin, "chat_template_variant": fmt.variant,
-            "examples": len(dialogues),
+            "examples": len(dialogues), "fast_path": fast,
             "resumed_from_step": outputs.checkpoint_step(resume), "launched": is_launched_rank(),
             "device": device, "wall_seconds": time.perf_counter() - t0})
         if trainer.is_world_process_zero():
             outputs.write_model_card(stage_dir / "model", "sft", recipe, store, base,
                                     f"{len(dialogues)} teacher dialogues from `generate`", metrics, inputs=("generate",))
     return metrics
+
+
+def sft_trainer(recipe: Recipe, device: str, base: str, tokenizer: Any, fmt: Any,
+                dialogues: dict[str, list[dict[str, str]]], output_dir: Path, run_name: str = "sft") -> Any:
+    """TRL's SFTTrainer as the stage trains: the student, its chat format's examples, Zephyr's settings under
+    `sft.args`, and the device's fast path (attention, padding-free batches, kernels; pipeline.train.fastpath)."""
+    from datasets import Dataset
+    from transformers import set_seed
+    from trl import SFTConfig, SFTTrainer
+
+    user_args, init_kwargs = configs.split_model_init_kwargs(recipe.sft.args)
+    fast = fastpath.resolve("sft", device, configs.checked_args(SFTConfig, "sft", user_args), init_kwargs)
+    model, _ = fastpath.load_model(lambda init: models.load_model(base, device, recipe.sft.lora, init), fast, "sft")
+    defaults = zephyr_sft_defaults(len(dialogues), configs.max_positions(model, 2048),
+                                   user_args.get("per_device_train_batch_size"))
+    defaults.update(fast.defaults, run_name=run_name)  # the run's name in W&B, MLflow, Trackio
+    args = configs.build_trl_config(SFTConfig, "sft", fast.user_args, defaults, output_dir, device)
+    set_seed(args.seed)  # TRL adds the LoRA adapters before the Trainer seeds itself: seed their init too
+    examples = training_examples(tokenizer, fmt, dialogues, args.assistant_only_loss)
+    if fmt.rendered:  # the mask travels in the examples; TRL refuses the flag on pre-tokenized data
+        args.assistant_only_loss = False
+    return SFTTrainer(model=model, args=args, processing_class=tokenizer, train_dataset=Dataset.from_list(examples),
+                      data_collator=fastpath.padding_free_collator(args, tokenizer),
+                      peft_config=models.peft_config(recipe.sft.lora), callbacks=training_callbacks("sft"))
 
 
 def training_examples(tokenizer: Any, fmt: Any, dialogues: dict[str, list[dict[str, str]]],
