@@ -4,8 +4,8 @@ started by the stages that use it and gone when they end; its identity is the mo
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import shutil
 import sqlite3
 import subprocess
