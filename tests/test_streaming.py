@@ -9,6 +9,7 @@ import os
 import random
 import subprocess
 import sys
+import tempfile
 import tracemalloc
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from click.testing import CliRunner
 from datasketch import MinHash, MinHashLSH
 
 from pipeline.cli import main as distill
+from pipeline.core import scratch
 from pipeline.core.idset import IdSet
 from pipeline.core.ledger import FailureLedger
 from pipeline.core.store import RunStore, StageState
@@ -185,3 +187,17 @@ def test_resume_skips_every_finished_and_dropped_item_of_a_large_run(tmp_path: P
     assert len(out) == len(set(out)) == 2000 - (len(dropped) - 1) and stats["counts"]["pending"] == 0
     # only the 500 lost were simulated again, answered by the cache: no finished or dropped item was redone
     assert stats["teacher"]["cached"] == 500 and stats["teacher"]["requests"] == 0
+
+
+def test_a_killed_stages_scratch_files_are_swept_by_the_next_one(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = tmp_path / f"{scratch.PREFIX}prompts-{int(dead.stdout)}-x1y2z3"
+    alive = tmp_path / f"{scratch.PREFIX}prompts-{os.getppid()}-a1b2c3"
+    other = tmp_path / "distill-launch-sft-q9w8e7"  # someone else's temporary directory
+    for path in (orphan, alive, other):
+        path.mkdir()
+    with scratch.Scratch("prompts") as mine:
+        assert mine.db.execute("SELECT 1").fetchone() == (1,)
+        assert not orphan.exists() and alive.exists() and other.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, other.name])

@@ -3,6 +3,7 @@ a near-duplicate index): held in a bounded page cache instead of in memory, dele
 
 from __future__ import annotations
 
+import os
 import shutil
 import sqlite3
 import tempfile
@@ -10,6 +11,7 @@ from pathlib import Path
 
 # Pages of a scratch file kept in memory; the rest lives in the OS page cache, outside this process.
 CACHE_MIB = 2
+PREFIX = "distill-scratch-"  # then the scratch's name, the owning process id and mkdtemp's suffix
 
 
 class Scratch:
@@ -17,7 +19,8 @@ class Scratch:
     journal and no syncs, inside one transaction (the connection reads its own writes)."""
 
     def __init__(self, name: str, schema: tuple[str, ...] = (), cache_mib: int = CACHE_MIB):
-        self._dir = tempfile.mkdtemp(prefix=f"distill-{name}-")
+        sweep_orphans()
+        self._dir = tempfile.mkdtemp(prefix=f"{PREFIX}{name}-{os.getpid()}-")
         self.db = sqlite3.connect(Path(self._dir) / f"{name}.sqlite", isolation_level=None,
                                   check_same_thread=False)
         for pragma in ("journal_mode=OFF", "synchronous=OFF", f"cache_size=-{cache_mib * 1024}",
@@ -38,3 +41,18 @@ class Scratch:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def sweep_orphans(root: str | None = None) -> None:
+    """Remove scratch directories whose process is gone: a killed stage cannot clean up after itself, and at
+    200 000 prompts its scratch files take hundreds of megabytes."""
+    for path in Path(root or tempfile.gettempdir()).glob(f"{PREFIX}*-*-*"):
+        owner = path.name.rsplit("-", 2)[1]
+        if not owner.isdigit() or int(owner) == os.getpid():
+            continue
+        try:
+            os.kill(int(owner), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            continue
