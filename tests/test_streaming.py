@@ -201,3 +201,16 @@ def test_a_killed_stages_scratch_files_are_swept_by_the_next_one(tmp_path: Path,
         assert mine.db.execute("SELECT 1").fetchone() == (1,)
         assert not orphan.exists() and alive.exists() and other.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, other.name])
+
+
+def test_status_loads_no_stage_nor_the_registry(tmp_path: Path):
+    store = RunStore(tmp_path, "r")
+    store.init_manifest({"name": "r"}, {}, stages=["generate", "sft"])
+    store.set_stage_state("generate", StageState(status="completed", counts={"output": 3}))
+    probe = ("import sys\nfrom pipeline.cli import main\ntry:\n    main(['status', sys.argv[1]])\n"
+             "except SystemExit:\n    pass\n"
+             "print('LOADED', sorted(m for m in sys.modules if m.startswith(('pipeline.stages', 'pipeline.run.registry',"
+             " 'prefect', 'torch', 'openai'))))")
+    proc = subprocess.run([sys.executable, "-c", probe, store.url], capture_output=True, text=True, timeout=120)
+    assert "completed" in proc.stdout, proc.stdout + proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "LOADED []"  # what makes status take seconds to start
