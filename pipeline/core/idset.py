@@ -1,8 +1,8 @@
 """A compact set of item ids for done-sets and ledgers that grow with the input: 16 bytes an id.
 
-A Python set of 64-character hex ids costs about 150 bytes an id (the string, its hash slot); 200 000 finished
-items would take 30 MB of a stage's memory just to know what to skip. Here an id is a 128-bit BLAKE2b digest
-kept in sorted numpy arrays (two ids collide with probability ~1e-27 at a million), so the same set takes 3 MB.
+A Python set of 64-character hex ids costs about ten times that (the string and its hash slot), which at a few
+hundred thousand finished items is a sizeable share of a stage's memory spent on knowing what to skip. Here an
+id is a 128-bit BLAKE2b digest in sorted numpy arrays; two ids collide with probability ~1e-27 at a million.
 """
 
 from __future__ import annotations

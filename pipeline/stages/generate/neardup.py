@@ -1,12 +1,13 @@
 """Near duplicates: MinHash over word shingles with LSH banding, the index on local disk.
 
-An LSH index over every prompt (or dialogue) seen grows with the input by nature. In memory (datasketch's
-`MinHashLSH`, a dict of signatures, a dict of texts) it grew generate's RSS by about 3 KB a prompt (62 MiB while
-selecting 20 000 prompts, measured here with the lists around it; 6 MiB now). Here it is a scratch SQLite file: each text's signature (512 bytes), its 5 band keys and the hash of its words, with SQLite's bounded
-page cache (and 16 bytes a key, to tell a repeated key) as the memory it takes. The answers are datasketch's: the same permutations, the same bands
-(`_optimal_param`, as `MinHashLSH` picks them), candidates checked by the same Jaccard estimate in key order.
-A band is keyed by a 64-bit hash of its values rather than the values: a collision can only add a candidate,
-which the Jaccard check then judges as before; an exact copy is confirmed on the 128-bit hash of its words.
+An LSH index over every prompt (or dialogue) seen grows with the input by nature; held in memory (datasketch's
+`MinHashLSH`, a dict of signatures, a dict of texts) it was most of what made generate's memory grow with its
+input. Here it is a scratch SQLite file holding each text's signature, its band keys and the hash of its words,
+so the memory it takes is SQLite's bounded page cache and 16 bytes a key (to tell a key added twice).
+The answers are datasketch's: the same permutations, the same bands (`_optimal_param`, as `MinHashLSH` picks
+them), candidates checked by the same Jaccard estimate in key order. A band is keyed by a 64-bit hash of its
+values rather than the values: a collision can only add a candidate, which the Jaccard check then judges as
+before; an exact copy is confirmed on the 128-bit hash of its words.
 """
 
 from __future__ import annotations
