@@ -23,7 +23,7 @@ from pipeline.core.progress import set_progress_factory
 from pipeline.core.stage import StageReport
 from pipeline.core.store import RunStore
 from pipeline.run.rounds import read_summary, rounds_markdown, rounds_plot, rounds_table
-from pipeline.run.runner import stage_warnings, status_rows
+from pipeline.run.status import stage_warnings, status_rows
 
 
 def artifact_key(*parts: str) -> str:

@@ -38,6 +38,7 @@ ELSEWHERE = {
     "gpu_model.py": "test_gpu_check.py::test_flops_per_token_match_what_torch_counts_for_a_training_step",
     "gpu_fastpath.py": "test_gpu_check.py::test_gpu_check_runs_whole_in_smoke_mode_on_an_interpreter_without_the_"
                        "recipe_dependencies",
+    "scale.py": "test_scale_benchmark.py::test_scale_benchmark_tiny_mode_prints_its_ratios_and_completes_every_prompt",
 }
 
 

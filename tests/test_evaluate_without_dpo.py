@@ -88,7 +88,7 @@ def test_evaluating_dpo_after_failed_feedback_names_dpo_why_and_the_models_setti
 def test_status_and_the_prefect_run_summary_show_the_stages_warnings(failed_feedback):
     from pipeline.core.store import RunStore
     from pipeline.flows.artifacts import run_summary_markdown
-    from pipeline.run.runner import status_rows
+    from pipeline.run.status import status_rows
 
     _, run, _ = failed_feedback
     proc = distill("status", str(run))

@@ -4,6 +4,8 @@ written as a row of the completions schema (sample's answers, and feedback's on-
 from __future__ import annotations
 
 import hashlib
+import itertools
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,16 +77,17 @@ def completion_row(a: Assignment, model: PoolModel, messages: list[dict[str, str
     }
 
 
-def sample_responses(model: PoolModel, todo: list[Assignment], recipe: Recipe, store: RunStore, writer: ShardWriter,
-                     failures: FailureLedger, chunk: int, bar: Any = None,
+def sample_responses(model: PoolModel, todo: Iterable[Assignment], recipe: Recipe, store: RunStore,
+                     writer: ShardWriter, failures: FailureLedger, chunk: int, bar: Any = None,
                      stage: str = "sample") -> tuple[str, dict[str, float]]:
-    """Load one pool model, answer its assignments chunk by chunk into the writer; (stop message, cost)."""
+    """Load one pool model, answer its assignments (a list or a stream) chunk by chunk into the writer;
+    (stop message, cost)."""
     backend = make_backend(model, recipe, store, stage)
     params = SamplingParams.of(model)
     stop = ""
+    pending = iter(todo)
     try:
-        for start in range(0, len(todo), chunk):
-            part = todo[start:start + chunk]
+        while part := list(itertools.islice(pending, chunk)):
             conversations = [answer_messages(a.prompt.prompt, a.principle, model) for a in part]
             requests = [GenerationRequest(m, a.sample_seed) for a, m in zip(part, conversations, strict=True)]
             try:

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import importlib
+
 import click
 
-from pipeline.cli import postgres, review, runs, server, tools
-from pipeline.cli import run as run_commands
 from pipeline.cli.common import as_cli_error, setup_logging
-from pipeline.cli.estimate import estimate
-from pipeline.cli.export import export
-from pipeline.cli.preview import preview
+
+# Each command's module (pipeline.cli.<module>) is imported when that command runs or help lists it: importing
+# them all would make `distill status` load every stage, Prefect and the training stack first.
+COMMANDS = {
+    "validate": ("run", "validate"), "estimate": ("estimate", "estimate"), "preview": ("preview", "preview"),
+    "run": ("run", "run"), "stage": ("run", "stage"), "status": ("runs", "status"), "report": ("runs", "report"),
+    "review": ("review", "review"),
+    "deploy": ("tools", "deploy"), "serve": ("tools", "serve"), "teacher": ("tools", "teacher"),
+    "build-student": ("tools", "build_student"), "export": ("export", "export"), "server": ("server", "server"),
+    "postgres": ("postgres", "postgres"),
+}
 
 
 class MappedGroup(click.Group):
@@ -28,15 +36,22 @@ class MappedGroup(click.Group):
             raise known from None
 
 
-@click.group(cls=MappedGroup, context_settings={"help_option_names": ["-h", "--help"]})
+class DistillGroup(MappedGroup):
+    """`distill`: its commands (COMMANDS) are loaded when asked for."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(COMMANDS) | set(self.commands))
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in COMMANDS and name not in self.commands:
+            module, attr = COMMANDS[name]
+            self.add_command(getattr(importlib.import_module(f"pipeline.cli.{module}"), attr), name)
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=DistillGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 @click.version_option(package_name="zephyr-distill")
 def main(verbose: bool) -> None:
     """Distill a teacher into a small chat model, Zephyr style: generate, sft, sample, feedback, dpo, evaluate."""
     setup_logging(verbose)
-
-
-for command in (run_commands.validate, estimate, preview, run_commands.run, run_commands.stage, runs.status, runs.report,
-                review.review, tools.deploy, tools.serve, tools.teacher, tools.build_student, export, server.server,
-                postgres.postgres):
-    main.add_command(command)

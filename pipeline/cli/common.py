@@ -11,8 +11,7 @@ import click
 from pipeline.core.recipe import Recipe, RecipeError, load_recipe
 from pipeline.core.store import RunStore, StoreError
 from pipeline.run.errors import EXIT_BAD_INPUT, EXIT_FAILED, explain
-from pipeline.run.preview import preview_spend
-from pipeline.run.runner import review_lines, stage_warnings, status_rows
+from pipeline.run.status import preview_spend, review_lines, stage_warnings, status_rows
 from pipeline.teacher.spend import spend_summary
 
 __all__ = ["EXIT_BAD_INPUT", "EXIT_FAILED", "CliError", "as_cli_error"]

@@ -7,9 +7,7 @@ import json
 import click
 
 from pipeline.cli.common import open_run, print_status, recipe_option, root_option, run_argument
-from pipeline.run.preview import preview_spend
-from pipeline.run.runner import review_reports, status_rows
-from pipeline.stages.evaluate.report import write_report
+from pipeline.run.status import preview_spend, review_reports, status_rows
 from pipeline.teacher.spend import spend_summary
 
 
@@ -43,6 +41,8 @@ def status(run: str, root: str | None, recipe_path: str | None, as_json: bool) -
 @recipe_option
 def report(run: str, root: str | None, recipe_path: str | None) -> None:
     """Rebuild a run's report (evaluate/report.json, report.md, plots) from its store and summarise it."""
+    from pipeline.stages.evaluate.report import write_report  # plots and statistics: not for `status`
+
     store = open_run(run, root, recipe_path)
     rep = write_report(store)
     for label, m in (rep.get("evaluation") or {}).get("models", {}).items():

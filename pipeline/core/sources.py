@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.core.idset import IdSet
 from pipeline.core.recipe import PromptSource
 from pipeline.core.task import load_task
 
@@ -69,8 +70,11 @@ def _rows(path: Path) -> Iterator[tuple[dict, str]]:
     elif path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        for i, row in enumerate(pq.read_table(path).to_pylist()):
-            yield row, f"{path} row {i}"
+        i = 0
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):  # a batch at a time, not the file
+            for row in batch.to_pylist():
+                yield row, f"{path} row {i}"
+                i += 1
     elif path.suffix in (".jsonl", ".json"):
         with path.open(encoding="utf-8") as fh:
             for lineno, line in enumerate(fh, 1):
@@ -104,12 +108,14 @@ def iter_prompts(src: PromptSource, task: str | None = None) -> Iterator[SeedPro
         yield SeedPrompt(text, prompt_id(text), origin)
 
 
+def iter_unique_prompts(src: PromptSource, task: str | None = None) -> Iterator[SeedPrompt]:
+    """The source's non-empty prompts, each once (by prompt id), in order, as a stream (16 bytes an id held)."""
+    seen = IdSet()
+    for p in iter_prompts(src, task):
+        if p.prompt and seen.add_new(p.prompt_id):
+            yield p
+
+
 def unique_prompts(src: PromptSource, task: str | None = None) -> list[SeedPrompt]:
     """The source's non-empty prompts, each once (by prompt id), in order."""
-    seen: set[str] = set()
-    out = []
-    for p in iter_prompts(src, task):
-        if p.prompt and p.prompt_id not in seen:
-            seen.add(p.prompt_id)
-            out.append(p)
-    return out
+    return list(iter_unique_prompts(src, task))

@@ -18,6 +18,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+from pipeline.core.idset import IdSet
+from pipeline.core.ledger import Failure, FailureLedger
+
+__all__ = ["COMMIT_MARKERS", "Failure", "FailureLedger", "RunStore", "ShardWriter", "StageState", "StoreError"]
+
 
 class StoreError(RuntimeError):
     """The run directory is not in a usable state."""
@@ -251,11 +256,21 @@ class ShardWriter:
 
     def done_ids(self) -> set[str]:
         ids: set[str] = set()
+        for values in self._id_columns():
+            ids.update(values)
+        return ids
+
+    def done_set(self) -> IdSet:
+        """The ids in the published shards as a compact `IdSet` (16 bytes an id: for a rerun of many items)."""
+        ids = IdSet()
+        for values in self._id_columns():
+            ids.update(values)
+        return ids
+
+    def _id_columns(self) -> Iterator[list[str]]:
         for path in _list_shards(self.store.fs, self.directory, self.name):
             with self.store.fs.open(path, "rb") as fh:
-                table = pq.read_table(fh, columns=[self.id_key])
-            ids.update(table.column(self.id_key).to_pylist())
-        return ids
+                yield pq.read_table(fh, columns=[self.id_key]).column(self.id_key).to_pylist()
 
     def add(self, record: dict[str, Any], flush: bool = True) -> None:
         """Buffer a record; a full buffer is published as a shard (unless the caller does that itself)."""
@@ -301,77 +316,3 @@ class ShardWriter:
     def __exit__(self, *exc: object) -> None:
         # Publish what is finished even when the stage stops on an error (budget cap, Ctrl-C).
         self.flush()
-
-
-@dataclass
-class Failure:
-    item_id: str
-    stage: str
-    reason: str
-    attempts: int = 1
-    at: float = field(default_factory=time.time)
-    detail: dict[str, Any] | None = None  # what a filter matched (e.g. the evaluation file, item and n-gram)
-
-
-class FailureLedger:
-    """`failures.jsonl`: one line per item that did not make it, with the reason and attempt count."""
-
-    def __init__(self, store: RunStore, stage: str, name: str = "failures"):
-        self.store, self.stage = store, stage
-        self.path = f"{store.stage_dir(stage)}/{name}.jsonl"
-
-    def record(self, item_id: str, reason: str, attempts: int = 1, detail: dict[str, Any] | None = None) -> None:
-        self.record_many([(item_id, reason, attempts, detail)])
-
-    def record_many(self, entries: Iterable[tuple]) -> None:
-        """Append (item_id, reason, attempts[, detail]) entries as whole lines (a killed process leaves at most
-        one cut line, which readers skip)."""
-        data = "".join(json.dumps(_entry(Failure(e[0], self.stage, e[1], e[2], detail=e[3] if len(e) > 3 else None)))
-                       + "\n" for e in entries)
-        if not data:
-            return
-        if self.store.is_local:
-            # No fsync: the page cache outlives a killed process; only a machine crash could lose a line.
-            with open(self.path, "a", encoding="utf-8") as fh:
-                fh.write(data)
-        else:  # object stores cannot append: rewrite the whole (small) ledger
-            self.store.write_bytes(self.path, self._raw() + data.encode())
-
-    def _raw(self) -> bytes:
-        return self.store.read_bytes(self.path) or b""
-
-    def entries(self) -> list[Failure]:
-        """All entries; a line cut short by a crash is ignored."""
-        out = []
-        for line in self._raw().decode("utf-8", errors="replace").splitlines():
-            try:
-                out.append(Failure(**json.loads(line)))
-            except (json.JSONDecodeError, TypeError):
-                continue
-        return out
-
-    def latest(self) -> dict[str, Failure]:
-        """The last failure of each item, with attempts summed over reruns."""
-        merged: dict[str, Failure] = {}
-        for entry in self.entries():
-            prev = merged.get(entry.item_id)
-            if prev:
-                entry.attempts += prev.attempts
-            merged[entry.item_id] = entry
-        return merged
-
-    def compact(self, succeeded: set[str]) -> dict[str, Failure]:
-        """Keep one entry per item still failing (items that later succeeded leave the ledger)."""
-        remaining = {k: v for k, v in self.latest().items() if k not in succeeded}
-        data = "".join(json.dumps(_entry(f)) + "\n" for f in remaining.values()).encode()
-        if remaining or self.store.fs.exists(self.path):
-            self.store.write_bytes(self.path, data)
-        return remaining
-
-
-def _entry(failure: Failure) -> dict[str, Any]:
-    """A ledger line; `detail` only where a filter left one."""
-    entry = asdict(failure)
-    if entry["detail"] is None:
-        del entry["detail"]
-    return entry

@@ -15,7 +15,6 @@ import tempfile
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Any
 
 from pipeline.core.evalsets import raw_rows
 from pipeline.core.recipe import Recipe, recipe_from_dict
@@ -24,9 +23,9 @@ from pipeline.core.store import RunStore
 from pipeline.run.checks import check_settings
 from pipeline.run.registry import STAGE_NAMES
 from pipeline.run.runner import package_versions, run_stage
+from pipeline.run.status import PREVIEW_LABEL as LABEL
 
 PREVIEW_DIR = "preview"
-LABEL = "preview"
 SHARED = ("cache",)  # what the preview shares with the full run: the response cache and the spend ledger
 DEFAULT_STEPS = 4
 
@@ -128,10 +127,3 @@ def run_preview(recipe: Recipe, plan: PreviewPlan, store: PreviewStore) -> list[
     manifest["preview"] = {"n": plan.n, "steps": plan.steps, "changes": plan.changes(recipe)}
     store.write_manifest(manifest)
     return [run_stage(stage, trimmed, store) for stage in STAGE_NAMES]
-
-
-def preview_spend(spend: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """What previews of a run paid, per stage, from its spend summary (pipeline.teacher.spend)."""
-    prefix = f"{LABEL}:"
-    return {key.removeprefix(prefix): paid for key, paid in spend["stages"].items() if key.startswith(prefix)}
-

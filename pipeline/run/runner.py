@@ -13,15 +13,13 @@ from pipeline.core.recipe import Recipe, all_endpoints
 from pipeline.core.rounds import ROUND_STAGES, round_store, split_key
 from pipeline.core.stage import StageReport
 from pipeline.core.store import RunStore, StageState
-from pipeline.review.answers import ReviewPending, review_path
+from pipeline.review.answers import ReviewPending
 from pipeline.review.gate import require_review
-from pipeline.review.report import status_line
 from pipeline.run.checks import check_settings
 from pipeline.run.errors import StageFailed
 from pipeline.run.registry import STAGE_NAMES, STAGES, fingerprint, stage_inputs
-from pipeline.run.rounds import read_summary, record_round, round_keys, round_recipe, still_running
+from pipeline.run.rounds import record_round, round_keys, round_recipe, still_running
 from pipeline.teacher.serving import serving_endpoints
-from pipeline.teacher.spend import spend_summary
 
 log = logging.getLogger("pipeline")
 
@@ -178,50 +176,3 @@ def chosen_stages(recipe: Recipe, stages: list[str] | None, from_round: int | No
         raise StageFailed(f"{', '.join(beyond)}: not a stage of this recipe (dpo.rounds={recipe.dpo.rounds})")
     return sorted(dict.fromkeys(stages), key=order.__getitem__)
 
-
-def status_rows(store: RunStore, spend: dict | None = None) -> list[dict[str, object]]:
-    """One row per stage for `distill status`; dollars from the spend ledger (killed and reset attempts too)."""
-    stages = store.read_manifest().get("stages", {})
-    paid = (spend or spend_summary(store))["stages"]
-    stopped = read_summary(store).get("stopped_after")
-    rows = []
-    for name in store.stage_names() or STAGE_NAMES:
-        st = StageState(**stages[name]) if name in stages else StageState()
-        if stopped and split_key(name)[1] > stopped and st.status == "pending":
-            st.status, st.message = "not run", f"round {stopped} did not beat its policy: the loop ended there"
-        rows.append({
-            "stage": name,
-            "status": st.status,
-            "items": st.counts.get("output", 0),
-            "failures": st.counts.get("failed", 0),
-            "cost_usd": paid.get(name, {}).get("usd", st.cost.get("usd", 0.0)),
-            "seconds": st.seconds,
-            "fingerprint": st.fingerprint or "",
-            "message": st.message,
-        })
-    return rows
-
-
-def stage_warnings(store: RunStore) -> list[str]:
-    """The loud-drop warnings each stage wrote to its stats.json, as `stage: WARNING ...` lines."""
-    lines = []
-    for name in store.stage_names() or STAGE_NAMES:
-        stage, round_ = split_key(name)
-        stats = store.read_json(round_store(store, round_).join(stage, "stats.json"), {}) or {}
-        lines += [f"{name}: {w}" for w in stats.get("warnings", [])]
-    return lines
-
-
-def review_lines(store: RunStore) -> list[str]:
-    """A line per round with a review (feedback.review): agreement, swaps, drops; or where it waits."""
-    return [line for r in _rounds(store) if (line := status_line(round_store(store, r)))]
-
-
-def review_reports(store: RunStore) -> dict[str, dict]:
-    """{round: its review's report.json} for the rounds with a recorded review (`distill status --json`)."""
-    reports = {str(r): store.read_json(review_path(round_store(store, r), "report.json")) for r in _rounds(store)}
-    return {r: report for r, report in reports.items() if report}
-
-
-def _rounds(store: RunStore) -> list[int]:
-    return sorted({split_key(name)[1] for name in store.stage_names() or STAGE_NAMES})

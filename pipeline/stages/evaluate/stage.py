@@ -48,7 +48,7 @@ def run(recipe: Recipe, store: RunStore) -> StageReport:
     store.write_json(store.join(STAGE, "plan.json"), plan_record(recipe, eval_set, models))
     failures = store.ledger(STAGE)
     with store.shard_writer(STAGE, ANSWERS, id_key="answer_id", schema=SCHEMAS[ANSWERS]) as writer:
-        done = writer.done_ids()
+        done = writer.done_set()
         todo = {m.label: [it for it in eval_set.items if answer_id(it.item_id, m.spec) not in done] for m in models}
         bar = progress(STAGE, sum(map(len, todo.values())), "answer")
         for model in models:
@@ -181,7 +181,7 @@ async def _judge(recipe: Recipe, store: RunStore, items: list[EvalItem], models:
         judge = session.for_role("judge")
         writers = {kind: store.shard_writer(STAGE, kind, id_key="judgment_id", schema=SCHEMAS[kind])
                    for kind in (SINGLE, PAIRWISE)}
-        done = writers[SINGLE].done_ids() | writers[PAIRWISE].done_ids()
+        done = writers[SINGLE].done_set() | writers[PAIRWISE].done_set()
         todo = [j for j in plan_judgments(recipe.evaluate, items, models, answers) if j.judgment_id not in done]
         bar = progress(STAGE, len(todo), "judgment")
         stream = ItemStream(store.ledger(STAGE), lambda j: j.judgment_id, progress=bar,

@@ -8,6 +8,7 @@ import random
 import statistics
 
 from pipeline.core.decontam import load_decontaminator
+from pipeline.core.idset import IdSet
 from pipeline.core.recipe import Recipe
 from pipeline.core.sources import iter_prompts
 from pipeline.core.templates import render
@@ -19,7 +20,8 @@ from pipeline.teacher.demand import Planner, RolePlan
 def demand(recipe: Recipe, plan: Planner) -> None:
     cfg = recipe.generate
     seeds = list(iter_prompts(recipe.prompts, recipe.task))
-    kept = select_prompts(seeds, cfg, load_decontaminator(recipe.decontamination), {})
+    decon = load_decontaminator(recipe.decontamination)
+    kept = [s for s, drop in select_prompts(seeds, cfg, decon, IdSet()) if drop is None]
     assistant, user = plan.role("assistant"), plan.role("user_simulator")
     lengths = [assistant.tokens(s.prompt) for s in kept] or [0.0]
     grown = self_instruct(plan, [s.prompt for s in kept]) + self_prompting(plan, len(kept), statistics.mean(lengths))

@@ -8,14 +8,18 @@ dialogues are removed last, in input order.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
 import time
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from typing import Any
 
-from pipeline.core.decontam import CONTAMINATED, Decontaminator, counts_by_file, load_decontaminator
+from pipeline.core.decontam import CONTAMINATED, Decontaminator, load_decontaminator
+from pipeline.core.idset import IdSet
+from pipeline.core.ledger import tally
 from pipeline.core.progress import progress
 from pipeline.core.recipe import GenerateConfig, Recipe
 from pipeline.core.sources import SeedPrompt, iter_prompts
@@ -26,35 +30,35 @@ from pipeline.stages.generate.dedup import remove_duplicate_dialogues
 from pipeline.stages.generate.dialogue import Dialogue, simulate_dialogue
 from pipeline.stages.generate.filters import DialogueFilters
 from pipeline.stages.generate.instruction_filter import InstructionFilter
+from pipeline.stages.generate.neardup import NearDuplicateIndex
 from pipeline.stages.generate.schema import DIALOGUES
 from pipeline.stages.generate.self_instruct import expand
 from pipeline.stages.generate.self_prompting import self_prompt
-from pipeline.stages.generate.textsim import NearDuplicateIndex
+from pipeline.stages.generate.worklist import PromptList
 from pipeline.teacher.session import RoleClient, TeacherSession, concurrency_note, teacher_session
 
 log = logging.getLogger(__name__)
 STAGE = "generate"
+CHUNK = 2000  # prompts selected (kept or dropped) between writes of the work list and the dropped ledger
 
 
-def select_prompts(seeds: list[SeedPrompt], cfg: GenerateConfig, decon: Decontaminator,
-                   dropped: dict[str, tuple[str, dict | None]]) -> list[SeedPrompt]:
-    """Exact and near duplicates and contaminated prompts are dropped before the teacher is paid."""
-    near = NearDuplicateIndex(cfg.filters.near_dup_threshold) if cfg.filters.dedup else None
-    seen: set[str] = set()
-    kept = []
-    for s in seeds:
-        if s.prompt_id in seen:
-            continue  # the same prompt twice is one item
-        seen.add(s.prompt_id)
-        if not s.prompt:
-            dropped[s.prompt_id] = ("empty_prompt", None)
-        elif decon and (match := decon.match(s.prompt)) is not None:
-            dropped[s.prompt_id] = (match.reason, match.detail())
-        elif near is not None and near.seen(s.prompt, s.prompt_id):
-            dropped[s.prompt_id] = ("near_duplicate_prompt", None)
-        else:
-            kept.append(s)
-    return kept
+def select_prompts(seeds: Iterable[SeedPrompt], cfg: GenerateConfig, decon: Decontaminator,
+                   seen: IdSet) -> Iterator[tuple[SeedPrompt, tuple[str, dict | None] | None]]:
+    """Each seed whose id is not in `seen` (the same prompt twice is one item), with why it is dropped before
+    the teacher is paid (empty, contaminated, a near duplicate of an earlier one), or None when it is kept."""
+    with contextlib.ExitStack() as stack:
+        near = stack.enter_context(NearDuplicateIndex(cfg.filters.near_dup_threshold)) if cfg.filters.dedup else None
+        for s in seeds:
+            if not seen.add_new(s.prompt_id):
+                continue
+            if not s.prompt:
+                yield s, ("empty_prompt", None)
+            elif decon and (match := decon.match(s.prompt)) is not None:
+                yield s, (match.reason, match.detail())
+            elif near is not None and near.seen(s.prompt, s.prompt_id):
+                yield s, ("near_duplicate_prompt", None)
+            else:
+                yield s, None
 
 
 def _record(seed: SeedPrompt, dlg: Dialogue, model: str) -> dict:
@@ -79,47 +83,70 @@ async def _run(recipe: Recipe, store: RunStore) -> StageReport:
     cfg = recipe.generate
     extra: dict[str, Any] = {"seconds": {}}
     decon = load_decontaminator(recipe.decontamination)
-    async with teacher_session(recipe, store, STAGE) as session:
-        t0 = time.perf_counter()
-        seeds = list(iter_prompts(recipe.prompts, recipe.task))
-        kept = ledger_seed_drops(store, seeds, cfg, decon)
-        extra["seconds"]["select_prompts"] = round(time.perf_counter() - t0, 3)
-        t0 = time.perf_counter()
-        grown = await grow_prompts(store, session.for_role("instruction_writer"), kept, cfg, decon, extra)
-        extra["seconds"]["expansion"] = round(time.perf_counter() - t0, 3)
-        prompts = kept + grown
-        done = store.shard_writer(STAGE).done_ids()
-        dropped = {f.item_id for f in store.ledger(STAGE, "dropped").entries()}
-        todo = [s for s in prompts if s.prompt_id not in done and s.prompt_id not in dropped]
-        t0 = time.perf_counter()
-        stop = await simulate_all(recipe, store, session, todo, decon)
-        extra["seconds"]["dialogues"] = round(time.perf_counter() - t0, 3)
-    extra["concurrency"] = session.concurrency_settled()
-    if not stop and cfg.filters.dedup:  # only over the finished set: the decision must not depend on timing
-        rank = {s.prompt_id: i for i, s in enumerate(prompts)}
-        remove_duplicate_dialogues(store, STAGE, rank, cfg.filters.near_dup_threshold)
-    return _finish(recipe, store, seeds + grown, session.usage(), extra, stop)
+    with PromptList() as prompts:  # kept and grown prompts, in input order, on local disk
+        async with teacher_session(recipe, store, STAGE) as session:
+            t0 = time.perf_counter()
+            seen = IdSet()  # every input prompt's id: what a grown prompt repeats is not a new item
+            inputs = ledger_seed_drops(store, iter_prompts(recipe.prompts, recipe.task), cfg, decon, seen, prompts)
+            extra["seconds"]["select_prompts"] = round(time.perf_counter() - t0, 3)
+            t0 = time.perf_counter()
+            grown = await grow_prompts(store, session.for_role("instruction_writer"), prompts, cfg, decon, extra)
+            extra["seconds"]["expansion"] = round(time.perf_counter() - t0, 3)
+            prompts.extend(grown)
+            seen.update(s.prompt_id for s in grown)
+            skip = store.shard_writer(STAGE).done_set() | store.ledger(STAGE, "dropped").ids()
+            todo = sum(s.prompt_id not in skip for s in prompts)
+            t0 = time.perf_counter()
+            stop = await simulate_all(recipe, store, session, (s for s in prompts if s.prompt_id not in skip),
+                                      todo, decon)
+            extra["seconds"]["dialogues"] = round(time.perf_counter() - t0, 3)
+        extra["concurrency"] = session.concurrency_settled()
+        if not stop and cfg.filters.dedup:  # only over the finished set: the decision must not depend on timing
+            remove_duplicate_dialogues(store, STAGE, prompts, cfg.filters.near_dup_threshold)
+    counts = {"input": inputs + len(grown), "unique": len(seen)}
+    return _finish(recipe, store, counts, session.usage(), extra, stop)
 
 
-def ledger_seed_drops(store: RunStore, seeds: list[SeedPrompt], cfg: GenerateConfig,
-                      decon: Decontaminator) -> list[SeedPrompt]:
-    """The seeds that pass; the others are ledgered as dropped (once, with what matched)."""
+def ledger_seed_drops(store: RunStore, seeds: Iterable[SeedPrompt], cfg: GenerateConfig, decon: Decontaminator,
+                      seen: IdSet, kept: PromptList) -> int:
+    """Stream the seeds: those that pass go to `kept`, the others to the dropped ledger (once, with what
+    matched), both a chunk at a time; returns how many seeds were read."""
     ledger = store.ledger(STAGE, "dropped")
-    dropped_now: dict[str, tuple[str, dict | None]] = {}
-    kept = select_prompts(seeds, cfg, decon, dropped_now)
-    already = {f.item_id for f in ledger.entries()}
-    ledger.record_many((pid, reason, 1, detail) for pid, (reason, detail) in dropped_now.items() if pid not in already)
-    return kept
+    already = ledger.ids()
+    keep: list[SeedPrompt] = []
+    drops: list[tuple[str, str, int, dict | None]] = []
+    read = 0
+
+    def counted() -> Iterator[SeedPrompt]:
+        nonlocal read
+        for seed in seeds:
+            read += 1
+            yield seed
+
+    for seed, drop in select_prompts(counted(), cfg, decon, seen):
+        if drop is None:
+            keep.append(seed)
+        elif seed.prompt_id not in already:
+            drops.append((seed.prompt_id, drop[0], 1, drop[1]))
+        if len(keep) + len(drops) >= CHUNK:
+            kept.extend(keep)
+            ledger.record_many(drops)
+            keep, drops = [], []
+    kept.extend(keep)
+    ledger.record_many(drops)
+    return read
 
 
-async def grow_prompts(store: RunStore, writer: RoleClient, kept: list[SeedPrompt], cfg: GenerateConfig,
+async def grow_prompts(store: RunStore, writer: RoleClient, seeds: PromptList, cfg: GenerateConfig,
                        decon: Decontaminator, extra: dict[str, Any]) -> list[SeedPrompt]:
     """Self-instruct, then self-prompting from every prompt so far; writes instructions.jsonl (with lineage)
-    and the contaminated proposals; returns the new prompts."""
+    and the contaminated proposals; returns the new prompts. Expansion compares every proposal with every
+    prompt kept, so it holds them (the stream is for inputs of more prompts than expansion is meant for)."""
     grown: list[SeedPrompt] = []
     si, sp = cfg.self_instruct, cfg.self_prompting
-    if not (si.enabled and si.target_count > len(kept)) and not sp.enabled:
+    if not (si.enabled and si.target_count > len(seeds)) and not sp.enabled:
         return grown
+    kept = list(seeds)
     filt = InstructionFilter(cfg.instruction_filter, [s.prompt for s in kept], decon)
     if si.enabled and si.target_count > len(kept):
         new, extra["self_instruct"] = await expand(writer, kept, si, filt, cfg.seed)
@@ -137,13 +164,14 @@ async def grow_prompts(store: RunStore, writer: RoleClient, kept: list[SeedPromp
     return grown
 
 
-async def simulate_all(recipe: Recipe, store: RunStore, session: TeacherSession, todo: list[SeedPrompt],
-                       decon: Decontaminator) -> str:
-    """Simulate the dialogues and publish them shard by shard; returns why it stopped early, if it did."""
+async def simulate_all(recipe: Recipe, store: RunStore, session: TeacherSession, todo: Iterable[SeedPrompt],
+                       total: int, decon: Decontaminator) -> str:
+    """Simulate the dialogues of `todo` (a stream of `total` prompts) and publish them shard by shard; returns
+    why it stopped early, if it did."""
     cfg = recipe.generate
     filters = DialogueFilters(cfg.filters)
     user_system = render("generate_user_simulator.jinja", persona=None)
-    bar = progress(STAGE, len(todo), "dialogue")
+    bar = progress(STAGE, total, "dialogue")
     stream = ItemStream(store.ledger(STAGE), lambda s: s.prompt_id, dropped=store.ledger(STAGE, "dropped"),
                         progress=bar)
     assistant, user_simulator = session.for_role("assistant"), session.for_role("user_simulator")
@@ -160,12 +188,14 @@ async def simulate_all(recipe: Recipe, store: RunStore, session: TeacherSession,
     return stream.stopped
 
 
-def _finish(recipe: Recipe, store: RunStore, prompts: list[SeedPrompt], cost: dict[str, float],
+def _finish(recipe: Recipe, store: RunStore, counts: dict[str, int], cost: dict[str, float],
             extra: dict[str, Any], stop: str) -> StageReport:
-    """Account for every prompt from what the store holds, write stats.json and the report."""
-    out_ids = {r["prompt_id"] for r in store.read_records(STAGE, columns=["prompt_id"])}
-    failed = store.ledger(STAGE).compact(out_ids)
-    dropped = store.ledger(STAGE, "dropped").latest()
+    """Account for every prompt from what the store holds (`counts` brings the input's), write stats.json and
+    the report; the shards and ledgers are read as streams."""
+    out_ids = store.shard_writer(STAGE).done_set()
+    out = len(out_ids)
+    failed = tally(store.ledger(STAGE), _reason_kind, out_ids)
+    dropped = tally(store.ledger(STAGE, "dropped"), _reason_kind)
     stop_reasons: Counter[str] = Counter()
     rounds: Counter[int] = Counter()
     tokens: Counter[str] = Counter()
@@ -178,29 +208,25 @@ def _finish(recipe: Recipe, store: RunStore, prompts: list[SeedPrompt], cost: di
         tokens["completion"] += r["completion_tokens"]
         tokens["truecased_turns"] += r["truecased_turns"]
         turns_by_file.update([r["contaminated_by"]] if r["contaminated_by"] else [])
-    unique = len({s.prompt_id for s in prompts})
-    pending = unique - len(out_ids) - len(failed) - len(dropped)
-    counts = {"input": len(prompts), "unique": unique, "output": len(out_ids), "failed": len(failed),
-              "dropped": len(dropped), "pending": pending}
-    by_reason = Counter(_reason_kind(r.reason) for r in [*dropped.values(), *failed.values()])
-    warnings = loud_drops(STAGE, by_reason, unique)
+    unique = counts["unique"]
+    pending = unique - out - failed.items - dropped.items
+    counts = {**counts, "output": out, "failed": failed.items, "dropped": dropped.items, "pending": pending}
+    warnings = loud_drops(STAGE, dropped.by_reason + failed.by_reason, unique)
     store.write_json(store.join(STAGE, "stats.json"), {
         "counts": counts, "warnings": warnings,
-        "dropped_by_reason": dict(Counter(_reason_kind(d.reason) for d in dropped.values())),
-        "failed_by_reason": dict(Counter(_reason_kind(f.reason) for f in failed.values())),
+        "dropped_by_reason": dict(dropped.by_reason), "failed_by_reason": dict(failed.by_reason),
         "decontamination": {"eval_files": recipe.decontamination.eval_files, "ngram": recipe.decontamination.ngram,
-                            "prompts_by_file": counts_by_file(d.detail for d in dropped.values()),
-                            "user_turns_by_file": dict(turns_by_file),
+                            "prompts_by_file": dict(dropped.by_file), "user_turns_by_file": dict(turns_by_file),
                             "instructions_by_file": extra.pop("contaminated_instructions_by_file", {})},
         "dialogue_stop_reasons": dict(stop_reasons),
         "rounds_histogram": {str(k): v for k, v in sorted(rounds.items())},
         "tokens": dict(tokens), "teacher": cost, **extra,
     })
     status, message = conclude(
-        STAGE, stop=stop, pending=pending, failed=len(failed), total=unique - len(dropped),
+        STAGE, stop=stop, pending=pending, failed=failed.items, total=unique - dropped.items,
         max_failure_rate=recipe.generate.max_failure_rate, ledger=store.join(STAGE, "failures.jsonl"),
-        saved=f"{len(out_ids)} dialogues",
-        done=(f"{len(out_ids)} dialogues, {len(failed)} failed, {len(dropped)} dropped; "
+        saved=f"{out} dialogues",
+        done=(f"{out} dialogues, {failed.items} failed, {dropped.items} dropped; "
               f"{int(cost['prompt_tokens'] + cost['completion_tokens'])} teacher tokens paid, "
               f"{int(cost['cached'])} cached responses reused, ${cost['usd']:.4f}" + _shortfall(extra)
               + concurrency_note(extra.get("concurrency", {}))))
