@@ -34,4 +34,4 @@ class _TreeFinder:
 if (_TREE / "pyproject.toml").is_file() and (_TREE / "flows" / "distill.py").is_file() and not any(
     isinstance(f, _TreeFinder) or f is _TreeFinder for f in sys.meta_path
 ):
-    sys.meta_path.append(_TreeFinder)
+    sys.meta_path.insert(0, _TreeFinder)  # before an editable install's finder, which may name another tree
