@@ -50,8 +50,12 @@ def trimmed_run(tmp_path_factory):
     structured = distill("run", str(RECIPE), "--no-prefect", "--run-name", "real")
     report = tmp / "runs" / "real" / "feedback" / "report.json"
     structured.feedback = json.loads(report.read_text())["parsing"] if report.exists() else {}
+    manifest = tmp / "runs" / "real" / "manifest.json"
+    structured.stages = json.loads(manifest.read_text())["stages"] if manifest.exists() else {}
+    # text mode measures how often a 135M model follows the free-text format; most of its replies may not, so
+    # the stage is let through whatever it loses (each lost item stays in the ledger) to report the rate
     text = distill("run", str(RECIPE), "--no-prefect", "--run-name", "real", "--stages", "feedback",
-                   "--set=teacher.structured=off")
+                   "--set=teacher.structured=off", "--set=feedback.max_failure_rate=1.0")
     return tmp / "runs" / "real", structured, text
 
 
@@ -61,7 +65,7 @@ def test_every_stage_completes_with_a_real_models_replies_and_nothing_is_lost(tr
     out = structured.stdout + structured.stderr
     assert structured.returncode == 0, out[-4000:]
     assert "Traceback" not in out
-    stages = json.loads((run_dir / "manifest.json").read_text())["stages"]
+    stages = structured.stages
     assert {name: stages[name]["status"] for name in STAGES} == dict.fromkeys(STAGES, "completed")
     generate = json.loads((run_dir / "generate" / "stats.json").read_text())["counts"]
     assert generate["input"] == len(PROMPTS)

@@ -143,4 +143,6 @@ def test_a_gguf_in_evaluate_models_loads_from_its_conversion(smollm2, tmp_path):
     recipe = recipe_from_dict({"task": "toy", "storage": {"root": str(tmp_path / "runs")},
                                "evaluate": {"models": [SPEC, "sft"]}})
     assert resolve_model(SPEC, recipe, open_run(recipe, "r")) == smollm2.dir and len(smollm2.conversions) == 1
-    assert str(package_file(SPEC).resolve()) in STAGES["evaluate"].section(recipe)["files"]
+    # evaluate's fingerprint follows the GGUF file's content, keyed by the spec (not where the file lies)
+    models = STAGES["evaluate"].section(recipe)["models"]
+    assert list(models) == [SPEC] and models[SPEC] == content_hash(package_file(SPEC))
