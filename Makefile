@@ -8,7 +8,7 @@ TORCH_CPU_INDEX ?=
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: lock setup quickstart smollm2 test lint bench clean browser postgres prefect-postgres
+.PHONY: lock setup quickstart smollm2 test test-quick lint bench clean browser postgres prefect-postgres
 
 setup: $(STAMP)
 
@@ -49,8 +49,13 @@ postgres:
 prefect-postgres: $(STAMP) postgres
 	$(BIN)/distill postgres start
 
+# The whole suite (the CI command); the slowest tests are listed at the end.
 test: $(STAMP) browser postgres
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=25 $(PYTEST_ARGS)
+
+# The inner loop: no training run, no browser, no Prefect server (markers in pyproject.toml).
+test-quick: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow and not browser and not prefect" --durations=10 $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline flows tests benchmarks

@@ -12,6 +12,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
+# what marks a module's tests, read from its source, so a new module is sorted without a list to keep
+_MODULE_MARKS = {"browser": ("sync_playwright", "_ensure_chromium("), "prefect": ("PrefectEnv(", "prefect_test_harness")}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`browser` on the tests of a module that drives Chromium, `prefect` on those of one that starts a Prefect
+    server: with `slow`, what `make test-quick` leaves out."""
+    sources: dict[Path, str] = {}
+    for item in items:
+        path = Path(str(item.fspath))
+        if path not in sources:
+            sources[path] = path.read_text() if path.suffix == ".py" else ""
+        for mark, needles in _MODULE_MARKS.items():
+            if any(needle in sources[path] for needle in needles):
+                item.add_marker(mark)
 
 
 @pytest.fixture

@@ -20,9 +20,17 @@ DISTILL = str(Path(sys.executable).parent / "distill")
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+# Each test names the databases it runs on: both where what it checks lives in the database (deployments,
+# pools, limits, blocks, the stored form schema, a failed run's states), one where the database only carries
+# the run (the whole-quickstart dispatch on PostgreSQL, the retry and series runs on SQLite).
+BOTH = pytest.mark.parametrize("prefect", ["sqlite", "postgres"], indirect=True)
+SQLITE = pytest.mark.parametrize("prefect", ["sqlite"], indirect=True)
+POSTGRES = pytest.mark.parametrize("prefect", ["postgres"], indirect=True)
+
+
+@pytest.fixture(scope="module")
 def prefect(request, tmp_path_factory):
-    """A server on SQLite (`distill server`, hardened) and one on PostgreSQL: every flow test runs on both."""
+    """A server on SQLite (`distill server`, hardened) or on PostgreSQL, with the deployments and both workers."""
     env = PrefectEnv(tmp_path_factory.mktemp(f"prefect-{request.param}"), database_url=database_url(request))
     env.start_server()
     try:
@@ -49,6 +57,7 @@ def _client_call(env: PrefectEnv, fn):
         return fn(client)
 
 
+@BOTH
 def test_deployments_pools_schedule_and_gpu_limit(prefect):
     def read(client):
         deps = {f"{client.read_flow(d.flow_id).name}/{d.name}": d for d in client.read_deployments()}
@@ -67,6 +76,7 @@ def test_deployments_pools_schedule_and_gpu_limit(prefect):
     assert limits["zephyr-distill-gpu"] == 1
 
 
+@BOTH
 def test_parameters_render_as_a_typed_form(prefect):
     schema = _client_call(prefect, lambda c: c.read_deployment_by_name("distill/distill").parameter_openapi_schema)
     request = schema["definitions"]["DistillRequest"]["properties"]
@@ -76,6 +86,7 @@ def test_parameters_render_as_a_typed_form(prefect):
     assert "description" in request["overrides"]
 
 
+@BOTH
 def test_bad_parameters_fail_with_a_clear_message(prefect):
     run = _run(prefect, {"recipe_path": "configs/quickstart.yaml", "overrides": ["dpo.beta"]}, timeout=180)
     assert run.state.is_failed()
@@ -88,6 +99,7 @@ def _growing_prompts(path: Path, n: int) -> list[str]:
     return prompts
 
 
+@SQLITE
 def test_series_second_run_ingests_only_new_prompts(prefect, tmp_path):
     prompts_file = tmp_path / "prompts.jsonl"
     recipe_overrides = [f"storage.root={tmp_path / 'runs'}", f"prompts.source={prompts_file}",
@@ -125,6 +137,7 @@ def _task_graph(env: PrefectEnv, flow_run_id) -> dict[str, dict[str, list[str]]]
     return {r.name: {k: [names.get(i.id, str(i.id)) for i in v] for k, v in r.task_inputs.items() if v} for r in runs}
 
 
+@SQLITE
 def test_series_runs_accumulate_data_chain_their_stages_and_show_the_gate(prefect, tmp_path):
     prompts_file = tmp_path / "prompts.jsonl"
     request = {"recipe_path": "configs/quickstart.yaml", "stages": ["generate", "sft"], "series": "grow",
@@ -156,6 +169,7 @@ def test_series_runs_accumulate_data_chain_their_stages_and_show_the_gate(prefec
     assert len(progress) == 2 and all(v == 100.0 for v in progress.values()), progress
 
 
+@BOTH
 def test_teacher_key_from_a_secret_block_never_reaches_parameters_logs_or_artifacts(prefect, tmp_path):
     from prefect.blocks.system import Secret
 
@@ -223,6 +237,7 @@ def _flow_runs(env: PrefectEnv):
 
 
 @pytest.mark.slow
+@POSTGRES
 def test_quickstart_through_deployments_dispatches_gpu_stages_to_the_gpu_pool(prefect, tmp_path):
     with ToyTeacher(ToyTeacherConfig(error_rate=0.3)) as toy:
         run = _run(prefect, _small_quickstart(tmp_path / "runs", toy.base_url, "e2e"), timeout=900)
@@ -243,6 +258,7 @@ def test_quickstart_through_deployments_dispatches_gpu_stages_to_the_gpu_pool(pr
 
 
 @pytest.mark.slow
+@SQLITE
 def test_ui_retry_of_a_failed_run_reruns_only_dpo(prefect, tmp_path):
     from prefect.states import Scheduled
 
@@ -302,6 +318,7 @@ def _wait_for_process_exit(infrastructure_pid: str | None, timeout_s: float = 12
     time.sleep(3)  # the worker releases the run's slot once it has waited for the process
 
 
+@BOTH
 def test_gpu_limit_is_created_by_the_flow_when_missing_and_counts_gpus(prefect, tmp_path):
     """`prefect deploy --all` creates no limit: the first GPU stage does, sized $ZEPHYR_DISTILL_GPUS; a stage
     takes compute.num_gpus slots, and one needing more GPUs than the limit has fails at once, saying so."""
@@ -332,6 +349,7 @@ def test_gpu_limit_is_created_by_the_flow_when_missing_and_counts_gpus(prefect, 
 
 
 @pytest.mark.slow
+@SQLITE
 def test_an_inline_recipe_from_the_form_with_learning_rate_2e_5_trains(prefect, tmp_path):
     # YAML 1.1 (yaml.safe_load) reads 2e-5 as a string; the form's recipe goes through the recipe loader
     recipe_yaml = f"""

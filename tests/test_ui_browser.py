@@ -45,8 +45,9 @@ def _ensure_chromium() -> None:
         pytest.skip(f"{CHROMIUM} is missing and tests/ui/install_browser.sh could not install it: {detail}")
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+@pytest.fixture(scope="module")
 def prefect_ui(request, tmp_path_factory):
+    """The server, its deployments and both workers, on the database the test names (SQLite or PostgreSQL)."""
     _ensure_chromium()
     env = PrefectEnv(tmp_path_factory.mktemp(f"prefect-ui-{request.param}"), database_url=database_url(request))
     # a "database is locked" 503 would fail the submit (the UI does not retry); log any in server.log
@@ -118,6 +119,7 @@ def _wait_for_final(env: PrefectEnv, flow_run_id: UUID, timeout: float = RUN_TIM
             time.sleep(1)
 
 
+@pytest.mark.parametrize("prefect_ui", ["sqlite", "postgres"], indirect=True)
 def test_custom_run_form_submits_a_typed_request(prefect_ui, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
@@ -223,6 +225,7 @@ def test_custom_run_form_submits_a_typed_request(prefect_ui, tmp_path):
     assert not store.shard_paths("sft")
 
 
+@pytest.mark.parametrize("prefect_ui", ["sqlite"], indirect=True)
 def test_the_run_summary_shows_the_report_plots_in_the_ui(prefect_ui, tmp_path):
     """The summary artifact embeds report.md; its plots are data: URIs, which the UI draws (a link to a PNG
     next to the report, as report.md has it, has nothing to point at in the UI)."""
