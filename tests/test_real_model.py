@@ -45,7 +45,7 @@ def trimmed_run(tmp_path_factory):
 
     def distill(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "pipeline.cli", *args, *[f"--set={s}" for s in sets]],
-                              env=env, cwd=tmp, capture_output=True, text=True, timeout=900)
+                              env=env, cwd=tmp, capture_output=True, text=True, timeout=1800)
 
     structured = distill("run", str(RECIPE), "--no-prefect", "--run-name", "real")
     report = tmp / "runs" / "real" / "feedback" / "report.json"

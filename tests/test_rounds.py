@@ -40,10 +40,10 @@ def test_rounds_are_keys_after_round_one_and_their_inputs_chain() -> None:
     assert plan(recipe)[6:] == ["sample@2", "feedback@2", "dpo@2", "evaluate@2",
                                 "sample@3", "feedback@3", "dpo@3", "evaluate@3"]
     assert stage_inputs("sample@3", recipe) == ["dpo@2"]  # the policy is the previous round's model
-    assert stage_inputs("dpo@2", recipe) == ["sft", "dpo", "feedback@2"]
     assert stage_inputs("evaluate@3", recipe) == ["dpo@3", "dpo@2"]
-    assert set(stage_inputs("dpo@3", load_recipe(ROUNDS, ["dpo.train_on=all"]))) == {
-        "sft", "dpo@2", "feedback@3", "feedback", "feedback@2"}
+    own = load_recipe(ROUNDS, ["dpo.train_on=round"])
+    assert stage_inputs("dpo@2", own) == ["sft", "dpo", "feedback@2"]
+    assert set(stage_inputs("dpo@3", recipe)) == {"sft", "dpo@2", "feedback@3", "feedback", "feedback@2"}
     assert parse_stages("dpo@2,generate,sample@2") == ["generate", "sample@2", "dpo@2"]
     with pytest.raises(ValueError, match="a round >= 2"):
         split_key("generate@2")
