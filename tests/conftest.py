@@ -16,11 +16,20 @@ ROOT = Path(__file__).resolve().parents[1]
 _MODULE_MARKS = {"browser": ("sync_playwright", "_ensure_chromium("), "prefect": ("PrefectEnv(", "prefect_test_harness")}
 
 
+_MEASURED_SLOW = Path(__file__).parent / "data" / "slow_tests.txt"
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """`browser` on the tests of a module that drives Chromium, `prefect` on those of one that starts a Prefect
-    server: with `slow`, what `make test-quick` leaves out."""
+    server, `slow` on those measured slow (tests/data/slow_tests.txt: a test, or a module whose shared fixture
+    is): with `slow`, what `make test-quick`
+    leaves out."""
+    measured = {line.strip() for line in _MEASURED_SLOW.read_text().splitlines()
+                if line.strip() and not line.startswith("#")}
     sources: dict[Path, str] = {}
     for item in items:
+        if item.nodeid in measured or item.nodeid.split("::")[0] in measured:
+            item.add_marker("slow")
         path = Path(str(item.fspath))
         if path not in sources:
             sources[path] = path.read_text() if path.suffix == ".py" else ""
