@@ -32,6 +32,6 @@ class _TreeFinder:
 
 
 if (_TREE / "pyproject.toml").is_file() and (_TREE / "flows" / "distill.py").is_file() and not any(
-    isinstance(f, _TreeFinder) or f is _TreeFinder for f in sys.meta_path
+    getattr(f, "__qualname__", None) == "_TreeFinder" for f in sys.meta_path  # once, even after a reload
 ):
     sys.meta_path.insert(0, _TreeFinder)  # before an editable install's finder, which may name another tree

@@ -14,16 +14,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
 # what marks a module's tests, read from its source, so a new module is sorted without a list to keep
 _MODULE_MARKS = {"browser": ("sync_playwright", "_ensure_chromium("), "prefect": ("PrefectEnv(", "prefect_test_harness")}
-
-
 _MEASURED_SLOW = Path(__file__).parent / "data" / "slow_tests.txt"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """`browser` on the tests of a module that drives Chromium, `prefect` on those of one that starts a Prefect
     server, `slow` on those measured slow (tests/data/slow_tests.txt: a test, or a module whose shared fixture
-    is): with `slow`, what `make test-quick`
-    leaves out."""
+    is): what `make test-quick` leaves out."""
     measured = {line.strip() for line in _MEASURED_SLOW.read_text().splitlines()
                 if line.strip() and not line.startswith("#")}
     sources: dict[Path, str] = {}
