@@ -71,3 +71,20 @@ def test_both_orders_must_agree_for_a_win():
     assert combine_orders("C", "B").score == 0.5
     rate, se = win_rate([1.0, 1.0, 0.5, 0.0])
     assert rate == pytest.approx(0.625) and 0 < se < 0.5
+
+
+@pytest.mark.parametrize("kind", ["single", "pairwise"])
+def test_a_structured_judge_request_bounds_the_explanation_to_fit_the_verdict_in_its_tokens(kind):
+    from pipeline.core.recipe import EvaluateConfig
+    from pipeline.stages.evaluate.judging import JUDGE_FORMATS, judge_request
+
+    cfg = EvaluateConfig(judge_max_tokens=160)
+    request = judge_request(cfg, kind, lambda structured, reminder: "Grade this.", 1, "", True)
+    schema = request.response_format["json_schema"]["schema"]
+    # the explanation closes before max_tokens even at one token a character, and the verdict stays required
+    assert schema["properties"]["explanation"]["maxLength"] == 136
+    assert schema["required"] == JUDGE_FORMATS[kind][1]["required"] and schema["additionalProperties"] is False
+    verdict = "rating" if kind == "single" else "verdict"
+    assert schema["properties"][verdict] == JUDGE_FORMATS[kind][1]["properties"][verdict]
+    assert "maxLength" not in JUDGE_FORMATS[kind][1]["properties"]["explanation"]  # the shared schema is untouched
+    assert judge_request(cfg, kind, lambda s, r: "Grade this.", 1, "", False).response_format is None

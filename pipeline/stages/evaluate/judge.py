@@ -62,6 +62,14 @@ PAIRWISE_SCHEMA = {"type": "object", "additionalProperties": False, "required": 
                                   "verdict": {"type": "string", "enum": ["A", "B", "C"]}}}
 
 
+def bounded(schema: dict[str, Any], max_tokens: int) -> dict[str, Any]:
+    """The schema with its explanation held to what fits in `max_tokens` (at one token a character at worst,
+    with room for the JSON around it), so a constrained reply reaches its verdict: held to an unbounded string a
+    small judge explains on until max_tokens and never gives one."""
+    explanation = {**schema["properties"]["explanation"], "maxLength": max(16, max_tokens - 24)}
+    return {**schema, "properties": {**schema["properties"], "explanation": explanation}}
+
+
 def parse_single_json(value: Any, low: int = 1, high: int = 10) -> float:
     """The `rating` of a structured single grading; a missing, non-numeric or out-of-range one is an error."""
     rating = value.get("rating") if isinstance(value, dict) else None

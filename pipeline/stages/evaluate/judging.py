@@ -15,6 +15,7 @@ from pipeline.stages.evaluate.judge import (
     PAIRWISE_SCHEMA,
     SINGLE_SCHEMA,
     VerdictError,
+    bounded,
     combine_orders,
     parse_pairwise,
     parse_pairwise_json,
@@ -100,6 +101,7 @@ def judge_request(cfg: EvaluateConfig, kind: str, prompt: Callable[[bool, str], 
     """One attempt's request: a re-ask says what was wrong and is sampled (a new seed, REASK_TEMPERATURE), so
     it can get another reply than the one that failed."""
     name, schema, _, _ = JUDGE_FORMATS[kind]
+    schema = bounded(schema, cfg.judge_max_tokens)
     return ChatRequest([{"role": "user", "content": prompt(structured, problem if attempt > 1 else "")}],
                        temperature=0.0 if attempt == 1 else REASK_TEMPERATURE, max_tokens=cfg.judge_max_tokens,
                        seed=None if attempt == 1 else attempt, tag="" if attempt == 1 else f"reask-{attempt}",
