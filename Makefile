@@ -7,6 +7,8 @@ TORCH_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?=
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
+# pytest-xdist workers (a module's tests stay on one worker, so its shared fixtures are built once); 0: none
+PYTEST_WORKERS ?= 2
 
 .PHONY: lock setup quickstart smollm2 test test-quick lint bench clean browser postgres prefect-postgres
 
@@ -51,11 +53,11 @@ prefect-postgres: $(STAMP) postgres
 
 # The whole suite (the CI command); the slowest tests are listed at the end.
 test: $(STAMP) browser postgres
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=25 $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --durations=25 $(PYTEST_ARGS)
 
 # The inner loop: no training run, no browser, no Prefect server (markers in pyproject.toml).
 test-quick: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow and not browser and not prefect" --durations=10 $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile -m "not slow and not browser and not prefect" --durations=10 $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline flows tests benchmarks

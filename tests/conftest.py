@@ -10,6 +10,14 @@ import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two workers side by side (pytest-xdist)
+    import tempfile
+
+    # a Prefect home of its own: a `distill run` without a server starts one on the profile's database
+    _home = Path(tempfile.gettempdir()) / f"distill-tests-{os.getpid()}-{os.environ['PYTEST_XDIST_WORKER']}"
+    os.environ.setdefault("PREFECT_HOME", str(_home / "prefect"))
+    # one compute thread each (the subprocesses inherit it): two workers on 2 cores, neither oversubscribed
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 # what marks a module's tests, read from its source, so a new module is sorted without a list to keep
