@@ -1,7 +1,7 @@
 """On-policy rounds on the toy task: configs/quickstart-rounds.yaml (the quickstart, then up to 3 rounds in which
 the previous round's model answers, the teacher rates and corrects, and DPO trains from it), once per seed.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/rounds.py [--seeds 0 1] [--root DIR] [--tiny]
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/rounds.py [--seeds 0 1] [--root DIR] [--set KEY=VALUE] [--tiny]
 
 Prints, per seed, the held-out ground-truth accuracy of each round that ran and how many rounds were kept:
 `rounds: seed=0 r1=0.xx r2=0.xx r3=0.xx kept=3` (target: the best kept round >= r1 + 0.03, every kept round >= the
@@ -27,10 +27,10 @@ TINY = ["prompts.count=24", "generate.max_rounds=1", "sft.args.num_train_epochs=
         "dpo.args.num_train_epochs=2", "dpo.args.per_device_train_batch_size=4", "evaluate.heldout_count=12"]
 
 
-def run_seed(root: Path, seed: int, tiny: bool) -> dict:
-    """One whole run of the recipe with `seed`; its rounds summary and wall seconds."""
+def run_seed(root: Path, seed: int, tiny: bool, extra: list[str] = ()) -> dict:
+    """One whole run of the recipe with `seed` (and `extra` overrides); its rounds summary and wall seconds."""
     overrides = [f"storage.root={root}", f"sft.args.seed={seed}", f"dpo.args.seed={seed}", f"sample.seed={seed}",
-                 *(TINY if tiny else [])]
+                 *(TINY if tiny else []), *extra]
     t0 = time.perf_counter()
     store, _ = run_pipeline(load_recipe(RECIPE, overrides), f"rounds-seed{seed}")
     summary = json.loads(Path(store.join("rounds", "summary.json")).read_text())
@@ -48,12 +48,14 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--root", type=Path, default=None, help="where the runs go (default: a temporary dir)")
     parser.add_argument("--tiny", action="store_true", help="a miniature run, to check the script works")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="a recipe override, as `distill run --set` (repeatable)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     root = args.root or Path(tempfile.mkdtemp(prefix="rounds-bench-"))
     seeds = args.seeds[:1] if args.tiny else args.seeds
     for seed in seeds:
-        summary = run_seed(root, seed, args.tiny)
+        summary = run_seed(root, seed, args.tiny, args.overrides)
         for entry in summary["rounds"]:
             print(f"  seed {seed} round {entry['round']}: {entry['reason']}")
         print(line(seed, summary), flush=True)

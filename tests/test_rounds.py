@@ -14,13 +14,16 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
-from pipeline.core.recipe import RecipeError, load_recipe
+from pipeline.core.recipe import RecipeError, load_recipe, recipe_from_dict
 from pipeline.core.rounds import RoundStore, round_store, split_key
+from pipeline.core.sources import iter_unique_prompts
 from pipeline.core.store import RunStore
 from pipeline.run.estimate import estimate
 from pipeline.run.registry import fingerprint, parse_stages, stage_inputs
+from pipeline.run.rounds import round_recipe
 from pipeline.run.runner import plan
 from pipeline.tasks.toy.teacher_server import ToyTeacher, ToyTeacherConfig
 
@@ -59,6 +62,31 @@ def test_round_settings_move_no_round_one_fingerprint_and_a_round_change_moves_o
                                                             "dpo@3", "evaluate@3"}
     quickstart = ROOT / "configs" / "quickstart.yaml"
     assert fps(path=quickstart) == fps("dpo.rounds=1", path=quickstart)  # an explicit 1 is today's run
+
+
+def test_fresh_round_prompts_are_a_new_draw_of_a_task_and_the_next_rows_of_a_file(tmp_path: Path) -> None:
+    three, fresh = fps("dpo.round_prompts=same"), fps()  # the shipped recipe draws fresh prompts
+    # round 1 and every model trained before round 2 keep their fingerprints; every later round moves
+    assert {k for k in three if three[k] != fresh[k]} == {k for k in three if "@" in k}
+    recipe = load_recipe(ROUNDS)
+    drawn = {r: [p.prompt for p in iter_unique_prompts(round_recipe(recipe, r).sample.prompts or recipe.prompts,
+                                                        recipe.task)] for r in (1, 2, 3)}
+    assert [len(v) for v in drawn.values()] == [400, 400, 400]
+    assert drawn[1] == [p.prompt for p in iter_unique_prompts(recipe.prompts, recipe.task)]  # round 1 as before
+    assert drawn[1] != drawn[2] != drawn[3] and len(set(drawn[1]) | set(drawn[2])) > 500  # new prompts each round
+    rows = tmp_path / "prompts.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"Question number {i}?"}) + "\n" for i in range(10)))
+    data = {**yaml.safe_load(ROUNDS.read_text()), "task": None, "prompts": {"source": str(rows), "limit": 4},
+            "evaluate": {"models": ["base", "sft", "dpo"], "baseline": "sft"}}
+    data["teacher"] = {"base_url": "http://127.0.0.1:9/v1", "model": "m", "api_key_env": None}
+    data["dpo"] = {**data["dpo"], "round_prompts": "fresh"}
+    recipe = recipe_from_dict(data)
+    slices = [[p.prompt for p in iter_unique_prompts(round_recipe(recipe, r).sample.prompts or recipe.prompts)]
+              for r in (1, 2, 3)]
+    assert slices == [[f"Question number {i}?" for i in range(a, b)] for a, b in ((0, 4), (4, 8), (8, 10))]
+    del data["prompts"]["limit"]
+    with pytest.raises(RecipeError, match=r"dpo.round_prompts: fresh .* set prompts.limit"):
+        recipe_from_dict(data)
 
 
 def test_rounds_need_a_policy_member_in_the_pool(tmp_path: Path) -> None:

@@ -101,8 +101,10 @@ def iter_prompts(src: PromptSource, task: str | None = None) -> Iterator[SeedPro
     else:
         path = Path(src.source)
         texts = ((_from_row(row, src.column, where), path.name) for row, where in _rows(path))
-    for count, (text, origin) in enumerate(texts):
-        if src.limit is not None and count >= src.limit:
+    for index, (text, origin) in enumerate(texts):
+        if index < src.skip:
+            continue
+        if src.limit is not None and index - src.skip >= src.limit:
             return
         text = text.strip()
         yield SeedPrompt(text, prompt_id(text), origin)

@@ -105,7 +105,7 @@ def _earlier(recipe: Recipe) -> dict[str, Any]:
 
 
 def _generate_section(recipe: Recipe) -> Any:
-    return {"prompts": recipe.prompts.model_dump(mode="json"), "generate": recipe.generate.model_dump(mode="json"),
+    return {"prompts": recipe.prompts.identity(), "generate": recipe.generate.model_dump(mode="json"),
             "decontamination": recipe.decontamination.model_dump(mode="json"), "task": recipe.task,
             "files": _read_files(recipe, recipe.prompts, True)}
 
@@ -127,7 +127,7 @@ def _sample_section(recipe: Recipe) -> Any:
     # which rounds a member answers in is the round's pool, not a setting of the member
     pool = recipe.sample.model_dump(mode="json", exclude={"prompts": True,
                                                           "pool": {"__all__": {"endpoint", "later_rounds"}}})
-    return {"sample": pool, "prompts": prompts.model_dump(mode="json"), "task": recipe.task,
+    return {"sample": pool, "prompts": prompts.identity(), "task": recipe.task,
             "decontamination": recipe.decontamination.model_dump(mode="json"),
             "files": _read_files(recipe, prompts, True), **_model_files(recipe, [m.model for m in recipe.sample.pool])}
 
@@ -140,7 +140,8 @@ def _feedback_section(recipe: Recipe) -> Any:
 def _dpo_section(recipe: Recipe) -> Any:
     # `dpo.beta: 0.1` and `dpo.args.beta: 0.1` train the same model: fingerprint the arguments TRL receives;
     # the round settings belong to the rounds that use them (pipeline.run.rounds.round_section)
-    section = recipe.dpo.model_dump(mode="json", exclude={"beta", "loss_type", "rounds", "reference", "train_on"})
+    section = recipe.dpo.model_dump(mode="json", exclude={"beta", "loss_type", "rounds", "reference", "train_on",
+                                                          "round_prompts"})
     return {**section, "args": recipe.dpo.trl_args(), **_earlier(recipe)}
 
 

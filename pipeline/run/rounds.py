@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from pipeline.core.recipe import Recipe
+from pipeline.core.recipe import PromptSource, Recipe
 from pipeline.core.rounds import ROUND_STAGES, round_store, split_key, stage_key
 from pipeline.core.store import RunStore
 from pipeline.series.promotion import decide
@@ -31,8 +31,25 @@ def round_recipe(recipe: Recipe, round_: int) -> Recipe:
     sample = recipe.sample.model_copy(update={"pool": pool, "k": max(1, len(pool))})
     sampler = recipe.feedback.on_policy_sampler.model_copy(update={"model": "policy"})
     feedback = recipe.feedback.model_copy(update={"on_policy_sampler": sampler})
+    if recipe.dpo.round_prompts == "fresh":
+        sample = sample.model_copy(update={"prompts": fresh_prompts(recipe.sample.prompts or recipe.prompts, round_)})
     evaluate = recipe.evaluate.model_copy(update={"models": ["dpo"], "baseline": "policy"})
     return recipe.model_copy(update={"sample": sample, "feedback": feedback, "evaluate": evaluate})
+
+
+# a task's draw for round r uses seed + (r - 1) * FRESH_SEED_STRIDE: far from the seeds a user steps through
+FRESH_SEED_STRIDE = 7919
+
+
+def fresh_prompts(src: PromptSource, round_: int) -> PromptSource:
+    """Round `round_`'s prompts under `dpo.round_prompts: fresh`: a new draw from a task, the next `limit` rows of
+    a file (round 1 answers rows 1..limit, round 2 the next limit, ...)."""
+    if src.from_task:
+        return src.model_copy(update={"seed": src.seed + (round_ - 1) * FRESH_SEED_STRIDE})
+    if src.limit is None:
+        raise ValueError("dpo.round_prompts: fresh takes each round's prompts as the next prompts.limit rows of "
+                         f"{src.source}; set prompts.limit (or sample.prompts.limit)")
+    return src.model_copy(update={"skip": src.skip + (round_ - 1) * src.limit})
 
 
 def round_inputs(stage: str, recipe: Recipe, round_: int) -> list[str]:

@@ -118,7 +118,7 @@ def build_tiny_student(target: Path, recipe: Recipe) -> Path:
     """Build the offline student into `target` unless it already holds one built from the same recipe data."""
     cfg = recipe.sft.student
     marker = {"student": cfg.model_dump(mode="json"), "task": recipe.task,
-              "prompts": None if recipe.task else recipe.prompts.model_dump(mode="json")}
+              "prompts": None if recipe.task else recipe.prompts.identity()}
     if built_with(target, marker):
         return target
     staging = target.parent / f".building-{os.getpid()}-{target.name}"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
@@ -17,6 +17,7 @@ class PromptSource(Section):
     limit: int | None = Field(None, ge=1)
     count: int = Field(64, ge=1)  # prompts drawn from the task (source: task)
     seed: int = 0  # which prompts the task draws
+    skip: int = Field(0, ge=0)  # leave out the source's first `skip` prompts (before `limit` counts)
 
     @field_validator("source")
     @classmethod
@@ -26,6 +27,10 @@ class PromptSource(Section):
     @property
     def from_task(self) -> bool:
         return self.source == TASK_PROMPTS
+
+    def identity(self) -> dict[str, Any]:
+        """What a fingerprint holds of the source (`skip` only where it is set, so older runs keep theirs)."""
+        return self.model_dump(mode="json", exclude={"skip"} if self.skip == 0 else None)
 
 
 class InstructionFilterConfig(Section):

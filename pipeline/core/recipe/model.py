@@ -109,6 +109,11 @@ class Recipe(Section):
             raise ValueError("dpo.rounds > 1 needs a model that answers as the policy in every round: a "
                              "sample.pool member with model: policy (the SFT model in round 1, the previous "
                              "round's DPO model after)")
+        src = self.sample.prompts or self.prompts
+        if self.dpo.rounds > 1 and self.dpo.round_prompts == "fresh" and not src.from_task and src.limit is None:
+            where = "sample.prompts" if self.sample.prompts else "prompts"
+            raise ValueError(f"dpo.round_prompts: fresh gives each round the next {where}.limit rows of "
+                             f"{src.source}; set {where}.limit (round 1 answers the first limit rows)")
         return self
 
     def snapshot(self) -> dict[str, Any]:

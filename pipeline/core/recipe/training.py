@@ -75,6 +75,9 @@ class DPOStageConfig(Section):
     rounds: int = Field(1, ge=1)
     reference: Literal["sft", "previous"] = "sft"  # rounds >= 2: the DPO reference model
     train_on: Literal["round", "all"] = "round"  # rounds >= 2: that round's pairs, or every round's so far
+    # rounds >= 2: the prompts round 1 answered (`same`), or new ones each round (`fresh`: a task's prompts
+    # drawn with another seed, a file's next `prompts.limit` rows), as iterative DPO splits its prompts
+    round_prompts: Literal["same", "fresh"] = "same"
 
     @model_validator(mode="after")
     def _no_double_keys(self) -> DPOStageConfig:
