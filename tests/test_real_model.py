@@ -112,5 +112,10 @@ def test_the_reports_give_the_rating_and_verdict_parse_rates_in_structured_and_t
     assert as_structured["first_attempt_rate"] == 1.0 and as_structured["json_ok"] == as_structured["replies"]
     evaluate = (run_dir / "evaluate" / "report.md").read_text()
     assert "judge" in evaluate and "structured" in evaluate
+    # the judge's explanation is bounded by the schema, so its verdict comes within judge_max_tokens
+    judge = json.loads((run_dir / "evaluate" / "report.json").read_text())["parsing"]["evaluate: judge"]
+    assert judge["used"] == "structured" and judge["calls"] > 0
+    assert judge["first_attempt_rate"] == 1.0 and judge["json_ok"] == judge["replies"]
     print("rater, structured:", json.dumps(as_structured))
     print("rater, text:", json.dumps(as_text))
+    print("judge, structured:", json.dumps(judge))
