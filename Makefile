@@ -51,13 +51,16 @@ postgres:
 prefect-postgres: $(STAMP) postgres
 	$(BIN)/distill postgres start
 
-# The whole suite (the CI command); the slowest tests are listed at the end.
+# The whole suite (the CI command); the slowest tests are listed at the end. Tests marked serial measure timing
+# (adaptive concurrency): they run after the others, alone (exit 5: PYTEST_ARGS selected none of them).
 test: $(STAMP) browser postgres
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --durations=25 $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile -m "not serial" --durations=25 $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m serial $(PYTEST_ARGS) || test $$? -eq 5
 
 # The inner loop: no training run, no browser, no Prefect server (markers in pyproject.toml).
 test-quick: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile -m "not slow and not browser and not prefect" --durations=10 $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile -m "not slow and not browser and not prefect and not serial" --durations=10 $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "serial and not slow and not browser and not prefect" $(PYTEST_ARGS) || test $$? -eq 5
 
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline flows tests benchmarks
