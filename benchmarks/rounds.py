@@ -27,7 +27,7 @@ TINY = ["prompts.count=24", "generate.max_rounds=1", "sft.args.num_train_epochs=
         "dpo.args.num_train_epochs=2", "dpo.args.per_device_train_batch_size=4", "evaluate.heldout_count=12"]
 
 
-def run_seed(root: Path, seed: int, tiny: bool, extra: list[str] = ()) -> dict:
+def run_seed(root: Path, seed: int, tiny: bool, extra: tuple[str, ...] | list[str] = ()) -> dict:
     """One whole run of the recipe with `seed` (and `extra` overrides); its rounds summary and wall seconds."""
     overrides = [f"storage.root={root}", f"sft.args.seed={seed}", f"dpo.args.seed={seed}", f"sample.seed={seed}",
                  *(TINY if tiny else []), *extra]

@@ -7,8 +7,8 @@ Usage: python benchmarks/teacher_throughput.py [--requests 2000] [--concurrency 
 Part 1 runs, in one process and alternating (after one untimed warm-up pass of each), the baseline
 (AsyncOpenAI, semaphore, nothing else) and the `generate` stage (one teacher call per prompt: cache, spend
 ledger, retries, rate limiting, budget, shards, failure ledgers, stats) against the toy teacher with a fixed
-latency, and prints requests/s and the ratio of the whole stage to the baseline (target >= 0.9). `--stage-concurrency auto` runs the stage with
-`max_concurrency: auto` (the baseline keeps `--concurrency`).
+latency, and prints requests/s and the ratio of the whole stage to the baseline (target >= 0.9).
+`--stage-concurrency auto` runs the stage with `max_concurrency: auto` (the baseline keeps `--concurrency`).
 Part 2 runs the stage in a fresh subprocess for each size against a zero-latency server and prints peak
 RSS (target: the largest/smallest ratio <= 1.3: the stage streams prompts instead of holding them).
 `--tiny` runs both parts on a few hundred prompts, once, to check the script.

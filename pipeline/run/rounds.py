@@ -46,9 +46,7 @@ def fresh_prompts(src: PromptSource, round_: int) -> PromptSource:
     a file (round 1 answers rows 1..limit, round 2 the next limit, ...)."""
     if src.from_task:
         return src.model_copy(update={"seed": src.seed + (round_ - 1) * FRESH_SEED_STRIDE})
-    if src.limit is None:
-        raise ValueError("dpo.round_prompts: fresh takes each round's prompts as the next prompts.limit rows of "
-                         f"{src.source}; set prompts.limit (or sample.prompts.limit)")
+    assert src.limit is not None, "the recipe refuses fresh round prompts from a file without a limit"
     return src.model_copy(update={"skip": src.skip + (round_ - 1) * src.limit})
 
 
