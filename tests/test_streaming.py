@@ -13,6 +13,7 @@ import tempfile
 import tracemalloc
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from datasketch import MinHash, MinHashLSH
@@ -89,6 +90,19 @@ def test_near_duplicate_index_on_disk_answers_as_datasketch_lsh(threshold: float
     expected = [reference.match_or_add(k, t) for k, t in zip(keys, texts, strict=True)]
     assert got == expected
     assert 300 < sum(g is not None for g in got) < len(texts) - 100  # both answers occur
+
+
+def test_near_duplicate_signatures_are_datasketch_minhash_values():
+    texts = ["", "one", *_near_copies(200, seed=5), "Ünïcode wörds — and 3 + 4 = 7"]
+    reference = _ReferenceIndex(0.9, 3)
+    with NearDuplicateIndex(0.9, shingle=3) as index:
+        for text in texts:
+            toks = words(text)
+            grams = {" ".join(toks[i:i + 3]).encode() for i in range(max(1, len(toks) - 2))}
+            sig = MinHash(num_perm=128, permutations=reference.perm, scheme=reference.scheme)
+            sig.update_batch(sorted(grams))
+            mine = index.shingle_text(text).sig
+            assert mine.dtype == sig.hashvalues.dtype and np.array_equal(mine, sig.hashvalues), text
 
 
 def test_near_duplicate_index_holds_no_python_objects_per_text():

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import sqlite3
 import time
 from pathlib import Path
 
@@ -15,7 +17,8 @@ from pipeline.core.recipe import TeacherConfig
 from pipeline.tasks.toy.teacher_server import ToyTeacher, ToyTeacherConfig
 from pipeline.teacher.cache import ResponseCache
 from pipeline.teacher.client import BudgetExceeded, TeacherClient, TeacherError, TeacherFatal
-from pipeline.teacher.messages import ChatRequest
+from pipeline.teacher.ledger import Charge
+from pipeline.teacher.messages import ChatRequest, ChatResult
 
 
 class ScriptedServer(LoopbackChat):
@@ -106,6 +109,37 @@ def test_cache_answers_a_repeated_request_without_http(tmp_path: Path):
         assert again.text == first.text and again.cached and not other_tag.cached
         assert again_client.usage.requests == 0 and again_client.usage.cached == 1
         assert toy.stats()["outcomes"]["ok"] == 2
+
+
+def test_cache_commits_the_answers_of_one_turn_of_the_loop_together(tmp_path: Path):
+    path = tmp_path / "c.sqlite"
+    cache = ResponseCache(path)
+    result = ChatResult(["an answer"], ["stop"], prompt_tokens=3, completion_tokens=4)
+
+    def charge(i: int) -> Charge:
+        return Charge(f"charge-{i}", "teacher", "generate", "assistant", "m", 3, 4, 0.01)
+
+    def committed() -> int:  # what another process (a resumed run, `distill status`) would see
+        with sqlite3.connect(path) as db:
+            return db.execute("SELECT COUNT(*) FROM responses").fetchone()[0] + \
+                db.execute("SELECT COUNT(*) FROM spend").fetchone()[0]
+
+    async def turns() -> None:
+        assert all(cache.put(f"k{i}", result, None, charge(i)) for i in range(3))
+        assert not cache.put("k0-again", result, None, charge(0))  # charged earlier in this very turn
+        assert cache.get("k1") is not None and cache.get("k0-again") is None
+        assert committed() == 0  # not yet: the turn is not over
+        await asyncio.sleep(0)
+        assert committed() == 6
+        for i in range(3, 5 + ResponseCache.GROUP):  # a long turn commits every GROUP answers
+            cache.put(f"k{i}", result, None, charge(i))
+        assert committed() == 2 * (3 + ResponseCache.GROUP)
+
+    asyncio.run(turns())
+    assert committed() == 2 * (5 + ResponseCache.GROUP)  # the last turn's, as the loop ended
+    assert cache.put("outside", result, None, charge(-1)) and committed() == 2 * (6 + ResponseCache.GROUP)
+    assert dataclasses.asdict(cache.get("outside")) == dataclasses.asdict(result)  # every field kept
+    cache.close()
 
 
 def test_budget_cap_stops_before_overspending(tmp_path: Path):

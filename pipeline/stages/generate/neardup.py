@@ -12,6 +12,7 @@ before; an exact copy is confirmed on the 128-bit hash of its words.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 
@@ -29,6 +30,23 @@ SCHEMA = (
 _SALT_EXACT = 0x5DEECE66D
 
 
+@functools.cache
+def _bands_rows(threshold: float, num_perm: int) -> tuple[int, int]:
+    """MinHashLSH's (bands, rows) at its default weights: an integration, worth doing once per threshold."""
+    from datasketch.lsh import _optimal_param
+
+    return _optimal_param(threshold, num_perm, 0.5, 0.5)
+
+
+def _fmix32(h: np.ndarray) -> np.ndarray:
+    """MurmurHash3's 32-bit finalizer: datasketch's pre-mix of each input hash in its affine32 scheme."""
+    h = h ^ (h >> np.uint32(16))
+    h = h * np.uint32(0x85EBCA6B)
+    h = h ^ (h >> np.uint32(13))
+    h = h * np.uint32(0xC2B2AE35)
+    return h ^ (h >> np.uint32(16))
+
+
 @dataclass(frozen=True)
 class Shingled:
     """What the index needs of a text, computable in any order: the hash of its words and its MinHash."""
@@ -44,11 +62,10 @@ class NearDuplicateIndex:
     def __init__(self, threshold: float = 0.9, num_perm: int = 128, shingle: int = 3):
         # imported here, not at the top: datasketch.lsh pulls in scipy, 0.4 s of every `distill` command's start
         from datasketch import MinHash
-        from datasketch.lsh import _optimal_param
 
         self._minhash = MinHash
         self.threshold, self.shingle, self.num_perm = threshold, shingle, num_perm
-        self._bands, self._rows = _optimal_param(threshold, num_perm, 0.5, 0.5)  # MinHashLSH's default weights
+        self._bands, self._rows = _bands_rows(threshold, num_perm)
         self._coef = np.random.default_rng(7).integers(1, 2**63, size=(self._bands, self._rows), dtype=np.uint64) | 1
         self._keys = IdSet()
         template = MinHash(num_perm=num_perm, seed=1)
@@ -62,10 +79,21 @@ class NearDuplicateIndex:
         toks = words(text)
         size = max(1, len(toks) - self.shingle + 1)
         grams = {" ".join(toks[i:i + self.shingle]).encode() for i in range(size)}
-        sig = self._minhash(num_perm=self.num_perm, permutations=self._perm, scheme=self._scheme)
-        sig.update_batch(sorted(grams))
         norm = hashlib.blake2b(" ".join(toks).encode(), digest_size=16).digest()
-        return Shingled(norm, sig.hashvalues)
+        return Shingled(norm, self._signature(grams))
+
+    def _signature(self, grams: set[bytes]) -> np.ndarray:
+        """datasketch's MinHash values of `grams`: its sha1_hash32 of each, pre-mixed and permuted as its default
+        scheme (affine32) does; another scheme goes through a `MinHash`."""
+        if self._scheme != "affine32":
+            sig = self._minhash(num_perm=self.num_perm, permutations=self._perm, scheme=self._scheme)
+            sig.update_batch(sorted(grams))
+            return sig.hashvalues
+        sha1 = hashlib.sha1
+        hv = np.frombuffer(b"".join([sha1(g).digest()[:4] for g in grams]), dtype="<u4")
+        a, b = self._perm
+        with np.errstate(over="ignore"):
+            return (_fmix32(hv.astype(np.uint32))[:, None] * a + b).min(axis=0)
 
     def unpack(self, norm: bytes, sig: bytes) -> Shingled:
         """A `Shingled` from its stored form (`norm`, `sig.tobytes()`)."""
