@@ -111,35 +111,48 @@ def test_cache_answers_a_repeated_request_without_http(tmp_path: Path):
         assert toy.stats()["outcomes"]["ok"] == 2
 
 
-def test_cache_commits_the_answers_of_one_turn_of_the_loop_together(tmp_path: Path):
+def test_cache_commits_the_answers_of_a_short_window_together(tmp_path: Path):
     path = tmp_path / "c.sqlite"
     cache = ResponseCache(path)
     result = ChatResult(["an answer"], ["stop"], prompt_tokens=3, completion_tokens=4)
+    window = ResponseCache.WINDOW_S
 
     def charge(i: int) -> Charge:
         return Charge(f"charge-{i}", "teacher", "generate", "assistant", "m", 3, 4, 0.01)
 
-    def committed() -> int:  # what another process (a resumed run, `distill status`) would see
+    def committed() -> int:  # responses and charges another process (a resumed run, `distill status`) sees
         with sqlite3.connect(path) as db:
             return db.execute("SELECT COUNT(*) FROM responses").fetchone()[0] + \
                 db.execute("SELECT COUNT(*) FROM spend").fetchone()[0]
 
-    async def turns() -> None:
-        assert all(cache.put(f"k{i}", result, None, charge(i)) for i in range(3))
-        assert not cache.put("k0-again", result, None, charge(0))  # charged earlier in this very turn
-        assert cache.get("k1") is not None and cache.get("k0-again") is None
-        assert committed() == 0  # not yet: the turn is not over
-        await asyncio.sleep(0)
-        assert committed() == 6
-        for i in range(3, 5 + ResponseCache.GROUP):  # a long turn commits every GROUP answers
-            cache.put(f"k{i}", result, None, charge(i))
-        assert committed() == 2 * (3 + ResponseCache.GROUP)
+    async def answers(start: int, n: int) -> None:
+        assert all(cache.put(f"k{i}", result, None, charge(i)) for i in range(start, start + n))
 
-    asyncio.run(turns())
-    assert committed() == 2 * (5 + ResponseCache.GROUP)  # the last turn's, as the loop ended
-    assert cache.put("outside", result, None, charge(-1)) and committed() == 2 * (6 + ResponseCache.GROUP)
+    async def first_loop() -> None:
+        await answers(0, 3)
+        assert not cache.put("k0-again", result, None, charge(0))  # charged moments ago, not committed yet
+        assert cache.get("k1") is not None and cache.get("k0-again") is None
+        assert committed() == 0  # within the window
+        await asyncio.sleep(3 * window)
+        assert committed() == 6
+        await answers(3, ResponseCache.GROUP + 2)  # GROUP waiting are committed at once
+        assert committed() == 2 * (3 + ResponseCache.GROUP)
+        await asyncio.sleep(3 * window)
+        assert committed() == 2 * (5 + ResponseCache.GROUP)
+        await answers(1000, 1)  # the loop ends within the window: its timer never fires
+
+    async def second_loop() -> None:
+        await answers(2000, 1)
+        await asyncio.sleep(3 * window)  # committed by this loop's timer, the earlier answer with it
+
+    asyncio.run(first_loop())
+    asyncio.run(second_loop())
+    assert committed() == 2 * (7 + ResponseCache.GROUP)
+    assert cache.put("outside", result, None, charge(-1)) and committed() == 2 * (8 + ResponseCache.GROUP)
     assert dataclasses.asdict(cache.get("outside")) == dataclasses.asdict(result)  # every field kept
-    cache.close()
+    asyncio.run(answers(3000, 1))
+    cache.close()  # commits what waits
+    assert committed() == 2 * (9 + ResponseCache.GROUP)
 
 
 def test_budget_cap_stops_before_overspending(tmp_path: Path):

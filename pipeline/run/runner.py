@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from pipeline.core.heap import steady_heap
 from pipeline.core.recipe import Recipe, all_endpoints
 from pipeline.core.rounds import ROUND_STAGES, round_store, split_key
 from pipeline.core.stage import StageReport
@@ -120,7 +121,7 @@ def run_stage(key: str, recipe: Recipe, store: RunStore, force: bool = False) ->
     t0 = time.perf_counter()
     try:
         # the servers of the endpoints it uses run for the stage alone, stopped however it ends
-        with serving_endpoints(rrecipe, STAGES[stage].endpoints(rrecipe)):
+        with serving_endpoints(rrecipe, STAGES[stage].endpoints(rrecipe)), steady_heap():
             report = STAGES[stage].run(rrecipe, rstore)
     except BaseException as exc:
         exc.stage = key  # the CLI and the flows name the stage in the message

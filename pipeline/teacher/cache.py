@@ -37,12 +37,13 @@ class ResponseCache:
     """SQLite file of successful responses keyed by request; committed as they come, so a kill keeps them.
 
     WAL with synchronous=NORMAL: a commit survives a killed process (only a machine crash could lose the last
-    ones), and costs no fsync. Inside an event loop the answers that arrive in one turn of the loop are
-    committed together at its end (`GROUP` at most), each in its own savepoint: a kill can lose only the
-    answers of the turn it interrupts, as it loses the answers still on the wire. Outside a loop each put
+    ones), and costs no fsync. Inside an event loop answers are committed together, `WINDOW_S` after the first
+    of them arrived (or at once when `GROUP` wait, and on `flush` and `close`), each in its own savepoint: a
+    kill loses at most that window's answers, as it loses the answers still on the wire. Outside a loop each put
     commits at once."""
 
     GROUP = 256
+    WINDOW_S = 0.01
 
     def __init__(self, path: str | Path, mirror: RemoteMirror | None = None):
         self.path, self.mirror = Path(path), mirror
@@ -58,7 +59,8 @@ class ResponseCache:
             self._db.execute("ALTER TABLE responses ADD COLUMN unusable TEXT")
         self.ledger = SpendLedger(self._db)
         self._pending = 0  # puts since the last commit
-        self._commit_scheduled = False
+        self._commit_timer: asyncio.TimerHandle | None = None
+        self._timer_loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         if mirror is not None:
             self.pull()
@@ -114,20 +116,24 @@ class ResponseCache:
         return True
 
     def _commit_soon(self) -> None:
-        """Commit at the end of this turn of the event loop (at once outside a loop, or when `GROUP` wait)."""
+        """Commit within `WINDOW_S` (at once outside an event loop, or when `GROUP` wait)."""
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             loop = None
         if loop is None or self._pending >= self.GROUP:
             self.commit()
-        elif not self._commit_scheduled:
-            self._commit_scheduled = True
-            loop.call_soon(self.commit)
+        elif self._commit_timer is None or self._timer_loop is not loop:  # (a timer of an ended loop never fires)
+            if self._commit_timer is not None:
+                self._commit_timer.cancel()
+            self._timer_loop = loop
+            self._commit_timer = loop.call_later(self.WINDOW_S, self.commit)
 
     def commit(self) -> None:
         """Commit what was put and not committed yet."""
-        self._commit_scheduled = False
+        if self._commit_timer is not None:
+            self._commit_timer.cancel()
+            self._commit_timer = None
         if not self._closed and self._db.in_transaction:
             self._db.execute("COMMIT")
         self._pending = 0

@@ -248,6 +248,8 @@ class TeacherClient:
         return self.budget.spent(self.name)
 
     async def aclose(self) -> None:
+        if self.cache is not None:
+            self.cache.commit()
         for client in self._clients:
             await client.close()
 
