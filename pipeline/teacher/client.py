@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import json
 import logging
 import os
 import random
-import ssl
-import sys
 import uuid
 from collections import Counter
 from typing import Any, Protocol
@@ -27,6 +24,7 @@ from pipeline.core.recipe import TeacherConfig
 from pipeline.core.stage import ItemFailed, StageStopped
 from pipeline.teacher.budget import Budget, BudgetExceeded
 from pipeline.teacher.cache import ResponseCache, cache_key
+from pipeline.teacher.http import openai_client
 from pipeline.teacher.ledger import Charge
 from pipeline.teacher.limits import AdaptiveConcurrency, Slot, TokenBucket
 from pipeline.teacher.messages import ChatRequest, ChatResult, Usage
@@ -363,9 +361,7 @@ class TeacherClient:
         return shard
 
     def _new_client(self) -> openai.AsyncOpenAI:
-        http = openai.DefaultAsyncHttpxClient(verify=_tls_context())
-        return openai.AsyncOpenAI(base_url=self.url, api_key=self._key, max_retries=0, timeout=self.cfg.timeout_s,
-                                  http_client=http)
+        return openai_client(self.url, self._key, self.cfg.timeout_s)
 
     def concurrency_summary(self) -> dict[str, Any]:
         """The concurrency this client ran at (auto: where it settled) and the 429/503 answers it got."""
@@ -373,16 +369,6 @@ class TeacherClient:
             return {**self.adaptive.summary(), "throttled": self.usage.throttled}
         cap = self.cfg.concurrency_cap
         return {"mode": "fixed", "final": cap, "max": cap, "throttled": self.usage.throttled}
-
-
-@functools.cache
-def _tls_context() -> ssl.SSLContext | bool:
-    """One TLS context for every HTTP client of the process, made as the openai client's HTTP library makes its
-    default (CA bundle, SSL_CERT_FILE/DIR): each client would otherwise load the CA bundle again (~20 ms of CPU),
-    and an endpoint has a client per POOL_CONNECTIONS requests in flight, a stage one per endpoint."""
-    library = sys.modules[openai.DefaultAsyncHttpxClient.__mro__[1].__module__.partition(".")[0]]
-    make = getattr(library, "create_ssl_context", None)
-    return make() if make is not None else True
 
 
 def parse_completion(data: Any, est_in: int = 0) -> ChatResult:
