@@ -7,7 +7,7 @@ import random
 
 from pipeline.core.recipe import InstructionFilterConfig
 from pipeline.core.store import RunStore
-from pipeline.stages.generate.dedup import find_duplicates, remove_duplicate_dialogues
+from pipeline.stages.generate.dedup import DialogueDedup, find_duplicates, remove_duplicate_dialogues
 from pipeline.stages.generate.instruction_filter import Candidate, InstructionFilter, RougeIndex
 from pipeline.stages.generate.textsim import rouge_l, words
 
@@ -74,3 +74,14 @@ def test_duplicate_dialogues_are_removed_in_input_order_and_ledgered(tmp_path):
     dropped = store.ledger("generate", "dropped").latest()
     assert set(dropped) == {"a", "b"} and dropped["a"].detail == {"kept": "c"}
     assert remove_duplicate_dialogues(store, "generate", rank, threshold=0.6) == 0  # a rerun changes nothing
+
+    # as generate does it: dialogues added as they are written, a killed attempt's found in the shards only
+    resumed = RunStore(tmp_path, "dedup-resumed")
+    with resumed.shard_writer("generate", shard_size=2) as writer:
+        writer.extend(records)
+    with DialogueDedup(rank, threshold=0.6) as dedup:
+        for r in (records[3], records[0], records[0]):  # one added twice counts once
+            dedup.add(r)
+        assert remove_duplicate_dialogues(resumed, "generate", rank, threshold=0.6, dedup=dedup) == 2
+    assert sorted(r["prompt_id"] for r in resumed.read_records("generate")) == ["c", "d"]
+    assert resumed.ledger("generate", "dropped").latest()["b"].detail == {"kept": "c"}

@@ -26,7 +26,7 @@ from pipeline.core.sources import SeedPrompt, iter_prompts
 from pipeline.core.stage import ItemStream, StageReport, conclude, loud_drops
 from pipeline.core.store import RunStore
 from pipeline.core.templates import render
-from pipeline.stages.generate.dedup import remove_duplicate_dialogues
+from pipeline.stages.generate.dedup import DialogueDedup, remove_duplicate_dialogues
 from pipeline.stages.generate.dialogue import Dialogue, simulate_dialogue
 from pipeline.stages.generate.filters import DialogueFilters
 from pipeline.stages.generate.instruction_filter import InstructionFilter
@@ -83,7 +83,10 @@ async def _run(recipe: Recipe, store: RunStore) -> StageReport:
     cfg = recipe.generate
     extra: dict[str, Any] = {"seconds": {}}
     decon = load_decontaminator(recipe.decontamination)
-    with PromptList() as prompts:  # kept and grown prompts, in input order, on local disk
+    with PromptList() as prompts, contextlib.ExitStack() as stack:  # prompts: kept and grown, in input order
+        # each dialogue is shingled as it is written, while the teacher answers others
+        dedup = stack.enter_context(DialogueDedup(prompts, cfg.filters.near_dup_threshold)) if cfg.filters.dedup \
+            else None
         async with teacher_session(recipe, store, STAGE) as session:
             t0 = time.perf_counter()
             seen = IdSet()  # every input prompt's id: what a grown prompt repeats is not a new item
@@ -98,11 +101,11 @@ async def _run(recipe: Recipe, store: RunStore) -> StageReport:
             todo = sum(s.prompt_id not in skip for s in prompts)
             t0 = time.perf_counter()
             stop = await simulate_all(recipe, store, session, (s for s in prompts if s.prompt_id not in skip),
-                                      todo, decon)
+                                      todo, decon, dedup)
             extra["seconds"]["dialogues"] = round(time.perf_counter() - t0, 3)
         extra["concurrency"] = session.concurrency_settled()
-        if not stop and cfg.filters.dedup:  # only over the finished set: the decision must not depend on timing
-            remove_duplicate_dialogues(store, STAGE, prompts, cfg.filters.near_dup_threshold)
+        if not stop and dedup is not None:  # only over the finished set: the decision must not depend on timing
+            remove_duplicate_dialogues(store, STAGE, prompts, cfg.filters.near_dup_threshold, dedup)
     counts = {"input": inputs + len(grown), "unique": len(seen)}
     return _finish(recipe, store, counts, session.usage(), extra, stop)
 
@@ -165,9 +168,9 @@ async def grow_prompts(store: RunStore, writer: RoleClient, seeds: PromptList, c
 
 
 async def simulate_all(recipe: Recipe, store: RunStore, session: TeacherSession, todo: Iterable[SeedPrompt],
-                       total: int, decon: Decontaminator) -> str:
-    """Simulate the dialogues of `todo` (a stream of `total` prompts) and publish them shard by shard; returns
-    why it stopped early, if it did."""
+                       total: int, decon: Decontaminator, dedup: DialogueDedup | None = None) -> str:
+    """Simulate the dialogues of `todo` (a stream of `total` prompts) and publish them shard by shard (and to
+    `dedup`); returns why it stopped early, if it did."""
     cfg = recipe.generate
     filters = DialogueFilters(cfg.filters)
     user_system = render("generate_user_simulator.jinja", persona=None)
@@ -181,7 +184,10 @@ async def simulate_all(recipe: Recipe, store: RunStore, session: TeacherSession,
         async for seed, dialogue in stream.results(
                 todo, lambda s: simulate_dialogue(assistant, user_simulator, s, cfg, filters, user_system, decon),
                 session.concurrency("assistant", "user_simulator", live_factor=2)):
-            writer.add(_record(seed, dialogue, assistant.cfg.model), flush=False)
+            record = _record(seed, dialogue, assistant.cfg.model)
+            writer.add(record, flush=False)
+            if dedup is not None:
+                dedup.add(record)
             if writer.full:  # publish the shard off the event loop: requests in flight keep going
                 await asyncio.to_thread(writer.flush)
     bar.close()
