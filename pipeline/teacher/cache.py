@@ -85,8 +85,8 @@ class ResponseCache:
 
     def put(self, key: str, result: ChatResult, request: dict[str, Any] | None = None,
             charge: Charge | None = None) -> bool:
-        """Store a response and the charge that paid for it in one transaction; False when the charge was
-        recorded before (a batch's output read again), which leaves both as they were."""
+        """Store a response and the charge that paid for it together (one savepoint, committed within `WINDOW_S`);
+        False when the charge was recorded before (a batch's output read again), which leaves both as they were."""
         value = json.dumps({"texts": result.texts, "finish_reasons": result.finish_reasons,  # asdict copies deeply
                             "prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
                             "cached": False})
