@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -45,23 +46,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         _long_poles_first(items)
 
 
-# the module that takes longest (a real model's whole recipe, ~5.5 min beside another worker) starts first
+# the module that takes longest (a real model's whole recipe, ~6 min beside another worker)
 _LONGEST = "tests/test_real_model.py"
 
 
 def _long_poles_first(items: list[pytest.Item]) -> None:
     """Under xdist (`make test`: `--dist loadfile --no-loadscope-reorder` hands out whole modules in collection
-    order) the heaviest modules go first: the longest, then those with a slow, Prefect or browser test. Ordered
-    by their number of tests (xdist's default), the longest, with three tests, started 15 minutes into a
-    17-minute run."""
-    heavy = {item.nodeid.split("::")[0] for item in items
-             if any(item.get_closest_marker(m) for m in ("slow", "prefect", "browser"))}
+    order) the longest module goes first, the others as xdist would order them (most tests first): by its count
+    of three tests the longest started 15 minutes into a 17-minute run and ran on alone."""
+    tests = Counter(item.nodeid.split("::")[0] for item in items)
 
-    def weight(item: pytest.Item) -> int:
+    def order(item: pytest.Item) -> tuple[bool, int]:
         module = item.nodeid.split("::")[0]
-        return 0 if module == _LONGEST else 1 if module in heavy else 2
+        return module != _LONGEST, -tests[module]
 
-    items.sort(key=weight)  # stable: a module's tests keep their order
+    items.sort(key=order)  # stable: a module's tests keep their order
 
 
 @pytest.fixture
