@@ -54,7 +54,7 @@ prefect-postgres: $(STAMP) postgres
 # The whole suite (the CI command); the slowest tests are listed at the end. Tests marked serial measure timing
 # (adaptive concurrency): they run after the others, alone (exit 5: PYTEST_ARGS selected none of them).
 test: $(STAMP) browser postgres
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not serial" --durations=25 $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile -m "not serial" --durations=25 $(PYTEST_ARGS)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m serial $(PYTEST_ARGS) || test $$? -eq 5
 
 # The inner loop: no training run, no browser, no Prefect server (markers in pyproject.toml).

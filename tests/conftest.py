@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -42,25 +41,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for mark, needles in _MODULE_MARKS.items():
             if any(needle in sources[path] for needle in needles):
                 item.add_marker(mark)
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        _long_poles_first(items)
-
-
-# the module that takes longest (a real model's whole recipe, ~6 min beside another worker)
-_LONGEST = "tests/test_real_model.py"
-
-
-def _long_poles_first(items: list[pytest.Item]) -> None:
-    """Under xdist (`make test`: `--dist loadfile --no-loadscope-reorder` hands out whole modules in collection
-    order) the longest module goes first, the others as xdist would order them (most tests first): by its count
-    of three tests the longest started 15 minutes into a 17-minute run and ran on alone."""
-    tests = Counter(item.nodeid.split("::")[0] for item in items)
-
-    def order(item: pytest.Item) -> tuple[bool, int]:
-        module = item.nodeid.split("::")[0]
-        return module != _LONGEST, -tests[module]
-
-    items.sort(key=order)  # stable: a module's tests keep their order
 
 
 @pytest.fixture
